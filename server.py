@@ -1,0 +1,1245 @@
+"""openvino-reranker: a local cross-encoder reranking service on the Intel NPU, with a CPU fallback.
+
+Run `python server.py` (see `--help`); SPEC.md is the contract for routes, fields, errors and exit codes.
+
+The module reads top to bottom along a request's path:
+errors -> config -> request validation -> tokenization -> batching and shapes -> engine (OpenVINO) ->
+scoring and ranking -> responses -> HTTP -> startup. Each section uses only what stands above it. The HTTP layer
+scores through one call, `Reranker.score_pairs(query, texts)`, and never touches OpenVINO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__version__ = "0.1.0"
+log = logging.getLogger("openvino_reranker")
+
+
+# ============================================================================================== errors
+
+
+class ServiceError(Exception):
+    """An error a client sees: one status and one stable `error_type` per subclass (SPEC.md, "Errors")."""
+
+    status = 500
+    error_type = "internal"
+
+    def __init__(self, message: str, field: str | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+
+
+class BadRequestError(ServiceError):
+    status, error_type = 400, "invalid_request"
+
+
+class NotFoundError(ServiceError):
+    status, error_type = 404, "not_found"
+
+
+class MethodNotAllowedError(ServiceError):
+    status, error_type = 405, "method_not_allowed"
+
+
+class RequestTimeoutError(ServiceError):
+    status, error_type = 408, "request_timeout"
+
+
+class LengthRequiredError(ServiceError):
+    status, error_type = 411, "length_required"
+
+
+class PayloadTooLargeError(ServiceError):
+    status, error_type = 413, "too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status, error_type = 415, "unsupported_media_type"
+
+
+class InferenceError(ServiceError):
+    status, error_type = 500, "inference_failed"
+
+
+class NotReadyError(ServiceError):
+    status, error_type = 503, "not_ready"
+
+
+class StartupError(Exception):
+    """Stops the process before it serves: one line on stderr and a distinct exit code (SPEC.md, "Exit codes")."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
+
+
+# ============================================================================================== config
+
+DEFAULT_MODEL_DIR = "~/.cache/openvino-models/rerankers/ms-marco-MiniLM-L6-v2-int8-ov"
+DEFAULT_NPU_BUSY_PATH = "/sys/class/accel/accel0/device/npu_busy_time_us"
+MAX_SUPPORTED_LENGTH = 512
+ENV_PREFIX = "OPENVINO_RERANKER_"
+
+
+@dataclass(frozen=True, order=True)
+class ShapeBucket:
+    """One static input shape `[rows, length]` compiled for the NPU (or for CPU in static mode)."""
+
+    rows: int
+    length: int
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.length}"
+
+
+def _parse_int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    return parse
+
+
+_DEVICE_RE = re.compile(r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?|(AUTO|MULTI|HETERO)(:[A-Z0-9.]+(,[A-Z0-9.]+)*)?)$")
+
+
+def _parse_device(text: str) -> str:
+    device = text.strip().upper()
+    if not _DEVICE_RE.match(device):
+        raise ValueError(f"{text!r} is not a device (use NPU, CPU, GPU, GPU.1, AUTO or AUTO:NPU,CPU)")
+    return device
+
+
+def _parse_buckets(text: str) -> tuple[ShapeBucket, ...]:
+    buckets = set()
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)x(\d+)", part)
+        if not m:
+            raise ValueError(f"{part!r} is not ROWSxLENGTH (example: 8x128)")
+        rows, length = int(m.group(1)), int(m.group(2))
+        if not (1 <= rows <= 256 and 8 <= length <= MAX_SUPPORTED_LENGTH):
+            raise ValueError(f"{part}: rows must be 1..256 and length 8..{MAX_SUPPORTED_LENGTH}")
+        buckets.add(ShapeBucket(rows, length))
+    return tuple(sorted(buckets, key=lambda b: (b.length, b.rows)))
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_path(text: str) -> str:
+    return os.path.expanduser(text.strip()) if text.strip() else ""
+
+
+def _parse_log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"{text!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # config field; the flag is --name-with-dashes, the env var OPENVINO_RERANKER_NAME
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS = (
+    Option("host", lambda s: s.strip(), "127.0.0.1", "address to bind"),
+    Option("port", _parse_int(0, 65535), "18818", "TCP port to bind (0 = any free port)"),
+    Option("device", _parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]"),
+    Option("model_dir", _parse_path, DEFAULT_MODEL_DIR, "directory with openvino_model.xml and tokenizer.json"),
+    Option("max_length", _parse_int(0, MAX_SUPPORTED_LENGTH), "0",
+           "tokens per (query, document) pair; 0 = the model's limit (at most 512)"),
+    Option("shape_mode", _parse_choice("auto", "static", "dynamic"), "auto",
+           "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere"),
+    Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
+           "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)"),
+    Option("batch_size", _parse_int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
+    Option("cache_dir", _parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)"),
+    Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)"),
+    Option("max_body_bytes", _parse_int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
+    Option("max_documents", _parse_int(1, 100_000), "1000", "most documents in one request"),
+    Option("log_level", _parse_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    device: str
+    model_dir: str
+    max_length: int
+    shape_mode: str
+    buckets: tuple[ShapeBucket, ...]
+    batch_size: int
+    cache_dir: str
+    npu_busy_path: str
+    max_body_bytes: int
+    max_documents: int
+    log_level: str
+
+    @property
+    def is_npu(self) -> bool:
+        """True when the NPU is asked for by name: the fail-closed proof applies (AUTO/MULTI only report)."""
+        return self.device.split(".")[0] == "NPU"
+
+    @property
+    def static_shapes(self) -> bool:
+        return self.shape_mode == "static" or (self.shape_mode == "auto" and "NPU" in self.device)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise StartupError(f"bad command line: {message}", EXIT_CONFIG)
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Flags beat OPENVINO_RERANKER_* variables, which beat defaults. A bad value raises StartupError."""
+    environ = os.environ if environ is None else environ
+    parser = _ArgumentParser(prog="server.py", description="Local cross-encoder reranker (OpenVINO).")
+    for opt in OPTIONS:
+        parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
+                            help=f"{opt.help} (env {opt.env}, default {opt.default!r})")
+    parser.add_argument("--version", action="version", version=f"openvino-reranker {__version__}")
+    args = parser.parse_args(argv)
+    values = {}
+    for opt in OPTIONS:
+        raw, source = getattr(args, opt.name), opt.flag
+        if raw is None and opt.env in environ:
+            raw, source = environ[opt.env], opt.env
+        if raw is None:
+            raw, source = opt.default, "default"
+        try:
+            values[opt.name] = opt.parse(raw)
+        except ValueError as exc:
+            raise StartupError(f"bad value for {source}: {exc}", EXIT_CONFIG) from None
+    if not values["host"]:
+        raise StartupError("bad value for host: empty", EXIT_CONFIG)
+    return Config(**values)
+
+
+# ============================================================================================== requests
+
+
+@dataclass(frozen=True)
+class Document:
+    index: int
+    text: str
+    id: str | int | None = None
+    original: Any = None  # the object as sent (echoed on the Cohere route with return_documents)
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    documents: tuple[Document, ...]
+    top_k: int | None
+    return_documents: bool
+    model: str | None = None
+
+
+NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents"}
+COHERE_FIELDS = {"model", "query", "documents", "top_n", "return_documents"}
+COHERE_UNSUPPORTED = {
+    "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
+    "max_chunks_per_doc": "max_chunks_per_doc is not supported: documents are truncated, not chunked",
+    "max_tokens_per_doc": "max_tokens_per_doc is not supported: each (query, document) pair is truncated to "
+                          "the server's max_length (see GET /readyz)",
+}
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _require_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise BadRequestError(f"the request body must be a JSON object, not {_type_name(body)}")
+    return body
+
+
+def _parse_query(body: dict) -> str:
+    if "query" not in body:
+        raise BadRequestError("query is required", "query")
+    query = body["query"]
+    if not isinstance(query, str):
+        raise BadRequestError(f"query must be a string, not {_type_name(query)}", "query")
+    if not query.strip():
+        raise BadRequestError("query must not be empty or whitespace only", "query")
+    return query
+
+
+def _parse_positive_int(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequestError(f"{name} must be an integer >= 1, not {_type_name(value)}", name)
+    if value < 1:
+        raise BadRequestError(f"{name} must be >= 1, got {value}", name)
+    return value
+
+
+def _parse_bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequestError(f"{name} must be true or false, not {_type_name(value)}", name)
+    return value
+
+
+def _parse_text(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequestError(f"{path} must be a string, not {_type_name(value)}", path)
+    if not value.strip():
+        raise BadRequestError(f"{path} must not be empty or whitespace only", path)
+    return value
+
+
+def _parse_documents(body: dict, max_documents: int, parse_one: Callable[[int, Any], Document]) -> tuple:
+    if "documents" not in body:
+        raise BadRequestError("documents is required", "documents")
+    docs = body["documents"]
+    if not isinstance(docs, list):
+        raise BadRequestError(f"documents must be an array, not {_type_name(docs)}", "documents")
+    if not docs:
+        raise BadRequestError("documents must not be empty", "documents")
+    if len(docs) > max_documents:
+        raise PayloadTooLargeError(f"documents has {len(docs)} entries; the limit is {max_documents}", "documents")
+    return tuple(parse_one(i, d) for i, d in enumerate(docs))
+
+
+def parse_native(body: Any, max_documents: int) -> RerankRequest:
+    """POST /rerank: strict; an unknown field is a 400 so that typos such as `topk` do not pass unnoticed."""
+    body = _require_object(body)
+    for name in sorted(body.keys() - NATIVE_FIELDS):
+        raise BadRequestError(f"unknown field {name!r} (allowed: {', '.join(sorted(NATIVE_FIELDS))})", name)
+    query = _parse_query(body)
+
+    def parse_one(i: int, doc: Any) -> Document:
+        path = f"documents[{i}]"
+        if isinstance(doc, str):
+            return Document(i, _parse_text(doc, path))
+        if not isinstance(doc, dict):
+            raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
+        for name in sorted(doc.keys() - {"id", "text"}):
+            raise BadRequestError(f"unknown field {name!r} in {path} (allowed: id, text)", f"{path}.{name}")
+        if "text" not in doc:
+            raise BadRequestError(f"{path}.text is required", f"{path}.text")
+        doc_id = doc.get("id")
+        if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
+            raise BadRequestError(f"{path}.id must be a string or an integer, not {_type_name(doc_id)}",
+                                  f"{path}.id")
+        return Document(i, _parse_text(doc["text"], f"{path}.text"), doc_id)
+
+    documents = _parse_documents(body, max_documents, parse_one)
+    first_seen: dict[Any, int] = {}
+    for doc in documents:
+        if doc.id is None:
+            continue
+        key = (type(doc.id), doc.id)
+        if key in first_seen:
+            raise BadRequestError(f"documents[{doc.index}].id {doc.id!r} repeats documents[{first_seen[key]}].id",
+                                  f"documents[{doc.index}].id")
+        first_seen[key] = doc.index
+    return RerankRequest(query, documents, _parse_positive_int(body, "top_k"), _parse_bool(body, "return_documents"))
+
+
+def parse_cohere(body: Any, max_documents: int) -> RerankRequest:
+    """POST /v1/rerank: Cohere's fields. Fields Cohere has but we do not support are a 400; other unknown
+    fields (which gateways add) are ignored."""
+    body = _require_object(body)
+    for name, message in COHERE_UNSUPPORTED.items():
+        if name in body:
+            raise BadRequestError(message, name)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequestError(f"model must be a string, not {_type_name(model)}", "model")
+    query = _parse_query(body)
+
+    def parse_one(i: int, doc: Any) -> Document:
+        path = f"documents[{i}]"
+        if isinstance(doc, str):
+            return Document(i, _parse_text(doc, path), original={"text": doc})
+        if not isinstance(doc, dict):
+            raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
+        if "text" not in doc:
+            raise BadRequestError(f"{path}.text is required", f"{path}.text")
+        return Document(i, _parse_text(doc["text"], f"{path}.text"), original=doc)
+
+    documents = _parse_documents(body, max_documents, parse_one)
+    return RerankRequest(query, documents, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_documents"),
+                         model)
+
+
+# ============================================================================================== tokenization
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Token ids of (query, document) pairs, unpadded, in request order."""
+
+    ids: list[np.ndarray]
+    type_ids: list[np.ndarray]
+    lengths: np.ndarray  # tokens per pair, special tokens included
+    truncated: np.ndarray  # bool per pair: longest-first truncation removed tokens
+
+
+class PairEncoder:
+    """The model's own tokenizer.json through `tokenizers`: its pair template supplies the special tokens and
+    the type ids; truncation is longest-first at max_length (sentence-transformers' CrossEncoder behaviour)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.max_length = max_length
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length, strategy="longest_first")
+        self.pad_id = self._pad_id(tokenizer)
+
+    @staticmethod
+    def _pad_id(tokenizer) -> int:
+        if tokenizer.padding and tokenizer.padding.get("pad_id") is not None:
+            return int(tokenizer.padding["pad_id"])
+        for token in ("[PAD]", "<pad>", "<|pad|>"):
+            token_id = tokenizer.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        return 0
+
+    @classmethod
+    def from_file(cls, path: Path, max_length: int) -> "PairEncoder":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)), max_length)
+
+    def encode(self, query: str, texts: Sequence[str]) -> EncodedPairs:
+        encodings = self.tokenizer.encode_batch([(query, text) for text in texts])
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        return EncodedPairs(
+            ids=ids,
+            type_ids=[np.asarray(e.type_ids, dtype=np.int64) for e in encodings],
+            lengths=np.array([len(x) for x in ids], dtype=np.int64),
+            truncated=np.array([bool(e.overflowing) for e in encodings], dtype=bool),
+        )
+
+
+# ============================================================================================== batching and shapes
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    indices: tuple[int, ...]  # positions in the request, longest first
+    shape: ShapeBucket  # rows >= len(indices); spare rows are filled and their scores dropped
+    static: bool  # True: shape is a compiled bucket; False: a dynamic shape
+
+
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices by descending length, ties by ascending index (a stable order, so plans are reproducible)."""
+    return sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pick_length(length: int, bucket_lengths: Sequence[int]) -> int:
+    """The smallest bucket length that holds `length` tokens."""
+    for candidate in bucket_lengths:
+        if candidate >= length:
+            return candidate
+    raise ValueError(f"{length} tokens fit no bucket (largest {max(bucket_lengths)})")
+
+
+def plan_batches(lengths: Sequence[int], buckets: Sequence[ShapeBucket] | None, batch_size: int,
+                 max_length: int, pad_multiple: int = 8) -> list[MicroBatch]:
+    """Group pairs sorted by length into micro-batches so that little padding is computed.
+
+    Dynamic shapes: chunks of `batch_size`, each padded to its longest pair rounded up to `pad_multiple`
+    (fewer distinct shapes for the CPU plugin), never beyond `max_length`.
+    Static buckets: each pair goes to the smallest bucket length that holds it; within a length, full batches use
+    the bucket with the most rows and the remainder the smallest bucket whose rows hold it.
+    """
+    order = length_order(lengths)
+    plan = []
+    if buckets is None:
+        for start in range(0, len(order), batch_size):
+            chunk = tuple(order[start:start + batch_size])
+            longest = int(lengths[chunk[0]])
+            plan.append(MicroBatch(chunk, ShapeBucket(len(chunk), min(_round_up(longest, pad_multiple), max_length)),
+                                   static=False))
+        return plan
+    bucket_lengths = sorted({b.length for b in buckets})
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(pick_length(int(lengths[i]), bucket_lengths), []).append(i)
+    for length in sorted(groups, reverse=True):
+        members = groups[length]
+        shapes = sorted((b for b in buckets if b.length == length), key=lambda b: b.rows)
+        largest = shapes[-1]
+        while members:
+            if len(members) >= largest.rows:
+                shape = largest
+            else:
+                shape = next(b for b in shapes if b.rows >= len(members))
+            take, members = members[:shape.rows], members[shape.rows:]
+            plan.append(MicroBatch(tuple(take), shape, static=True))
+    return plan
+
+
+def pad_batch(encoded: EncodedPairs, batch: MicroBatch, input_names: Sequence[str], pad_id: int,
+              dtype=np.int64) -> dict[str, np.ndarray]:
+    """Inputs for one micro-batch: right-padded with pad_id and a zero attention mask. Spare rows (static
+    buckets) repeat the batch's shortest real row; their scores are dropped."""
+    rows, length = batch.shape.rows, batch.shape.length
+    ids = np.full((rows, length), pad_id, dtype=dtype)
+    mask = np.zeros((rows, length), dtype=dtype)
+    types = np.zeros((rows, length), dtype=dtype)
+    sources = list(batch.indices) + [batch.indices[-1]] * (rows - len(batch.indices))
+    for row, i in enumerate(sources):
+        n = int(encoded.lengths[i])
+        ids[row, :n] = encoded.ids[i]
+        mask[row, :n] = 1
+        types[row, :n] = encoded.type_ids[i]
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: feed[name] for name in input_names}
+
+
+# ============================================================================================== engine (OpenVINO)
+
+REQUIRED_INPUTS = ("input_ids", "attention_mask")
+OPTIONAL_INPUTS = ("token_type_ids",)
+
+
+def check_device_available(device: str, available: Sequence[str]) -> None:
+    """Raise StartupError unless `device` can run here; the message names what is available."""
+    base_names = {d.split(".")[0] for d in available}
+    if ":" in device:
+        candidates = device.split(":", 1)[1].split(",")
+        ok = any(c in available or c in base_names for c in candidates)
+    elif device in ("AUTO", "MULTI", "HETERO"):
+        ok = bool(available)
+    else:
+        ok = device in available or device in base_names
+    if not ok:
+        choices = ", ".join(available) or "none"
+        raise StartupError(
+            f"device {device} is not available on this machine (OpenVINO sees: {choices}); choose one with "
+            f"--device {available[0] if available else 'CPU'} or {ENV_PREFIX}DEVICE", EXIT_DEVICE)
+
+
+class NpuBusyCounter:
+    """The ivpu driver's device-global NPU busy time in microseconds (sysfs `npu_busy_time_us`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> int | None:
+        """The counter, or None when it cannot be read (no NPU, or a kernel older than 6.10)."""
+        if not self.path:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    device: str
+    execution_devices: tuple[str, ...]
+    buckets: tuple[ShapeBucket, ...] | None  # None: dynamic shapes
+    loaded_from_cache: tuple[bool, ...]  # one per compiled model
+    compile_ms: float
+    input_names: tuple[str, ...]
+    num_labels: int
+    properties: Mapping[str, str]
+
+
+class Engine:
+    """Compiled OpenVINO model(s) and a pool of infer requests per compiled model. `infer(feed, shape)` returns
+    logits as float32 [rows, num_labels]. Knows nothing about HTTP, JSON or tokenization."""
+
+    def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping):
+        self.input_names, self.num_labels = self.check_model_contract(model)
+        self.input_dtype = model.input("input_ids").get_element_type().to_dtype()
+        self.device = device
+        self.buckets = tuple(buckets) if buckets is not None else None
+        self._compiled: dict[ShapeBucket | None, Any] = {}
+        self._pools: dict[ShapeBucket | None, queue.Queue] = {}
+        started = time.perf_counter()
+        for shape in (self.buckets or (None,)):
+            variant = model
+            if shape is not None:
+                variant = model.clone()
+                variant.reshape({name: [shape.rows, shape.length] for name in self.input_names})
+            try:
+                compiled = core.compile_model(variant, device, dict(properties))
+            except RuntimeError as exc:
+                where = f" for shape {shape}" if shape else ""
+                raise StartupError(f"compiling the model on {device}{where} failed: {_first_line(exc)}",
+                                   EXIT_DEVICE) from None
+            self._compiled[shape] = compiled
+            pool: queue.Queue = queue.Queue()
+            for _ in range(max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))):
+                pool.put(compiled.create_infer_request())
+            self._pools[shape] = pool
+        self.compile_ms = (time.perf_counter() - started) * 1000
+        self.properties = dict(properties)
+
+    @staticmethod
+    def check_model_contract(model) -> tuple[tuple[str, ...], int]:
+        """Inputs input_ids + attention_mask (+ token_type_ids); output `logits` [?, 1 or 2]."""
+        names = [p.get_any_name() for p in model.inputs]
+        missing = [n for n in REQUIRED_INPUTS if n not in names]
+        extra = [n for n in names if n not in REQUIRED_INPUTS + OPTIONAL_INPUTS]
+        if missing or extra:
+            raise StartupError(f"the model's inputs are {names}: it needs {list(REQUIRED_INPUTS)} (plus optional "
+                               f"token_type_ids) and nothing else", EXIT_MODEL)
+        outputs = [o for o in model.outputs if "logits" in o.get_names()] or list(model.outputs)
+        if len(outputs) != 1:
+            raise StartupError("the model has no output named 'logits'", EXIT_MODEL)
+        shape = outputs[0].get_partial_shape()
+        if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic or \
+                shape[1].get_length() not in (1, 2):
+            raise StartupError(f"the model's logits have shape {shape}: a cross-encoder gives [batch, 1] or "
+                               f"[batch, 2]", EXIT_MODEL)
+        ordered = tuple(n for n in REQUIRED_INPUTS + OPTIONAL_INPUTS if n in names)
+        return ordered, shape[1].get_length()
+
+    def info(self) -> EngineInfo:
+        devices: list[str] = []
+        cached = []
+        for compiled in self._compiled.values():
+            for d in compiled.get_property("EXECUTION_DEVICES"):
+                if d not in devices:
+                    devices.append(d)
+            try:
+                cached.append(bool(compiled.get_property("LOADED_FROM_CACHE")))
+            except RuntimeError:
+                cached.append(False)
+        return EngineInfo(self.device, tuple(devices), self.buckets, tuple(cached), round(self.compile_ms, 1),
+                          self.input_names, self.num_labels, self.properties)
+
+    def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None) -> np.ndarray:
+        pool = self._pools[shape if self.buckets is not None else None]
+        request = pool.get()
+        try:
+            result = request.infer(feed)
+            return np.array(result[0], dtype=np.float32, copy=True)
+        except RuntimeError as exc:
+            raise InferenceError(f"inference failed: {_first_line(exc)}") from None
+        finally:
+            pool.put(request)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+# ============================================================================================== scoring and ranking
+
+
+def logits_to_scores(logits: np.ndarray) -> np.ndarray:
+    """Scores in float64: sigmoid of one logit, or the positive-class softmax probability of two
+    (softmax(l)[1] == sigmoid(l1 - l0)). A non-finite logit is an InferenceError."""
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] not in (1, 2):
+        raise InferenceError(f"the model returned logits of shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise InferenceError("the model returned a non-finite score")
+    z = x[:, 0] if x.shape[1] == 1 else x[:, 1] - x[:, 0]
+    e = np.exp(-np.abs(z))  # stable for any magnitude
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def rank(scores: Sequence[float], top_k: int | None = None) -> list[int]:
+    """Indices by descending score; equal scores keep ascending input index."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return order if top_k is None else order[:top_k]
+
+
+@dataclass(frozen=True)
+class ScoredPairs:
+    scores: np.ndarray  # float64, request order
+    lengths: np.ndarray  # tokens per pair
+    truncated: np.ndarray  # bool per pair
+    tokenize_ms: float
+    infer_ms: float
+    batches: int
+    npu_busy_delta_us: int | None
+
+
+class Reranker:
+    """Pairs in, scores out: tokenize, plan micro-batches, infer, score. The one API the HTTP layer calls."""
+
+    def __init__(self, encoder: PairEncoder, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None):
+        self.encoder = encoder
+        self.engine = engine
+        self.batch_size = batch_size
+        self.busy_counter = busy_counter
+
+    def score_pairs(self, query: str, texts: Sequence[str]) -> ScoredPairs:
+        t0 = time.perf_counter()
+        encoded = self.encoder.encode(query, texts)
+        t1 = time.perf_counter()
+        busy_before = self.busy_counter.read() if self.busy_counter else None
+        plan = plan_batches(encoded.lengths, self.engine.buckets, self.batch_size, self.encoder.max_length)
+        scores = np.empty(len(texts), dtype=np.float64)
+        for batch in plan:
+            feed = pad_batch(encoded, batch, self.engine.input_names, self.encoder.pad_id, self.engine.input_dtype)
+            logits = self.engine.infer(feed, batch.shape)
+            if logits.shape[0] != batch.shape.rows:
+                raise InferenceError(f"the model returned {logits.shape[0]} rows for a batch of {batch.shape.rows}")
+            scores[list(batch.indices)] = logits_to_scores(logits[:len(batch.indices)])
+        t2 = time.perf_counter()
+        busy_after = self.busy_counter.read() if self.busy_counter else None
+        delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
+        return ScoredPairs(scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000, (t2 - t1) * 1000,
+                           len(plan), delta)
+
+
+# ============================================================================================== model directory + startup check
+
+SMOKE_QUERY = "what is the capital of france"
+SMOKE_DOCUMENTS = (
+    "Paris is the capital and largest city of France.",
+    "Bread is baked from flour, water, salt and yeast.",
+    "The Eiffel Tower in Paris was built for the 1889 World's Fair and is one of the most visited monuments in "
+    "the world; it stands on the Champ de Mars beside the river Seine.",
+)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    model_dir: Path
+    name: str
+    xml: Path
+    tokenizer: Path
+    max_length: int  # effective, after the model's limit and the config
+
+
+def load_model_files(model_dir: str, requested_max_length: int) -> ModelFiles:
+    """Check the optimum export layout and work out the max length; every problem is one StartupError line."""
+    root = Path(model_dir)
+    hint = "export one with: optimum-cli export openvino --model cross-encoder/ms-marco-MiniLM-L6-v2 " \
+           "--task text-classification --weight-format int8 DIR (see README)"
+    if not root.is_dir():
+        raise StartupError(f"model dir {root} does not exist; {hint}", EXIT_MODEL)
+    xml, tok = root / "openvino_model.xml", root / "tokenizer.json"
+    for path in (xml, xml.with_suffix(".bin"), tok):
+        if not path.is_file():
+            raise StartupError(f"model dir {root} has no {path.name}; {hint}", EXIT_MODEL)
+    limits, name = [MAX_SUPPORTED_LENGTH], root.name
+    for filename, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        path = root / filename
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"{path} is not valid JSON: {exc}", EXIT_MODEL) from None
+        if not isinstance(data, dict):
+            raise StartupError(f"{path} is not a JSON object", EXIT_MODEL)
+        value = data.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 8 <= value < 1_000_000:
+            limits.append(value)
+        if filename == "config.json" and isinstance(data.get("_name_or_path"), str) and data["_name_or_path"]:
+            name = data["_name_or_path"]
+    model_limit = min(limits)
+    if requested_max_length > model_limit:
+        raise StartupError(f"max_length {requested_max_length} exceeds the model's limit of {model_limit} tokens",
+                           EXIT_CONFIG)
+    return ModelFiles(root, name, xml, tok, requested_max_length or model_limit)
+
+
+def static_buckets_for(config: Config, max_length: int) -> tuple[ShapeBucket, ...] | None:
+    """The buckets to compile, or None for dynamic shapes. Buckets longer than max_length are dropped, and the
+    largest remaining must reach max_length so that every truncated pair fits."""
+    if not config.static_shapes:
+        return None
+    kept = tuple(b for b in config.buckets if b.length <= max_length)
+    if not kept or max(b.length for b in kept) < max_length:
+        raise StartupError(f"buckets {','.join(map(str, config.buckets))} do not cover max_length {max_length}: "
+                           f"add a bucket of length {max_length} or lower --max-length", EXIT_CONFIG)
+    return kept
+
+
+@dataclass(frozen=True)
+class StartupCheck:
+    scores: tuple[float, ...]
+    elapsed_ms: float
+    npu_busy_delta_us: int | None
+    npu_note: str
+
+
+def check_startup(reranker: Reranker, engine_info: EngineInfo, config: Config) -> StartupCheck:
+    """Score a fixed pair set through the full path and once more in every compiled bucket. On NPU, fail closed:
+    the busy counter must have grown and EXECUTION_DEVICES must name the NPU."""
+    counter = NpuBusyCounter(config.npu_busy_path)
+    before = counter.read()
+    t0 = time.perf_counter()
+    try:
+        scored = reranker.score_pairs(SMOKE_QUERY, SMOKE_DOCUMENTS)
+        encoded = reranker.encoder.encode(SMOKE_QUERY, SMOKE_DOCUMENTS[:1])
+        for shape in engine_info.buckets or ():
+            feed = pad_batch(encoded, MicroBatch((0,), shape, True), engine_info.input_names,
+                             reranker.encoder.pad_id, reranker.engine.input_dtype)
+            logits_to_scores(reranker.engine.infer(feed, shape)[:1])
+    except ServiceError as exc:
+        raise StartupError(f"startup inference failed: {exc.message}", EXIT_STARTUP_CHECK) from None
+    elapsed_ms = (time.perf_counter() - t0) * 1000
+    after = counter.read()
+    delta = after - before if before is not None and after is not None else None
+    if delta is not None:
+        note = f"counter {config.npu_busy_path} grew by {delta} us during the startup inference"
+    elif "NPU" in config.device:
+        note = f"counter {config.npu_busy_path} is not readable"
+    else:
+        note = f"device is {config.device}"
+    if config.is_npu:
+        not_npu = [d for d in engine_info.execution_devices if not d.startswith("NPU")]
+        if not engine_info.execution_devices or not_npu:
+            raise StartupError(f"asked for {config.device} but OpenVINO executes on "
+                               f"{', '.join(engine_info.execution_devices) or 'nothing'}", EXIT_STARTUP_CHECK)
+        if delta is None:
+            raise StartupError(f"cannot read the NPU busy counter {config.npu_busy_path or '(unset)'}, so NPU use "
+                               f"cannot be proven (it needs Linux >= 6.10 with the intel_vpu driver; set "
+                               f"{ENV_PREFIX}NPU_BUSY_PATH if it lives elsewhere)", EXIT_STARTUP_CHECK)
+        if delta <= 0:
+            raise StartupError(f"the NPU busy counter {config.npu_busy_path} did not grow during the startup "
+                               f"inference (delta {delta} us): the NPU did not run it", EXIT_STARTUP_CHECK)
+    return StartupCheck(tuple(float(s) for s in scored.scores), round(elapsed_ms, 1), delta, note)
+
+
+# ============================================================================================== responses
+
+
+def render_native(request: RerankRequest, scored: ScoredPairs, model_name: str, device: str,
+                  total_ms: float) -> dict:
+    results = []
+    for i in rank(scored.scores, request.top_k):
+        doc = request.documents[i]
+        item: dict[str, Any] = {"index": i}
+        if doc.id is not None:
+            item["id"] = doc.id
+        item["score"] = float(scored.scores[i])
+        item["truncated"] = bool(scored.truncated[i])
+        if request.return_documents:
+            item["text"] = doc.text
+        results.append(item)
+    return {
+        "ok": True,
+        "results": results,
+        "model": model_name,
+        "device": device,
+        "usage": {"documents": len(request.documents), "tokens": int(scored.lengths.sum())},
+        "timings_ms": {"tokenize": round(scored.tokenize_ms, 3), "infer": round(scored.infer_ms, 3),
+                       "total": round(total_ms, 3)},
+        "npu_busy_delta_us": scored.npu_busy_delta_us,
+    }
+
+
+def render_cohere(request: RerankRequest, scored: ScoredPairs, request_id: str, model_name: str) -> dict:
+    results = []
+    for i in rank(scored.scores, request.top_k):
+        item: dict[str, Any] = {"index": i, "relevance_score": float(scored.scores[i])}
+        if request.return_documents:
+            item["document"] = request.documents[i].original
+        results.append(item)
+    return {
+        "id": request_id,
+        "results": results,
+        "meta": {"api_version": {"version": "1"}, "model": model_name,
+                 "tokens": {"input_tokens": int(scored.lengths.sum()), "output_tokens": 0}},
+    }
+
+
+def render_error(error: ServiceError, dialect: str) -> dict:
+    detail = {"type": error.error_type, "message": error.message, "field": error.field}
+    if dialect == "cohere":  # Cohere's SDKs read `message`
+        return {"message": error.message, **{k: v for k, v in detail.items() if k != "message"}}
+    return {"ok": False, "error": detail}
+
+
+# ============================================================================================== HTTP
+
+JSON_TYPES = ("application/json",)
+
+
+class RerankHandler(BaseHTTPRequestHandler):
+    """Routes: see ROUTES. Every answer, errors included, is JSON with an exact Content-Length (HTTP/1.1 keep-alive)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"openvino-reranker/{__version__}"
+    disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
+    timeout = 60  # seconds a connection may sit idle or stall mid-request before it is closed
+    server: "RerankServer"
+
+    ROUTES = {
+        "/healthz": {"GET": "route_healthz"},
+        "/readyz": {"GET": "route_readyz"},
+        "/rerank": {"POST": "route_rerank"},
+        "/v1/rerank": {"POST": "route_cohere_rerank"},
+    }
+
+    # ---- dispatch
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    def _dispatch(self) -> None:
+        started = self._started = time.perf_counter()
+        self._body_read = False
+        self._status = 0
+        self.request_id = self._request_id()
+        path = self.path.split("?", 1)[0]
+        dialect = "cohere" if path == "/v1/rerank" else "native"
+        try:
+            methods = self.ROUTES.get(path)
+            if methods is None:
+                raise NotFoundError(f"no route {path}; routes: {', '.join(self.ROUTES)}")
+            if self.command not in methods:
+                allowed = ", ".join(methods)
+                raise MethodNotAllowedError(f"{self.command} is not allowed on {path}; use {allowed}",
+                                            headers={"Allow": allowed})
+            getattr(self, methods[self.command])()
+        except ServiceError as exc:
+            self._send_error_json(exc, dialect)
+        except Exception:  # a bug: log it, answer 500, keep serving
+            log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
+            self._send_error_json(ServiceError("internal error; the server log has the details"), dialect)
+        finally:
+            log.info("request id=%s method=%s route=%s status=%s ms=%.1f", self.request_id, self.command, path,
+                     self._status, (time.perf_counter() - started) * 1000)
+
+    def _request_id(self) -> str:
+        given = self.headers.get("X-Request-ID", "")
+        return given if re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given) else uuid.uuid4().hex
+
+    # ---- reading
+
+    def _read_json(self) -> Any:
+        if self.headers.get("Transfer-Encoding"):
+            raise LengthRequiredError("chunked request bodies are not supported: send Content-Length",
+                                      headers={"Connection": "close"})
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None:
+            raise LengthRequiredError("Content-Length is required", headers={"Connection": "close"})
+        if not raw_length.strip().isdigit():
+            raise BadRequestError(f"Content-Length {raw_length!r} is not a number", headers={"Connection": "close"})
+        length = int(raw_length)
+        limit = self.server.config.max_body_bytes
+        if length > limit:
+            raise PayloadTooLargeError(f"the body has {length} bytes; the limit is {limit}",
+                                       headers={"Connection": "close"})
+        content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        try:
+            body = self.rfile.read(length)
+        except (TimeoutError, socket.timeout):
+            raise RequestTimeoutError("timed out reading the request body", headers={"Connection": "close"}) from None
+        if len(body) != length:
+            raise BadRequestError(f"the body ended after {len(body)} of {length} bytes",
+                                  headers={"Connection": "close"})
+        self._body_read = True
+        if content_type not in JSON_TYPES:
+            raise UnsupportedMediaTypeError(
+                f"Content-Type must be application/json, not {content_type or 'missing'}")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequestError(f"the body is not valid UTF-8 (byte {exc.start})") from None
+        try:
+            return json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise BadRequestError(f"the body is not valid JSON: {exc}") from None
+
+    # ---- writing
+
+    def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+        body = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        headers = dict(headers or {})
+        if self._body_pending():
+            headers["Connection"] = "close"  # an unread body would be parsed as the next request
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Request-ID", self.request_id)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if headers.get("Connection", "").lower() == "close":
+            self.close_connection = True
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _body_pending(self) -> bool:
+        if self._body_read:
+            return False
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return bool(self.headers.get("Transfer-Encoding")) or not length.isdigit() or int(length) > 0
+
+    def _send_error_json(self, error: ServiceError, dialect: str) -> None:
+        self._send_json(error.status, render_error(error, dialect), error.headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors raised by http.server before a route runs (bad request line, header limits, ...) as JSON."""
+        self.request_id = getattr(self, "request_id", None) or uuid.uuid4().hex
+        self._body_read = False
+        text = message or HTTPStatus(code).phrase
+        error = ServiceError(text, headers={"Connection": "close"})
+        error.status, error.error_type = code, "http_error"
+        self.close_connection = True
+        try:
+            self._send_error_json(error, "native")
+        except OSError:
+            pass
+
+    def log_request(self, code="-", size="-"):
+        pass  # one line per request is written by _dispatch
+
+    def log_message(self, format, *args):
+        log.debug("http: %s", (format % args).translate({c: None for c in range(32)}))
+
+    # ---- routes
+
+    def route_healthz(self) -> None:
+        self._send_json(200, {"ok": True, "status": "alive", "version": __version__})
+
+    def route_readyz(self) -> None:
+        state = self.server.state
+        status = 200 if state.ready.is_set() else 503
+        self._send_json(status, state.describe(), {} if status == 200 else {"Retry-After": "1"})
+
+    def route_rerank(self) -> None:
+        request = parse_native(self._read_json(), self.server.config.max_documents)
+        scored = self._score(request)
+        info = self.server.state
+        self._send_json(200, render_native(request, scored, info.model_name, info.device,
+                                           (time.perf_counter() - self._started) * 1000))
+
+    def route_cohere_rerank(self) -> None:
+        request = parse_cohere(self._read_json(), self.server.config.max_documents)
+        scored = self._score(request)
+        self._send_json(200, render_cohere(request, scored, self.request_id, self.server.state.model_name))
+
+    def _score(self, request: RerankRequest) -> ScoredPairs:
+        state = self.server.state
+        if not state.ready.is_set():
+            raise NotReadyError(f"not ready: {state.reason}", headers={"Retry-After": "1"})
+        return state.reranker.score_pairs(request.query, [d.text for d in request.documents])
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+# ============================================================================================== server state
+
+
+class ServiceState:
+    """What the routes read: readiness (an Event), the reranker once compiled, and what /readyz reports."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.ready = threading.Event()
+        self.reason = "starting"
+        self.reranker: Reranker | None = None
+        self.model_name = ""
+        self.device = config.device
+        self.details: dict[str, Any] = {}
+
+    def mark_ready(self, reranker: Reranker, model: ModelFiles, engine_info: EngineInfo, check: StartupCheck):
+        import openvino
+        import tokenizers
+
+        self.reranker = reranker
+        self.model_name = model.name
+        self.device = self.config.device
+        self.details = {
+            "device": self.config.device,
+            "execution_devices": list(engine_info.execution_devices),
+            "model": model.name,
+            "model_dir": str(model.model_dir),
+            "max_length": model.max_length,
+            "num_labels": engine_info.num_labels,
+            "inputs": list(engine_info.input_names),
+            "shape_mode": "static" if engine_info.buckets is not None else "dynamic",
+            "buckets": [str(b) for b in engine_info.buckets] if engine_info.buckets is not None else None,
+            "batch_size": self.config.batch_size,
+            "compile": {"ms": engine_info.compile_ms, "cache_dir": self.config.cache_dir or None,
+                        "loaded_from_cache": list(engine_info.loaded_from_cache),
+                        "properties": dict(engine_info.properties)},
+            "startup_check": {"ms": check.elapsed_ms, "npu_busy_delta_us": check.npu_busy_delta_us,
+                              "npu_note": check.npu_note},
+            "versions": {"server": __version__, "openvino": openvino.get_version(),
+                         "tokenizers": tokenizers.__version__, "numpy": np.__version__,
+                         "python": sys.version.split()[0]},
+        }
+        self.reason = "ready"
+        self.ready.set()
+
+    def describe(self) -> dict:
+        return {"ready": self.ready.is_set(), "reason": self.reason, **self.details}
+
+
+class RerankServer(ThreadingHTTPServer):
+    daemon_threads = True  # idle keep-alive connections must not block shutdown
+    request_queue_size = 64
+
+    def __init__(self, address, state: ServiceState):
+        self.state = state
+        self.config = state.config
+        super().__init__(address, RerankHandler, bind_and_activate=False)
+
+    def handle_error(self, request, client_address):
+        log.exception("connection error from %s", client_address[0] if client_address else "?")
+
+
+# ============================================================================================== startup
+
+
+def bind_server(state: ServiceState) -> RerankServer:
+    """Claim HOST:PORT before anything slow happens; the bind is the check (no race with a probe)."""
+    config = state.config
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve host {config.host!r}: {exc.strerror}", EXIT_CONFIG) from None
+    RerankServer.address_family = infos[0][0]
+    server = RerankServer((config.host, config.port), state)
+    try:
+        server.server_bind()
+        server.server_activate()
+    except OSError as exc:
+        server.server_close()
+        raise StartupError(f"cannot bind {config.host}:{config.port}: {exc.strerror or exc}", EXIT_PORT) from None
+    return server
+
+
+def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, EngineInfo]:
+    """Load the model dir, compile on the device, and assemble the scoring path."""
+    model_files = load_model_files(config.model_dir, config.max_length)
+    buckets = static_buckets_for(config, model_files.max_length)
+    try:
+        encoder = PairEncoder.from_file(model_files.tokenizer, model_files.max_length)
+    except Exception as exc:  # tokenizers raises its own exception type for a malformed file
+        raise StartupError(f"cannot load {model_files.tokenizer}: {_first_line(exc)}", EXIT_MODEL) from None
+    import openvino as ov
+
+    core = core if core is not None else ov.Core()
+    check_device_available(config.device, list(core.available_devices))
+    if config.cache_dir:
+        try:
+            os.makedirs(config.cache_dir, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create cache dir {config.cache_dir}: {exc.strerror}", EXIT_CONFIG) from None
+        core.set_property({"CACHE_DIR": config.cache_dir})
+    try:
+        model = core.read_model(str(model_files.xml))
+    except RuntimeError as exc:
+        raise StartupError(f"cannot read {model_files.xml}: {_first_line(exc)}", EXIT_MODEL) from None
+    # One stream: INT8 weight-only IRs compiled with several CPU streams have returned wrong scores
+    # (shared/reference/hazards.md #1). Speed settings arrive with the startup parity guard.
+    properties = {"PERFORMANCE_HINT": "LATENCY"}
+    log.info("compiling %s on %s (%s)", model_files.xml, config.device,
+             f"buckets {','.join(map(str, buckets))}" if buckets else "dynamic shapes")
+    engine = Engine(core, model, config.device, buckets, properties)
+    counter = NpuBusyCounter(config.npu_busy_path) if "NPU" in config.device else None
+    return Reranker(encoder, engine, config.batch_size, counter), model_files, engine.info()
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, core=None,
+         stop: threading.Event | None = None) -> int:
+    """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT.
+
+    `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal."""
+    stop = stop or threading.Event()
+    server = None
+    try:
+        config = load_config(argv, environ)
+        logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.setLevel(config.log_level)
+        state = ServiceState(config)
+        server = bind_server(state)
+        host, port = server.server_address[:2]
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+                         name="http").start()
+        log.info("listening on http://%s:%d (not ready until the model is compiled)", host, port)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+        state.reason = "loading and compiling the model"
+        reranker, model_files, engine_info = build_reranker(config, core)
+        state.reason = "running the startup check"
+        check = check_startup(reranker, engine_info, config)
+        state.mark_ready(reranker, model_files, engine_info, check)
+        log.info("ready: model %s on %s (execution devices %s, compile %.0f ms, from cache %s); %s",
+                 model_files.name, config.device, ",".join(engine_info.execution_devices), engine_info.compile_ms,
+                 engine_info.loaded_from_cache, check.npu_note)
+        stop.wait()
+        log.info("stopping")
+        return 0
+    except StartupError as exc:
+        print(f"openvino-reranker: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
