@@ -919,6 +919,7 @@ class RerankHandler(BaseHTTPRequestHandler):
     """Routes: see ROUTES. Every answer, errors included, is JSON with an exact Content-Length (HTTP/1.1 keep-alive)."""
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # a garbled request line still gets a status line and headers, not 0.9
     server_version = f"openvino-reranker/{__version__}"
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
     timeout = 60  # seconds a connection may sit idle or stall mid-request before it is closed
@@ -1036,7 +1037,7 @@ class RerankHandler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors raised by http.server before a route runs (bad request line, header limits, ...) as JSON."""
         self.request_id = getattr(self, "request_id", None) or uuid.uuid4().hex
-        self._body_read = False
+        self._body_read = True  # nothing more is read: the connection closes after this answer
         text = message or HTTPStatus(code).phrase
         error = ServiceError(text, headers={"Connection": "close"})
         error.status, error.error_type = code, "http_error"

@@ -73,7 +73,7 @@ def random_weights(shape: BertShape, seed: int = 0) -> dict[str, np.ndarray]:
         ln(p + "output.LayerNorm", out)
     out["pooler.dense.weight"] = w(h, h, scale=2.0)
     out["pooler.dense.bias"] = w(h, scale=0.5)
-    out["classifier.weight"] = w(shape.num_labels, h, scale=8.0)
+    out["classifier.weight"] = w(shape.num_labels, h, scale=3.0)
     out["classifier.bias"] = w(shape.num_labels, scale=0.5)
     return out
 

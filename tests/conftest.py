@@ -1,0 +1,136 @@
+"""Shared fixtures: the tiny INT8 model, an independent reference scorer, and real servers on loopback."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import server  # noqa: E402
+import tinymodel  # noqa: E402
+
+SCORE_TOLERANCE = 1e-4  # served score vs the float64 numpy reference (SPEC.md, "Scores")
+
+
+@dataclass
+class TinyModel:
+    path: Path
+    weights: dict
+    shape: tinymodel.BertShape
+    with_token_types: bool
+
+    def reference_scores(self, query: str, texts: list[str], max_length: int | None = None) -> np.ndarray:
+        """Independent of server.py: each pair alone, unpadded, through the numpy forward pass."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        tok.enable_truncation(max_length or self.shape.max_positions, strategy="longest_first")
+        scores = []
+        for text in texts:
+            enc = tok.encode(query, text)
+            ids = np.array([enc.ids])
+            types = np.array([enc.type_ids]) if self.with_token_types else None
+            logits = tinymodel.numpy_forward(self.weights, self.shape, ids, np.ones_like(ids), types)[0]
+            z = logits[0] if len(logits) == 1 else logits[1] - logits[0]
+            scores.append(1.0 / (1.0 + np.exp(-z)))
+        return np.array(scores)
+
+
+def _make(tmp_path_factory, name, **kwargs) -> TinyModel:
+    path, weights, shape, _ = tinymodel.make_tiny_model(tmp_path_factory.mktemp(name), **kwargs)
+    return TinyModel(path, weights, shape, kwargs.get("with_token_types", True))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    return _make(tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_2labels(tmp_path_factory) -> TinyModel:
+    return _make(tmp_path_factory, "tiny2", num_labels=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_types(tmp_path_factory) -> TinyModel:
+    return _make(tmp_path_factory, "tiny_nt", with_token_types=False, seed=2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """server.main() on a thread, on a free loopback port; stopped through its stop Event."""
+
+    def __init__(self, args: list[str], core=None, env: dict | None = None):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.stop = threading.Event()
+        self.exit_code: int | None = None
+        argv = ["--host", "127.0.0.1", "--port", str(self.port), *args]
+
+        def run():
+            self.exit_code = server.main(argv, env or {}, core=core, stop=self.stop)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> RunningServer:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"server exited with {self.exit_code}")
+            try:
+                status, _, _ = request(self.port, "GET", "/readyz")
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def request(port: int, method: str, path: str, body=None, headers: dict | None = None, conn=None):
+    """One HTTP request; returns (status, parsed JSON body or None, headers)."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        hdrs = dict(headers or {})
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        raw = resp.read()
+        payload = json.loads(raw) if raw else None
+        return resp.status, payload, resp
+    finally:
+        if own:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def cpu_server(tiny_model, tmp_path_factory):
+    srv = RunningServer(["--device", "CPU", "--model-dir", str(tiny_model.path),
+                         "--cache-dir", str(tmp_path_factory.mktemp("cache"))]).wait_ready()
+    yield srv
+    srv.close()

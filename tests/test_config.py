@@ -1,0 +1,60 @@
+import pytest
+
+from server import EXIT_CONFIG, OPTIONS, ShapeBucket, StartupError, load_config
+
+
+def test_defaults_match_the_design():
+    c = load_config([], {})
+    assert (c.host, c.port, c.device) == ("127.0.0.1", 18818, "NPU")
+    assert c.model_dir.endswith(".cache/openvino-models/rerankers/ms-marco-MiniLM-L6-v2-int8-ov")
+    assert c.npu_busy_path == "/sys/class/accel/accel0/device/npu_busy_time_us"
+    assert c.max_length == 0 and c.shape_mode == "auto" and c.is_npu and c.static_shapes
+
+
+def test_env_is_read_and_flags_win():
+    env = {"OPENVINO_RERANKER_PORT": "9000", "OPENVINO_RERANKER_DEVICE": "cpu", "OPENVINO_RERANKER_HOST": "::1"}
+    c = load_config([], env)
+    assert (c.port, c.device, c.host) == (9000, "CPU", "::1")
+    assert not c.is_npu and not c.static_shapes
+    c = load_config(["--port", "9100", "--device", "GPU.1"], env)
+    assert (c.port, c.device) == (9100, "GPU.1")
+
+
+def test_every_option_has_a_flag_and_an_env_var():
+    for opt in OPTIONS:
+        assert opt.flag == "--" + opt.name.replace("_", "-")
+        assert opt.env == "OPENVINO_RERANKER_" + opt.name.upper()
+        load_config([opt.flag, opt.default], {})  # every default parses through its own flag
+
+
+@pytest.mark.parametrize("argv, env, needle", [
+    (["--port", "70000"], {}, "--port"),
+    (["--port", "abc"], {}, "not an integer"),
+    ([], {"OPENVINO_RERANKER_PORT": "-1"}, "OPENVINO_RERANKER_PORT"),
+    (["--device", "TPU"], {}, "not a device"),
+    (["--buckets", "8x"], {}, "ROWSxLENGTH"),
+    (["--buckets", "8x1024"], {}, "length 8..512"),
+    (["--max-length", "513"], {}, "--max-length"),
+    (["--shape-mode", "sometimes"], {}, "auto, static, dynamic"),
+    (["--log-level", "loud"], {}, "DEBUG"),
+    (["--no-such-flag"], {}, "unrecognized"),
+    (["--host", ""], {}, "host"),
+])
+def test_bad_values_stop_startup_with_one_line(argv, env, needle):
+    with pytest.raises(StartupError) as info:
+        load_config(argv, env)
+    assert info.value.exit_code == EXIT_CONFIG
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_buckets_are_sorted_and_deduplicated():
+    c = load_config(["--buckets", "8x128, 1x64,8x128,4x512"], {})
+    assert c.buckets == (ShapeBucket(1, 64), ShapeBucket(8, 128), ShapeBucket(4, 512))
+
+
+@pytest.mark.parametrize("device, mode, static", [
+    ("NPU", "auto", True), ("AUTO:NPU,CPU", "auto", True), ("CPU", "auto", False), ("CPU", "static", True),
+    ("NPU", "dynamic", False),
+])
+def test_shape_mode(device, mode, static):
+    assert load_config(["--device", device, "--shape-mode", mode], {}).static_shapes is static

@@ -1,0 +1,127 @@
+"""Tokenization and the real compiled model: served scores against the independent numpy reference."""
+
+import openvino as ov
+import pytest
+from conftest import SCORE_TOLERANCE
+
+from server import (
+    EXIT_MODEL,
+    Engine,
+    NpuBusyCounter,
+    PairEncoder,
+    Reranker,
+    ShapeBucket,
+    StartupError,
+    load_model_files,
+)
+
+QUERY = "how does solar power work"
+DOCS = [
+    "solar power is energy from the sun turned into electricity by cells",
+    "the cat sat on the farm",
+    "water boils at one hundred degrees celsius at sea level, and at lower temperatures on a high mountain",
+    "paris",
+    "wind and solar energy are power for a city grid " * 6,
+]
+
+
+def make_reranker(model, buckets=None, max_length=None, batch_size=2, core=None):
+    files = load_model_files(str(model.path), max_length or 0)
+    encoder = PairEncoder.from_file(files.tokenizer, files.max_length)
+    core = core or ov.Core()
+    engine = Engine(core, core.read_model(str(files.xml)), "CPU", buckets, {"PERFORMANCE_HINT": "LATENCY"})
+    return Reranker(encoder, engine, batch_size)
+
+
+def test_encoder_uses_the_pair_template_and_truncates_longest_first(tiny_model):
+    enc = PairEncoder.from_file(tiny_model.path / "tokenizer.json", 16)
+    pairs = enc.encode("capital of france", ["paris", "the capital city of france is paris " * 4])
+    assert pairs.lengths.tolist() == [len(pairs.ids[0]), 16]
+    assert pairs.truncated.tolist() == [False, True]
+    tokens = [enc.tokenizer.id_to_token(i) for i in pairs.ids[0]]
+    assert tokens == ["[CLS]", "capital", "of", "france", "[SEP]", "paris", "[SEP]"]
+    assert pairs.type_ids[0].tolist() == [0, 0, 0, 0, 0, 1, 1]
+    # longest-first: the short query survives whole while the long document is cut
+    assert [enc.tokenizer.id_to_token(i) for i in pairs.ids[1][:5]] == ["[CLS]", "capital", "of", "france", "[SEP]"]
+    assert enc.pad_id == enc.tokenizer.token_to_id("[PAD]")
+
+
+@pytest.mark.parametrize("buckets", [None, (ShapeBucket(1, 32), ShapeBucket(4, 32), ShapeBucket(2, 128))])
+def test_scores_match_the_numpy_reference(tiny_model, buckets):
+    scored = make_reranker(tiny_model, buckets).score_pairs(QUERY, DOCS)
+    expected = tiny_model.reference_scores(QUERY, DOCS)
+    assert abs(scored.scores - expected).max() < SCORE_TOLERANCE
+    assert scored.batches >= 2  # micro-batched, and still in request order
+
+
+def test_truncation_matches_the_reference_at_a_short_max_length(tiny_model):
+    scored = make_reranker(tiny_model, max_length=12).score_pairs(QUERY, DOCS)
+    assert abs(scored.scores - tiny_model.reference_scores(QUERY, DOCS, max_length=12)).max() < SCORE_TOLERANCE
+    assert scored.truncated.any() and scored.lengths.max() == 12
+
+
+def test_two_label_model_scores_positive_class_probability(tiny_model_2labels):
+    scored = make_reranker(tiny_model_2labels).score_pairs(QUERY, DOCS)
+    assert abs(scored.scores - tiny_model_2labels.reference_scores(QUERY, DOCS)).max() < SCORE_TOLERANCE
+
+
+def test_model_without_token_type_ids(tiny_model_no_types):
+    reranker = make_reranker(tiny_model_no_types, buckets=(ShapeBucket(2, 128),))
+    assert reranker.engine.input_names == ("input_ids", "attention_mask")
+    scored = reranker.score_pairs(QUERY, DOCS)
+    assert abs(scored.scores - tiny_model_no_types.reference_scores(QUERY, DOCS)).max() < SCORE_TOLERANCE
+
+
+def test_compile_cache_is_reported(tiny_model, tmp_path):
+    def compile_once():
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(tmp_path)})
+        return make_reranker(tiny_model, (ShapeBucket(2, 64),), core=core).engine.info().loaded_from_cache
+
+    assert compile_once() == (False,)
+    assert compile_once() == (True,)
+
+
+def test_model_contract_is_checked(tiny_model):
+    import openvino.opset13 as ops
+
+    p = ops.parameter([-1, -1], ov.Type.i64, name="input_ids")
+    bad = ov.Model([ops.convert(p, ov.Type.f32)], [p])
+    with pytest.raises(StartupError) as info:
+        Engine.check_model_contract(bad)
+    assert info.value.exit_code == EXIT_MODEL and "attention_mask" in str(info.value)
+
+
+@pytest.mark.parametrize("broken, needle", [
+    ("no_dir", "does not exist"), ("no_tokenizer", "no tokenizer.json"), ("bad_config", "not valid JSON"),
+])
+def test_model_dir_problems_are_one_line(tiny_model, tmp_path, broken, needle):
+    import shutil
+
+    target = tmp_path / "m"
+    if broken != "no_dir":
+        shutil.copytree(tiny_model.path, target)
+    if broken == "no_tokenizer":
+        (target / "tokenizer.json").unlink()
+    if broken == "bad_config":
+        (target / "config.json").write_text("{not json")
+    with pytest.raises(StartupError) as info:
+        load_model_files(str(target), 0)
+    assert needle in str(info.value) and info.value.exit_code == EXIT_MODEL
+
+
+def test_max_length_comes_from_the_model_and_is_capped(tiny_model):
+    assert load_model_files(str(tiny_model.path), 0).max_length == 128
+    assert load_model_files(str(tiny_model.path), 64).max_length == 64
+    with pytest.raises(StartupError):
+        load_model_files(str(tiny_model.path), 256)
+
+
+def test_npu_busy_counter_reads_the_sysfs_format(tmp_path):
+    f = tmp_path / "npu_busy_time_us"
+    f.write_text("123456\n")
+    assert NpuBusyCounter(str(f)).read() == 123456
+    f.write_text("garbage")
+    assert NpuBusyCounter(str(f)).read() is None
+    assert NpuBusyCounter(str(tmp_path / "missing")).read() is None
+    assert NpuBusyCounter("").read() is None

@@ -1,0 +1,188 @@
+"""Startup order and exit codes: real processes for the port check and signals, an injected Core for the NPU
+fail-closed logic (no NPU exists on any machine this runs on: see SPEC.md, "What was verified where")."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openvino as ov
+import pytest
+from conftest import ROOT, RunningServer, free_port, request
+
+import server
+from server import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, check_device_available
+
+
+class FakeNpuCore:
+    """A real CPU Core that claims an NPU: compiles 'NPU' on the CPU, reports `execution_devices`, and (when
+    `bump`) adds to a fake sysfs busy counter on every inference, as the ivpu driver does on a real NPU."""
+
+    def __init__(self, counter: Path, bump: bool = True, execution_devices=("NPU.4000",)):
+        self.core, self.counter, self.bump, self.execution_devices = ov.Core(), counter, bump, execution_devices
+        self.compiled_for: list[str] = []
+        self.shapes: list[list] = []
+
+    available_devices = ["CPU", "NPU"]
+
+    def set_property(self, props):
+        self.core.set_property(props)
+
+    def read_model(self, path):
+        return self.core.read_model(path)
+
+    def compile_model(self, model, device, props):
+        assert device == "NPU"
+        self.compiled_for.append(device)
+        self.shapes.append([list(p.get_partial_shape().to_shape()) for p in model.inputs])  # static or it raises
+        return _FakeCompiled(self.core.compile_model(model, "CPU", props), self)
+
+
+class _FakeCompiled:
+    def __init__(self, compiled, fake):
+        self.compiled, self.fake = compiled, fake
+
+    def get_property(self, name):
+        if name == "EXECUTION_DEVICES":
+            return list(self.fake.execution_devices)
+        return self.compiled.get_property(name)
+
+    def create_infer_request(self):
+        return _FakeRequest(self.compiled.create_infer_request(), self.fake)
+
+
+class _FakeRequest:
+    def __init__(self, request, fake):
+        self.request, self.fake = request, fake
+
+    def infer(self, feed):
+        result = self.request.infer(feed)
+        if self.fake.bump and self.fake.counter.exists():
+            self.fake.counter.write_text(str(int(self.fake.counter.read_text()) + 250) + "\n")
+        return result
+
+
+def npu_args(model, counter):
+    return ["--device", "NPU", "--model-dir", str(model.path), "--npu-busy-path", str(counter), "--cache-dir", ""]
+
+
+def test_npu_proof_passes_when_the_counter_grows_on_the_npu(tiny_model, tmp_path):
+    counter = tmp_path / "npu_busy_time_us"
+    counter.write_text("1000\n")
+    core = FakeNpuCore(counter)
+    srv = RunningServer(npu_args(tiny_model, counter), core=core).wait_ready()
+    try:
+        status, ready, _ = request(srv.port, "GET", "/readyz")
+        assert status == 200 and ready["execution_devices"] == ["NPU.4000"]
+        assert ready["shape_mode"] == "static" and ready["buckets"] == ["8x64", "8x128"]
+        assert ready["startup_check"]["npu_busy_delta_us"] > 0
+        # every compiled variant had a static shape (to_shape() raised otherwise) matching the buckets
+        assert sorted(s[0] for s in core.shapes) == [[8, 64], [8, 128]]
+        status, body, _ = request(srv.port, "POST", "/rerank", {"query": "solar power", "documents": ["sun", "cat"]})
+        assert status == 200 and body["device"] == "NPU" and body["npu_busy_delta_us"] == 250
+    finally:
+        srv.close()
+    assert srv.exit_code == 0
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("counter_static", "did not grow"),
+    ("counter_missing", "cannot read the NPU busy counter"),
+    ("runs_on_cpu", "OpenVINO executes on CPU"),
+])
+def test_npu_fails_closed(tiny_model, tmp_path, capsys, case, needle):
+    counter = tmp_path / "npu_busy_time_us"
+    if case != "counter_missing":
+        counter.write_text("1000\n")
+    core = FakeNpuCore(counter, bump=case != "counter_static",
+                       execution_devices=("CPU",) if case == "runs_on_cpu" else ("NPU.3720",))
+    port = free_port()
+    code = server.main(["--port", str(port), *npu_args(tiny_model, counter)], {}, core=core)
+    assert code == EXIT_STARTUP_CHECK
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("openvino-reranker: error:") and needle in err
+    with socket.socket() as s:  # the port was released on the way out
+        s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("device, available, ok", [
+    ("NPU", ["CPU"], False), ("NPU", ["CPU", "NPU"], True), ("GPU", ["CPU", "GPU.0", "GPU.1"], True),
+    ("GPU.1", ["CPU", "GPU.0"], False), ("AUTO:NPU,CPU", ["CPU"], True), ("AUTO:NPU,GPU", ["CPU"], False),
+    ("AUTO", ["CPU"], True), ("CPU", ["CPU"], True),
+])
+def test_device_availability(device, available, ok):
+    if ok:
+        check_device_available(device, available)
+    else:
+        with pytest.raises(server.StartupError) as info:
+            check_device_available(device, available)
+        assert info.value.exit_code == EXIT_DEVICE
+        assert f"OpenVINO sees: {', '.join(available)}" in str(info.value) and "--device" in str(info.value)
+
+
+# ---- real processes
+
+
+def run_server(args, env_extra=None, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVINO_RERANKER_")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_port_in_use_exits_before_loading_the_model(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # a model dir that does not exist proves the port is checked first
+        result = run_server(["--port", str(port), "--device", "CPU", "--model-dir", str(tmp_path / "none")])
+    assert result.returncode == EXIT_PORT
+    assert f"cannot bind 127.0.0.1:{port}" in result.stderr and "does not exist" not in result.stderr
+
+
+def test_bad_config_value_exit_code():
+    result = run_server([], {"OPENVINO_RERANKER_PORT": "http"})
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip() == "openvino-reranker: error: bad value for OPENVINO_RERANKER_PORT: 'http' is not " \
+                                    "an integer"
+
+
+def test_missing_model_dir_exit_code(tmp_path):
+    result = run_server(["--port", "0", "--device", "CPU", "--model-dir", str(tmp_path / "none")])
+    assert result.returncode == EXIT_MODEL and "optimum-cli export openvino" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_npu_on_a_machine_without_one_names_the_available_devices(tiny_model):
+    if "NPU" in ov.Core().available_devices:
+        pytest.skip("this machine has an NPU")
+    result = run_server(["--port", "0", "--model-dir", str(tiny_model.path), "--cache-dir", ""])
+    assert result.returncode == EXIT_DEVICE
+    assert "device NPU is not available" in result.stderr and "CPU" in result.stderr
+    assert "OPENVINO_RERANKER_DEVICE" in result.stderr
+
+
+def test_sigterm_stops_the_server_with_exit_0(tiny_model):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", "CPU",
+                             "--model-dir", str(tiny_model.path), "--cache-dir", ""],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if request(port, "GET", "/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("server did not become ready")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
