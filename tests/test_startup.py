@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def test_npu_fails_closed(tiny_model, tmp_path, capsys, case, needle):
     core = FakeNpuCore(counter, bump=case != "counter_static",
                        execution_devices=("CPU",) if case == "runs_on_cpu" else ("NPU.3720",))
     port = free_port()
-    code = server.main(["--port", str(port), *npu_args(tiny_model, counter)], {}, core=core)
+    already_stopped = threading.Event()
+    already_stopped.set()  # were the check to pass, main() would return 0 at once instead of serving
+    code = server.main(["--port", str(port), *npu_args(tiny_model, counter)], {}, core=core, stop=already_stopped)
     assert code == EXIT_STARTUP_CHECK
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("openvino-reranker: error:") and needle in err
