@@ -22,11 +22,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -747,7 +748,7 @@ class Reranker:
                            len(plan), delta)
 
 
-# ============================================================================================== model directory + startup check
+# ==================================================================================== model directory + startup check
 
 SMOKE_QUERY = "what is the capital of france"
 SMOKE_DOCUMENTS = (
@@ -987,8 +988,9 @@ class RerankHandler(BaseHTTPRequestHandler):
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         try:
             body = self.rfile.read(length)
-        except (TimeoutError, socket.timeout):
-            raise RequestTimeoutError("timed out reading the request body", headers={"Connection": "close"}) from None
+        except TimeoutError:
+            raise RequestTimeoutError("timed out reading the request body",
+                                      headers={"Connection": "close"}) from None
         if len(body) != length:
             raise BadRequestError(f"the body ended after {len(body)} of {length} bytes",
                                   headers={"Connection": "close"})

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import server  # noqa: E402
 import tinymodel  # noqa: E402
+
+import server  # noqa: E402
 
 SCORE_TOLERANCE = 1e-4  # served score vs the float64 numpy reference (SPEC.md, "Scores")
 

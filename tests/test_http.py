@@ -176,8 +176,9 @@ def test_missing_content_length_is_411(cpu_server):
 
 
 def test_chunked_body_is_411(cpu_server):
-    status, body, _ = raw_exchange(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                                                    b"Content-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+    status, body, _ = raw_exchange(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\n"
+                                   b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+                                   b"2\r\n{}\r\n0\r\n\r\n")
     assert status == 411 and "chunked" in body["error"]["message"]
 
 
