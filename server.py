@@ -608,7 +608,8 @@ class Engine:
     """Compiled OpenVINO model(s) and a pool of infer requests per compiled model. `infer(feed, shape)` returns
     logits as float32 [rows, num_labels]. Knows nothing about HTTP, JSON or tokenization."""
 
-    def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping):
+    def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping,
+                 before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None):
         self.input_names, self.num_labels = self.check_model_contract(model)
         self.input_dtype = model.input("input_ids").get_element_type().to_dtype()
         self.device = device
@@ -617,6 +618,7 @@ class Engine:
         self._pools: dict[ShapeBucket | None, queue.Queue] = {}
         started = time.perf_counter()
         for shape in (self.buckets or (None,)):
+            before_compile(shape)
             variant = model
             if shape is not None:
                 variant = model.clone()
@@ -1150,6 +1152,32 @@ class RerankServer(ThreadingHTTPServer):
         log.exception("connection error from %s", client_address[0] if client_address else "?")
 
 
+# ============================================================================================== systemd readiness
+
+COMPILE_BUDGET_US = 300_000_000  # start-timeout extension granted per compile (a first NPU compile is slow)
+
+
+def sd_notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Send one sd_notify(3) datagram to $NOTIFY_SOCKET (a path, or '@name' for the abstract namespace).
+    Without the variable nothing happens; a failure is logged, never raised: readiness is advisory."""
+    address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        log.warning("NOTIFY_SOCKET %r is not a unix socket path; systemd notification skipped", address)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode("utf-8"))
+        return True
+    except OSError as exc:
+        log.warning("systemd notification failed: %s", exc)
+        return False
+
+
 # ============================================================================================== startup
 
 
@@ -1198,7 +1226,11 @@ def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, Eng
     properties = {"PERFORMANCE_HINT": "LATENCY"}
     log.info("compiling %s on %s (%s)", model_files.xml, config.device,
              f"buckets {','.join(map(str, buckets))}" if buckets else "dynamic shapes")
-    engine = Engine(core, model, config.device, buckets, properties)
+    def before_compile(shape):
+        sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=compiling for {config.device}"
+                  + (f" shape {shape}" if shape else ""))
+
+    engine = Engine(core, model, config.device, buckets, properties, before_compile)
     counter = NpuBusyCounter(config.npu_busy_path) if "NPU" in config.device else None
     return Reranker(encoder, engine, config.batch_size, counter), model_files, engine.info()
 
@@ -1232,8 +1264,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.info("ready: model %s on %s (execution devices %s, compile %.0f ms, from cache %s); %s",
                  model_files.name, config.device, ",".join(engine_info.execution_devices), engine_info.compile_ms,
                  engine_info.loaded_from_cache, check.npu_note)
+        sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}, device {config.device} "
+                  f"({','.join(engine_info.execution_devices)})")
         stop.wait()
         log.info("stopping")
+        sd_notify("STOPPING=1")
         return 0
     except StartupError as exc:
         print(f"openvino-reranker: error: {exc}", file=sys.stderr, flush=True)

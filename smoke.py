@@ -1,0 +1,284 @@
+"""Smoke-test a running openvino-reranker: liveness, readiness, ranking fixtures, both routes, documented errors,
+and, on the NPU, proof that the NPU did the work. Standard library only.
+
+    python smoke.py --url http://127.0.0.1:18818 [--expect-device NPU] [--require-npu] [--fixtures FILE] [--json]
+
+Exit status 0 only when every required check passed; each failure is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import json
+import math
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_FIXTURES = Path(__file__).resolve().parent / "tests" / "fixtures" / "smoke-ms-marco.json"
+DEFAULT_NPU_BUSY_PATH = "/sys/class/accel/accel0/device/npu_busy_time_us"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "pass", "fail" or "skip"
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    url: str
+    device: str | None = None
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(name, "pass" if ok else "fail", detail))
+        return ok
+
+    def skip(self, name: str, detail: str) -> None:
+        self.checks.append(Check(name, "skip", detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+
+class Client:
+    """One keep-alive connection; reconnects when the server closes it (as it does after some errors)."""
+
+    def __init__(self, url: str, timeout_s: float):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"--url must look like http://HOST:PORT, not {url!r}")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.timeout_s = timeout_s
+        self.conn: http.client.HTTPConnection | None = None
+
+    def call(self, method: str, path: str, body=None, content_type: str = "application/json"):
+        """Returns (status, parsed JSON or None, raw text)."""
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        headers = {"Content-Type": content_type} if data is not None else {}
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            try:
+                self.conn.request(method, path, body=data, headers=headers)
+                resp = self.conn.getresponse()
+                raw = resp.read().decode("utf-8", "replace")
+                if resp.getheader("Connection", "").lower() == "close":
+                    self.close()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if attempt == 2:
+                    raise
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        return resp.status, payload, raw
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    @property
+    def is_local(self) -> bool:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(self.host)).is_loopback
+        except (OSError, ValueError):
+            return False
+
+
+def read_counter(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def load_fixtures(path: Path) -> list[dict]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    fixtures = data["fixtures"] if isinstance(data, dict) else data
+    for f in fixtures:
+        ids = [d["id"] for d in f["documents"]]
+        if f["expected_top"] not in ids:
+            raise ValueError(f"fixture {f['name']}: expected_top {f['expected_top']!r} is not a document id")
+    return fixtures
+
+
+def is_sorted_ranking(results: list[dict], key: str) -> bool:
+    """Descending score; equal scores in ascending index (SPEC.md, "Scores")."""
+    pairs = [(r[key], r["index"]) for r in results]
+    return all(a[0] > b[0] or (a[0] == b[0] and a[1] < b[1]) for a, b in pairwise(pairs))
+
+
+def check_ranking(report: Report, name: str, fixture: dict, status: int, body, n: int) -> None:
+    if not report.add(f"{name}: status", status == 200 and isinstance(body, dict) and body.get("ok") is True,
+                      f"HTTP {status}: {str(body)[:200]}"):
+        return
+    results = body.get("results")
+    complete = isinstance(results, list) and sorted(r.get("index") for r in results) == list(range(n))
+    if not report.add(f"{name}: complete", complete, f"expected indices 0..{n - 1}, got {results!r:.200}"):
+        return
+    finite = all(isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]) for r in results)
+    report.add(f"{name}: sorted", finite and is_sorted_ranking(results, "score"),
+               "scores not finite or not in descending order (ties by ascending index)")
+    ids = [d["id"] for d in fixture["documents"]]
+    top = results[0].get("id")
+    report.add(f"{name}: top result", top == fixture["expected_top"] and top == ids[results[0]["index"]],
+               f"expected {fixture['expected_top']!r}, got {top!r}")
+
+
+def run(url: str, fixtures: list[dict], expect_device: str | None, require_npu: bool, npu_busy_path: str,
+        timeout_s: float) -> Report:
+    report = Report(url)
+    client = Client(url, timeout_s)
+    try:
+        status, _, _ = client.call("GET", "/healthz")
+        report.add("healthz", status == 200, f"HTTP {status}")
+        status, ready, raw = client.call("GET", "/readyz")
+        if not report.add("readyz", status == 200 and isinstance(ready, dict) and ready.get("ready") is True,
+                          f"HTTP {status}: {raw[:200]}"):
+            return report
+        report.device = ready.get("device")
+        executes = ready.get("execution_devices") or []
+        if expect_device:
+            want = expect_device.upper()
+            report.add("device", report.device == want or any(d.split(".")[0] == want for d in executes),
+                       f"expected {want}, server reports device {report.device} executing on {executes}")
+
+        on_npu = (report.device or "").split(".")[0] == "NPU"
+        native_scores = None
+        for fixture in fixtures:
+            name = f"fixture {fixture['name']}"
+            n = len(fixture["documents"])
+            before = read_counter(npu_busy_path) if on_npu and client.is_local else None
+            status, body, _ = client.call("POST", "/rerank", {"query": fixture["query"],
+                                                              "documents": fixture["documents"]})
+            after = read_counter(npu_busy_path) if before is not None else None
+            check_ranking(report, name, fixture, status, body, n)
+            if native_scores is None and status == 200 and isinstance(body, dict):
+                native_scores = (fixture, {r["index"]: r["score"] for r in body.get("results", [])})
+            if on_npu or require_npu:
+                delta = body.get("npu_busy_delta_us") if isinstance(body, dict) else None
+                report.add(f"{name}: npu_busy_delta_us", isinstance(delta, int) and delta > 0,
+                           f"the response's npu_busy_delta_us is {delta!r}")
+                if client.is_local:
+                    local = after - before if before is not None and after is not None else None
+                    report.add(f"{name}: sysfs counter", local is not None and local > 0,
+                               f"{npu_busy_path} moved by {local!r} us" if local is not None
+                               else f"{npu_busy_path} is not readable")
+        if require_npu and not on_npu:
+            report.add("npu", False, f"--require-npu, but the server runs on {report.device}")
+        elif not on_npu:
+            report.skip("npu proof", f"skipped: device is {report.device}")
+
+        if native_scores:
+            check_cohere(report, client, *native_scores)
+        check_errors(report, client)
+    except (OSError, http.client.HTTPException) as exc:
+        report.add("connection", False, f"{type(exc).__name__}: {exc}")
+    finally:
+        client.close()
+    return report
+
+
+def check_cohere(report: Report, client: Client, fixture: dict, native: dict) -> None:
+    texts = [d["text"] for d in fixture["documents"]]
+    top_n = min(2, len(texts))
+    status, body, raw = client.call("POST", "/v1/rerank", {"model": "smoke", "query": fixture["query"],
+                                                           "documents": texts, "top_n": top_n})
+    shape_ok = (status == 200 and isinstance(body, dict) and isinstance(body.get("id"), str)
+                and isinstance(body.get("results"), list) and isinstance(body.get("meta"), dict))
+    if not report.add("cohere: shape", shape_ok, f"HTTP {status}: {raw[:200]}"):
+        return
+    results = body["results"]
+    keys_ok = all(set(r) == {"index", "relevance_score"} for r in results)
+    report.add("cohere: results", len(results) == top_n and keys_ok and is_sorted_ranking(results, "relevance_score"),
+               f"expected {top_n} sorted results with index and relevance_score only, got {results!r:.200}")
+    same = all(abs(r["relevance_score"] - native.get(r["index"], math.inf)) < 1e-6 for r in results)
+    report.add("cohere: same scores as /rerank", same, "relevance_score differs from the native score")
+
+
+ERROR_PROBES = (
+    ("error: empty documents", "POST", "/rerank", {"query": "q", "documents": []}, 400, "invalid_request",
+     "documents"),
+    ("error: missing query", "POST", "/rerank", {"documents": ["a"]}, 400, "invalid_request", "query"),
+    ("error: empty document text", "POST", "/rerank", {"query": "q", "documents": ["a", " "]}, 400,
+     "invalid_request", "documents[1]"),
+    ("error: unknown route", "GET", "/no-such-route", None, 404, "not_found", None),
+    ("error: wrong method", "GET", "/rerank", None, 405, "method_not_allowed", None),
+    ("error: not JSON", "POST", "/rerank", b"query=q", 415, "unsupported_media_type", None),
+    ("error: cohere unsupported field", "POST", "/v1/rerank", {"query": "q", "documents": ["a"],
+                                                              "rank_fields": ["text"]}, 400, "invalid_request",
+     "rank_fields"),
+)
+
+
+def check_errors(report: Report, client: Client) -> None:
+    for name, method, path, body, want_status, want_type, want_field in ERROR_PROBES:
+        content_type = "application/x-www-form-urlencoded" if isinstance(body, bytes) else "application/json"
+        status, payload, raw = client.call(method, path, body, content_type)
+        error = payload if path == "/v1/rerank" else (payload or {}).get("error") if isinstance(payload, dict) else None
+        ok = (status == want_status and isinstance(error, dict) and error.get("type") == want_type
+              and error.get("field") == want_field)
+        report.add(name, ok, f"expected {want_status} {want_type} field {want_field!r}, got {status}: {raw[:160]}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Smoke-test a running openvino-reranker.")
+    parser.add_argument("--url", default="http://127.0.0.1:18818")
+    parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
+                        help="JSON file of ranking fixtures (default: the set written for ms-marco-MiniLM-L6)")
+    parser.add_argument("--expect-device", help="fail unless the server reports this device (NPU, CPU, ...)")
+    parser.add_argument("--require-npu", action="store_true", help="fail unless NPU use is proven")
+    parser.add_argument("--npu-busy-path", default=DEFAULT_NPU_BUSY_PATH)
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP call")
+    parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for /readyz before checking")
+    parser.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
+    args = parser.parse_args(argv)
+    try:
+        fixtures = load_fixtures(args.fixtures)
+        client = Client(args.url, args.timeout)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"smoke: cannot start: {exc}", file=sys.stderr)
+        return 2
+    wait_ready(client, args.wait)
+    report = run(args.url, fixtures, args.expect_device, args.require_npu, args.npu_busy_path, args.timeout)
+    for c in report.checks:
+        if c.status == "fail":
+            print(f"FAIL {c.name}: {c.detail}")
+        elif c.status == "skip":
+            print(f"SKIP {c.name}: {c.detail}")
+    counts = {status: sum(c.status == status for c in report.checks) for status in ("pass", "fail", "skip")}
+    print(f"server {args.url}, device {report.device}")
+    print(f"smoke: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
+    if args.json:
+        print(json.dumps({"ok": report.ok, "url": report.url, "device": report.device,
+                          "checks": [asdict(c) for c in report.checks]}))
+    return 0 if report.ok else 1
+
+
+def wait_ready(client: Client, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if client.call("GET", "/readyz")[0] == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            client.close()
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

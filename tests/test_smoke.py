@@ -1,0 +1,121 @@
+"""smoke.py against the real server, and against servers that break the contract on purpose."""
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import ROOT, TinyModel
+
+import smoke
+
+TINY_FIXTURES = ROOT / "tests" / "fixtures" / "smoke-tiny.json"
+
+
+def test_tiny_fixture_expectations_match_the_reference(tiny_model: TinyModel):
+    for f in smoke.load_fixtures(TINY_FIXTURES):
+        scores = tiny_model.reference_scores(f["query"], [d["text"] for d in f["documents"]])
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        assert f["documents"][best]["id"] == f["expected_top"], f["name"]
+
+
+def test_default_fixtures_are_well_formed():
+    fixtures = smoke.load_fixtures(smoke.DEFAULT_FIXTURES)
+    assert len(fixtures) >= 3 and all(len(f["documents"]) >= 3 for f in fixtures)
+
+
+def test_smoke_passes_against_the_real_server(cpu_server):
+    result = subprocess.run([sys.executable, str(ROOT / "smoke.py"), "--url", cpu_server.base, "--fixtures",
+                             str(TINY_FIXTURES), "--expect-device", "CPU", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] is True and summary["device"] == "CPU"
+    names = {c["name"]: c["status"] for c in summary["checks"]}
+    assert names["healthz"] == names["readyz"] == names["device"] == "pass"
+    assert names["cohere: same scores as /rerank"] == "pass" and names["error: empty documents"] == "pass"
+    assert names["npu proof"] == "skip"
+    assert sum(1 for n in names if n.startswith("fixture ")) == 3 * 4  # status, complete, sorted, top
+
+
+def test_wrong_device_and_require_npu_fail(cpu_server):
+    report = smoke.run(cpu_server.base, smoke.load_fixtures(TINY_FIXTURES), "NPU", True, "/nonexistent", 30)
+    failed = {c.name for c in report.checks if c.status == "fail"}
+    assert not report.ok and {"device", "npu"} <= failed
+    assert "fixture solar: npu_busy_delta_us" in failed  # null off the NPU
+
+
+def test_default_fixtures_fail_on_a_model_that_ranks_differently(cpu_server):
+    report = smoke.run(cpu_server.base, smoke.load_fixtures(smoke.DEFAULT_FIXTURES), None, False, "", 30)
+    # the tiny random model is not ms-marco: at least one expected top result must miss
+    assert any(c.name.endswith("top result") and c.status == "fail" for c in report.checks)
+
+
+class LyingHandler(BaseHTTPRequestHandler):
+    """Ready and well-formed on the surface, but ranks in input order and accepts everything."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send(200, {"ok": True, "ready": True, "device": "NPU", "execution_devices": ["NPU.4000"]})
+
+    def do_POST(self):
+        data = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        docs = data.get("documents") or []
+        results = [{"index": i, "score": 0.5 - i * 0.1, "id": d.get("id") if isinstance(d, dict) else None}
+                   for i, d in enumerate(docs)]
+        self._send(200, {"ok": True, "results": results, "npu_busy_delta_us": 0})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def lying_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), LyingHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_smoke_catches_a_server_that_breaks_the_contract(lying_server):
+    result = subprocess.run([sys.executable, str(ROOT / "smoke.py"), "--url", lying_server, "--fixtures",
+                             str(TINY_FIXTURES)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    fails = [line for line in result.stdout.splitlines() if line.startswith("FAIL ")]
+    text = "\n".join(fails)
+    assert "npu_busy_delta_us" in text  # device says NPU, the delta is 0
+    assert "top result" in text  # input order is not the expected ranking
+    assert "FAIL error: empty documents" in text and "FAIL error: wrong method" in text  # it accepts everything
+    assert "cohere: shape" in text
+    assert all(len(line) < 400 for line in fails)
+
+
+def test_unreachable_server_is_one_failure_line():
+    from conftest import free_port
+
+    result = subprocess.run([sys.executable, str(ROOT / "smoke.py"), "--url", f"http://127.0.0.1:{free_port()}",
+                             "--fixtures", str(TINY_FIXTURES)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert [line for line in result.stdout.splitlines() if line.startswith("FAIL")] == [
+        line for line in result.stdout.splitlines() if line.startswith("FAIL connection")]
+
+
+def test_bad_arguments_exit_2(tmp_path):
+    bad = tmp_path / "f.json"
+    bad.write_text(json.dumps({"fixtures": [{"name": "x", "query": "q", "documents": [{"id": "a", "text": "t"}],
+                                             "expected_top": "zzz"}]}))
+    result = subprocess.run([sys.executable, str(ROOT / "smoke.py"), "--fixtures", str(bad)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "expected_top" in result.stderr
