@@ -11,11 +11,14 @@ scores through one call, `Reranker.score_pairs(query, texts)`, and never touches
 from __future__ import annotations
 
 import argparse
+import hmac
+import ipaddress
 import json
 import logging
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import sys
@@ -55,6 +58,10 @@ class BadRequestError(ServiceError):
     status, error_type = 400, "invalid_request"
 
 
+class UnauthorizedError(ServiceError):
+    status, error_type = 401, "unauthorized"
+
+
 class NotFoundError(ServiceError):
     status, error_type = 404, "not_found"
 
@@ -85,6 +92,20 @@ class InferenceError(ServiceError):
 
 class NotReadyError(ServiceError):
     status, error_type = 503, "not_ready"
+
+
+class OverloadedError(ServiceError):
+    status, error_type = 503, "overloaded"
+
+
+class DeadlineExceededError(ServiceError):
+    status, error_type = 504, "deadline_exceeded"
+
+
+class ClientGoneError(ServiceError):
+    """The client closed its connection: the work is dropped and nothing is sent (logged as status 499)."""
+
+    status, error_type = 499, "client_closed_request"
 
 
 class StartupError(Exception):
@@ -167,6 +188,13 @@ def _parse_path(text: str) -> str:
     return os.path.expanduser(text.strip()) if text.strip() else ""
 
 
+def _parse_bool_option(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{text!r} is not true or false")
+    return value in ("true", "1", "yes")
+
+
 def _parse_log_level(text: str) -> str:
     value = text.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -206,6 +234,24 @@ OPTIONS = (
     Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)"),
     Option("max_body_bytes", _parse_int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
     Option("max_documents", _parse_int(1, 100_000), "1000", "most documents in one request"),
+    Option("max_query_chars", _parse_int(1, 10_000_000), "8192", "longest query, in characters"),
+    Option("max_document_chars", _parse_int(1, 10_000_000), "100000", "longest document text, in characters"),
+    Option("max_total_tokens", _parse_int(1, 100_000_000), "131072",
+           "most tokens per request, all (query, document) pairs after truncation"),
+    Option("max_queued_requests", _parse_int(1, 100_000), "32",
+           "scoring requests admitted at once (running + waiting); beyond it 503 overloaded"),
+    Option("request_timeout_ms", _parse_int(1, 3_600_000), "30000",
+           "default per-request deadline; a request may ask for less or more (X-Request-Timeout-Ms, timeout_ms)"),
+    Option("read_timeout_s", _parse_int(1, 3600), "10", "seconds to receive a whole request once it has begun"),
+    Option("idle_timeout_s", _parse_int(1, 3600), "30", "seconds a keep-alive connection may sit idle"),
+    Option("max_connections", _parse_int(1, 100_000), "128", "open client connections; beyond it 503 at once"),
+    Option("drain_timeout_s", _parse_int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
+    Option("failures_before_unready", _parse_int(1, 1000), "3",
+           "consecutive inference failures that flip /readyz to 503 (a success flips it back)"),
+    Option("api_key", lambda s: s.strip(), "", "require 'Authorization: Bearer KEY' on scoring routes and /metrics"),
+    Option("api_key_file", _parse_path, "", "file holding the API key (first line); instead of api_key"),
+    Option("allow_remote_without_key", _parse_bool_option, "false",
+           "allow binding a non-loopback address with no API key"),
     Option("log_level", _parse_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
 
@@ -224,6 +270,19 @@ class Config:
     npu_busy_path: str
     max_body_bytes: int
     max_documents: int
+    max_query_chars: int
+    max_document_chars: int
+    max_total_tokens: int
+    max_queued_requests: int
+    request_timeout_ms: int
+    read_timeout_s: int
+    idle_timeout_s: int
+    max_connections: int
+    drain_timeout_s: int
+    failures_before_unready: int
+    api_key: str
+    api_key_file: str
+    allow_remote_without_key: bool
     log_level: str
 
     @property
@@ -263,7 +322,32 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
             raise StartupError(f"bad value for {source}: {exc}", EXIT_CONFIG) from None
     if not values["host"]:
         raise StartupError("bad value for host: empty", EXIT_CONFIG)
+    if values["api_key"] and values["api_key_file"]:
+        raise StartupError("set either api_key or api_key_file, not both", EXIT_CONFIG)
     return Config(**values)
+
+
+def load_api_key(config: Config) -> str:
+    """The API key from api_key or the first line of api_key_file; '' when none is set."""
+    if not config.api_key_file:
+        return config.api_key
+    try:
+        with open(config.api_key_file, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except OSError as exc:
+        raise StartupError(f"cannot read api_key_file {config.api_key_file}: {exc.strerror}", EXIT_CONFIG) from None
+    if not key:
+        raise StartupError(f"api_key_file {config.api_key_file} is empty", EXIT_CONFIG)
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 # ============================================================================================== requests
@@ -284,9 +368,23 @@ class RerankRequest:
     top_k: int | None
     return_documents: bool
     model: str | None = None
+    timeout_ms: int | None = None
 
 
-NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents"}
+@dataclass(frozen=True)
+class RequestLimits:
+    """Checked while parsing, before anything is tokenized (a 50 MB string costs a length check)."""
+
+    max_documents: int = 1000
+    max_query_chars: int = 8192
+    max_document_chars: int = 100_000
+
+    @classmethod
+    def from_config(cls, config: Config) -> RequestLimits:
+        return cls(config.max_documents, config.max_query_chars, config.max_document_chars)
+
+
+NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms"}
 COHERE_FIELDS = {"model", "query", "documents", "top_n", "return_documents"}
 COHERE_UNSUPPORTED = {
     "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
@@ -307,12 +405,15 @@ def _require_object(body: Any) -> dict:
     return body
 
 
-def _parse_query(body: dict) -> str:
+def _parse_query(body: dict, limits: RequestLimits) -> str:
     if "query" not in body:
         raise BadRequestError("query is required", "query")
     query = body["query"]
     if not isinstance(query, str):
         raise BadRequestError(f"query must be a string, not {_type_name(query)}", "query")
+    if len(query) > limits.max_query_chars:
+        raise PayloadTooLargeError(f"query has {len(query)} characters; the limit (max_query_chars) is "
+                                   f"{limits.max_query_chars}", "query")
     if not query.strip():
         raise BadRequestError("query must not be empty or whitespace only", "query")
     return query
@@ -336,15 +437,18 @@ def _parse_bool(body: dict, name: str) -> bool:
     return value
 
 
-def _parse_text(value: Any, path: str) -> str:
+def _parse_text(value: Any, path: str, limits: RequestLimits) -> str:
     if not isinstance(value, str):
         raise BadRequestError(f"{path} must be a string, not {_type_name(value)}", path)
+    if len(value) > limits.max_document_chars:
+        raise PayloadTooLargeError(f"{path} has {len(value)} characters; the limit (max_document_chars) is "
+                                   f"{limits.max_document_chars}", path)
     if not value.strip():
         raise BadRequestError(f"{path} must not be empty or whitespace only", path)
     return value
 
 
-def _parse_documents(body: dict, max_documents: int, parse_one: Callable[[int, Any], Document]) -> tuple:
+def _parse_documents(body: dict, limits: RequestLimits, parse_one: Callable[[int, Any], Document]) -> tuple:
     if "documents" not in body:
         raise BadRequestError("documents is required", "documents")
     docs = body["documents"]
@@ -352,22 +456,23 @@ def _parse_documents(body: dict, max_documents: int, parse_one: Callable[[int, A
         raise BadRequestError(f"documents must be an array, not {_type_name(docs)}", "documents")
     if not docs:
         raise BadRequestError("documents must not be empty", "documents")
-    if len(docs) > max_documents:
-        raise PayloadTooLargeError(f"documents has {len(docs)} entries; the limit is {max_documents}", "documents")
+    if len(docs) > limits.max_documents:
+        raise PayloadTooLargeError(f"documents has {len(docs)} entries; the limit (max_documents) is "
+                                   f"{limits.max_documents}", "documents")
     return tuple(parse_one(i, d) for i, d in enumerate(docs))
 
 
-def parse_native(body: Any, max_documents: int) -> RerankRequest:
+def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
     """POST /rerank: strict; an unknown field is a 400 so that typos such as `topk` do not pass unnoticed."""
     body = _require_object(body)
     for name in sorted(body.keys() - NATIVE_FIELDS):
         raise BadRequestError(f"unknown field {name!r} (allowed: {', '.join(sorted(NATIVE_FIELDS))})", name)
-    query = _parse_query(body)
+    query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:
         path = f"documents[{i}]"
         if isinstance(doc, str):
-            return Document(i, _parse_text(doc, path))
+            return Document(i, _parse_text(doc, path, limits))
         if not isinstance(doc, dict):
             raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
         for name in sorted(doc.keys() - {"id", "text"}):
@@ -378,9 +483,9 @@ def parse_native(body: Any, max_documents: int) -> RerankRequest:
         if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
             raise BadRequestError(f"{path}.id must be a string or an integer, not {_type_name(doc_id)}",
                                   f"{path}.id")
-        return Document(i, _parse_text(doc["text"], f"{path}.text"), doc_id)
+        return Document(i, _parse_text(doc["text"], f"{path}.text", limits), doc_id)
 
-    documents = _parse_documents(body, max_documents, parse_one)
+    documents = _parse_documents(body, limits, parse_one)
     first_seen: dict[Any, int] = {}
     for doc in documents:
         if doc.id is None:
@@ -390,10 +495,11 @@ def parse_native(body: Any, max_documents: int) -> RerankRequest:
             raise BadRequestError(f"documents[{doc.index}].id {doc.id!r} repeats documents[{first_seen[key]}].id",
                                   f"documents[{doc.index}].id")
         first_seen[key] = doc.index
-    return RerankRequest(query, documents, _parse_positive_int(body, "top_k"), _parse_bool(body, "return_documents"))
+    return RerankRequest(query, documents, _parse_positive_int(body, "top_k"), _parse_bool(body, "return_documents"),
+                         timeout_ms=_parse_positive_int(body, "timeout_ms"))
 
 
-def parse_cohere(body: Any, max_documents: int) -> RerankRequest:
+def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
     """POST /v1/rerank: Cohere's fields. Fields Cohere has but we do not support are a 400; other unknown
     fields (which gateways add) are ignored."""
     body = _require_object(body)
@@ -403,19 +509,19 @@ def parse_cohere(body: Any, max_documents: int) -> RerankRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise BadRequestError(f"model must be a string, not {_type_name(model)}", "model")
-    query = _parse_query(body)
+    query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:
         path = f"documents[{i}]"
         if isinstance(doc, str):
-            return Document(i, _parse_text(doc, path), original={"text": doc})
+            return Document(i, _parse_text(doc, path, limits), original={"text": doc})
         if not isinstance(doc, dict):
             raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
         if "text" not in doc:
             raise BadRequestError(f"{path}.text is required", f"{path}.text")
-        return Document(i, _parse_text(doc["text"], f"{path}.text"), original=doc)
+        return Document(i, _parse_text(doc["text"], f"{path}.text", limits), original=doc)
 
-    documents = _parse_documents(body, max_documents, parse_one)
+    documents = _parse_documents(body, limits, parse_one)
     return RerankRequest(query, documents, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_documents"),
                          model)
 
@@ -671,12 +777,20 @@ class Engine:
         return EngineInfo(self.device, tuple(devices), self.buckets, tuple(cached), round(self.compile_ms, 1),
                           self.input_names, self.num_labels, self.properties)
 
-    def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None) -> np.ndarray:
+    def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
+              deadline: float | None = None) -> tuple[np.ndarray, float]:
+        """Run one batch on a free infer request: (logits, seconds spent waiting for the request). Waiting past
+        `deadline` (time.monotonic()) is a 504."""
         pool = self._pools[shape if self.buckets is not None else None]
-        request = pool.get()
+        waited = time.perf_counter()
+        try:
+            request = pool.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise DeadlineExceededError("the request's deadline passed while it waited for the device") from None
+        waited = time.perf_counter() - waited
         try:
             result = request.infer(feed)
-            return np.array(result[0], dtype=np.float32, copy=True)
+            return np.array(result[0], dtype=np.float32, copy=True), waited
         except RuntimeError as exc:
             raise InferenceError(f"inference failed: {_first_line(exc)}") from None
         finally:
@@ -716,9 +830,26 @@ class ScoredPairs:
     lengths: np.ndarray  # tokens per pair
     truncated: np.ndarray  # bool per pair
     tokenize_ms: float
-    infer_ms: float
+    infer_ms: float  # on the device
     batches: int
     npu_busy_delta_us: int | None
+    queue_ms: float = 0.0  # waiting for a free infer request
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    """Per-request bounds checked by the scoring path: a deadline (time.monotonic()), a token budget, and a probe
+    that says whether the client is still there."""
+
+    deadline: float | None = None
+    max_total_tokens: int | None = None
+    client_gone: Callable[[], bool] = lambda: False
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceededError("the request's deadline passed before its work ran")
+        if self.client_gone():
+            raise ClientGoneError("the client closed the connection")
 
 
 class Reranker:
@@ -730,24 +861,32 @@ class Reranker:
         self.batch_size = batch_size
         self.busy_counter = busy_counter
 
-    def score_pairs(self, query: str, texts: Sequence[str]) -> ScoredPairs:
+    def score_pairs(self, query: str, texts: Sequence[str], limits: WorkLimits = WorkLimits()) -> ScoredPairs:
+        limits.check()
         t0 = time.perf_counter()
         encoded = self.encoder.encode(query, texts)
         t1 = time.perf_counter()
+        total = int(encoded.lengths.sum())
+        if limits.max_total_tokens is not None and total > limits.max_total_tokens:
+            raise PayloadTooLargeError(f"the request has {total} tokens after truncation; the limit "
+                                       f"(max_total_tokens) is {limits.max_total_tokens}", "documents")
         busy_before = self.busy_counter.read() if self.busy_counter else None
         plan = plan_batches(encoded.lengths, self.engine.buckets, self.batch_size, self.encoder.max_length)
         scores = np.empty(len(texts), dtype=np.float64)
+        queued = 0.0
         for batch in plan:
+            limits.check()  # expired or abandoned work is dropped before it reaches the device
             feed = pad_batch(encoded, batch, self.engine.input_names, self.encoder.pad_id, self.engine.input_dtype)
-            logits = self.engine.infer(feed, batch.shape)
+            logits, waited = self.engine.infer(feed, batch.shape, limits.deadline)
+            queued += waited
             if logits.shape[0] != batch.shape.rows:
                 raise InferenceError(f"the model returned {logits.shape[0]} rows for a batch of {batch.shape.rows}")
             scores[list(batch.indices)] = logits_to_scores(logits[:len(batch.indices)])
         t2 = time.perf_counter()
         busy_after = self.busy_counter.read() if self.busy_counter else None
         delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
-        return ScoredPairs(scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000, (t2 - t1) * 1000,
-                           len(plan), delta)
+        return ScoredPairs(scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000, (t2 - t1 - queued) * 1000,
+                           len(plan), delta, queued * 1000)
 
 
 # ==================================================================================== model directory + startup check
@@ -836,7 +975,7 @@ def check_startup(reranker: Reranker, engine_info: EngineInfo, config: Config) -
         for shape in engine_info.buckets or ():
             feed = pad_batch(encoded, MicroBatch((0,), shape, True), engine_info.input_names,
                              reranker.encoder.pad_id, reranker.engine.input_dtype)
-            logits_to_scores(reranker.engine.infer(feed, shape)[:1])
+            logits_to_scores(reranker.engine.infer(feed, shape)[0][:1])
     except ServiceError as exc:
         raise StartupError(f"startup inference failed: {exc.message}", EXIT_STARTUP_CHECK) from None
     elapsed_ms = (time.perf_counter() - t0) * 1000
@@ -913,27 +1052,149 @@ def render_error(error: ServiceError, dialect: str) -> dict:
     return {"ok": False, "error": detail}
 
 
+# ============================================================================================== metrics
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+METRIC_ROUTES = ("/healthz", "/readyz", "/rerank", "/v1/rerank", "/metrics")
+
+
+class Histogram:
+    def __init__(self):
+        self.buckets = [0] * len(LATENCY_BUCKETS_S)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.sum += seconds
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.buckets[i] += 1
+
+    def render(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        lines = [f'{name}_bucket{{{labels}{sep}le="{bound}"}} {n}' for bound, n in zip(LATENCY_BUCKETS_S,
+                                                                                      self.buckets, strict=True)]
+        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        suffix = f"{{{labels}}}" if labels else ""
+        return [*lines, f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {self.count}"]
+
+
+def _label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters and histograms for GET /metrics (Prometheus text format 0.0.4). Never holds request text."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.stages = {stage: Histogram() for stage in ("queue", "tokenize", "infer")}
+        self.pairs = 0
+        self.tokens = 0
+        self.inference_failures = 0
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        route = route if route in METRIC_ROUTES else "other"
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            self.durations.setdefault(route, Histogram()).observe(seconds)
+
+    def observe_scoring(self, scored: ScoredPairs) -> None:
+        with self.lock:
+            self.pairs += len(scored.scores)
+            self.tokens += int(scored.lengths.sum())
+            self.stages["queue"].observe(scored.queue_ms / 1000)
+            self.stages["tokenize"].observe(scored.tokenize_ms / 1000)
+            self.stages["infer"].observe(scored.infer_ms / 1000)
+
+    def observe_failure(self) -> None:
+        with self.lock:
+            self.inference_failures += 1
+
+    def render(self, gauges: Mapping[str, tuple[str, float]], info: Mapping[str, str],
+               npu_busy_us: int | None) -> str:
+        p = "openvino_reranker_"
+        out = []
+
+        def family(name, kind, help_text):
+            out.extend([f"# HELP {p}{name} {help_text}", f"# TYPE {p}{name} {kind}"])
+
+        with self.lock:
+            family("requests_total", "counter", "HTTP requests by route and status.")
+            for (route, status), n in sorted(self.requests.items()):
+                out.append(f'{p}requests_total{{route="{route}",status="{status}"}} {n}')
+            family("request_duration_seconds", "histogram", "Time from request start to response, by route.")
+            for route, hist in sorted(self.durations.items()):
+                out.extend(hist.render(f"{p}request_duration_seconds", f'route="{route}"'))
+            family("stage_duration_seconds", "histogram",
+                   "Scoring stages: queue (waiting for the device), tokenize, infer.")
+            for stage, hist in self.stages.items():
+                out.extend(hist.render(f"{p}stage_duration_seconds", f'stage="{stage}"'))
+            for name, value, help_text in (
+                    ("pairs_scored_total", self.pairs, "(query, document) pairs scored."),
+                    ("tokens_scored_total", self.tokens, "Tokens scored, padding excluded."),
+                    ("inference_failures_total", self.inference_failures, "Failed inferences.")):
+                family(name, "counter", help_text)
+                out.append(f"{p}{name} {value}")
+        for name, (help_text, value) in gauges.items():
+            family(name, "gauge", help_text)
+            out.append(f"{p}{name} {value}")
+        family("info", "gauge", "Device, model and versions; the value is always 1.")
+        labels = ",".join(f'{k}="{_label(v)}"' for k, v in info.items())
+        out.append(f"{p}info{{{labels}}} 1")
+        if npu_busy_us is not None:
+            family("npu_busy_time_microseconds", "counter", "The NPU's busy-time counter (device-global, sysfs).")
+            out.append(f"{p}npu_busy_time_microseconds {npu_busy_us}")
+        return "\n".join(out) + "\n"
+
+
 # ============================================================================================== HTTP
 
 JSON_TYPES = ("application/json",)
+AUTH_ROUTES = ("/rerank", "/v1/rerank", "/metrics")
 
 
 class RerankHandler(BaseHTTPRequestHandler):
-    """Routes: see ROUTES. Every answer, errors included, is JSON with an exact Content-Length (HTTP/1.1 keep-alive)."""
+    """Routes: see ROUTES. Every answer, errors included, is JSON (Prometheus text on /metrics) with an exact
+    Content-Length, over HTTP/1.1 keep-alive."""
 
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.0"  # a garbled request line still gets a status line and headers, not 0.9
     server_version = f"openvino-reranker/{__version__}"
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
-    timeout = 60  # seconds a connection may sit idle or stall mid-request before it is closed
-    server: "RerankServer"
+    server: RerankServer
 
     ROUTES = {
         "/healthz": {"GET": "route_healthz"},
         "/readyz": {"GET": "route_readyz"},
+        "/metrics": {"GET": "route_metrics"},
         "/rerank": {"POST": "route_rerank"},
         "/v1/rerank": {"POST": "route_cohere_rerank"},
     }
+
+    # ---- connection: idle and slow-client timeouts
+
+    def handle_one_request(self):
+        """Wait for a request's first byte for up to idle_timeout_s, then give the whole request (line, headers,
+        body) read_timeout_s: past it the server's reaper shuts the socket, so a slow client cannot hold a thread."""
+        config = self.server.config
+        self.connection.settimeout(config.idle_timeout_s)
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except OSError:  # idle timeout, reset
+            self.close_connection = True
+            return
+        self.connection.settimeout(config.read_timeout_s)
+        self.server.watch_read(self, time.monotonic() + config.read_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch_read(self)
 
     # ---- dispatch
 
@@ -943,12 +1204,15 @@ class RerankHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
 
     def _dispatch(self) -> None:
+        state = self.server.state
         started = self._started = time.perf_counter()
         self._body_read = False
         self._status = 0
+        self._log: dict[str, Any] = {}
         self.request_id = self._request_id()
         path = self.path.split("?", 1)[0]
         dialect = "cohere" if path == "/v1/rerank" else "native"
+        state.enter()
         try:
             methods = self.ROUTES.get(path)
             if methods is None:
@@ -957,19 +1221,39 @@ class RerankHandler(BaseHTTPRequestHandler):
                 allowed = ", ".join(methods)
                 raise MethodNotAllowedError(f"{self.command} is not allowed on {path}; use {allowed}",
                                             headers={"Allow": allowed})
+            if path in AUTH_ROUTES:
+                self._check_auth()
+            if self.command != "POST":
+                self.server.unwatch_read(self)  # the whole request has arrived
             getattr(self, methods[self.command])()
+        except ClientGoneError:
+            self._status = 499
+            self.close_connection = True
         except ServiceError as exc:
             self._send_error_json(exc, dialect)
         except Exception:  # a bug: log it, answer 500, keep serving
             log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
             self._send_error_json(ServiceError("internal error; the server log has the details"), dialect)
         finally:
-            log.info("request id=%s method=%s route=%s status=%s ms=%.1f", self.request_id, self.command, path,
-                     self._status, (time.perf_counter() - started) * 1000)
+            state.leave()
+            elapsed = time.perf_counter() - started
+            state.metrics.observe_request(path, self._status, elapsed)
+            extra = "".join(f" {k}={v}" for k, v in self._log.items())
+            log.info("request id=%s method=%s route=%s status=%s ms=%.1f%s", self.request_id, self.command, path,
+                     self._status, elapsed * 1000, extra)
 
     def _request_id(self) -> str:
         given = self.headers.get("X-Request-ID", "")
         return given if re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given) else uuid.uuid4().hex
+
+    def _check_auth(self) -> None:
+        key = self.server.state.api_key
+        if not key:
+            return
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise UnauthorizedError("a valid 'Authorization: Bearer <key>' header is required",
+                                    headers={"WWW-Authenticate": 'Bearer realm="openvino-reranker"'})
 
     # ---- reading
 
@@ -985,7 +1269,7 @@ class RerankHandler(BaseHTTPRequestHandler):
         length = int(raw_length)
         limit = self.server.config.max_body_bytes
         if length > limit:
-            raise PayloadTooLargeError(f"the body has {length} bytes; the limit is {limit}",
+            raise PayloadTooLargeError(f"the body has {length} bytes; the limit (max_body_bytes) is {limit}",
                                        headers={"Connection": "close"})
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         try:
@@ -993,10 +1277,13 @@ class RerankHandler(BaseHTTPRequestHandler):
         except TimeoutError:
             raise RequestTimeoutError("timed out reading the request body",
                                       headers={"Connection": "close"}) from None
+        except OSError:
+            raise ClientGoneError("the connection closed while the body was read") from None
         if len(body) != length:
-            raise BadRequestError(f"the body ended after {len(body)} of {length} bytes",
-                                  headers={"Connection": "close"})
+            raise RequestTimeoutError(f"the body ended after {len(body)} of {length} bytes (read_timeout_s is "
+                                      f"{self.server.config.read_timeout_s})", headers={"Connection": "close"})
         self._body_read = True
+        self.server.unwatch_read(self)
         if content_type not in JSON_TYPES:
             raise UnsupportedMediaTypeError(
                 f"Content-Type must be application/json, not {content_type or 'missing'}")
@@ -1009,25 +1296,54 @@ class RerankHandler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise BadRequestError(f"the body is not valid JSON: {exc}") from None
 
+    def _deadline(self, request: RerankRequest) -> float:
+        """Seconds from the request's start: the body's timeout_ms, else X-Request-Timeout-Ms, else the default."""
+        timeout_ms = request.timeout_ms
+        if timeout_ms is None and "X-Request-Timeout-Ms" in self.headers:
+            raw = self.headers["X-Request-Timeout-Ms"].strip()
+            if not raw.isdigit() or not 1 <= int(raw) <= 3_600_000:
+                raise BadRequestError(f"X-Request-Timeout-Ms must be an integer 1..3600000, not {raw!r}",
+                                      "X-Request-Timeout-Ms")
+            timeout_ms = int(raw)
+        if timeout_ms is None:
+            timeout_ms = self.server.config.request_timeout_ms
+        return time.monotonic() - (time.perf_counter() - self._started) + timeout_ms / 1000
+
+    def _client_gone(self) -> bool:
+        """True when the peer has closed: the socket is readable but holds no data."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
     # ---- writing
+
+    def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+        headers = dict(headers or {})
+        if self._body_pending() or self.server.state.draining:
+            headers["Connection"] = "close"  # an unread body would be parsed as the next request
+        self._status = status
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Request-ID", self.request_id)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            if headers.get("Connection", "").lower() == "close":
+                self.close_connection = True
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:  # the client went away while we answered
+            self.close_connection = True
 
     def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
         body = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        headers = dict(headers or {})
-        if self._body_pending():
-            headers["Connection"] = "close"  # an unread body would be parsed as the next request
-        self._status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Request-ID", self.request_id)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        if headers.get("Connection", "").lower() == "close":
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self._send(status, body, "application/json", headers)
 
     def _body_pending(self) -> bool:
         if self._body_read:
@@ -1046,10 +1362,7 @@ class RerankHandler(BaseHTTPRequestHandler):
         error = ServiceError(text, headers={"Connection": "close"})
         error.status, error.error_type = code, "http_error"
         self.close_connection = True
-        try:
-            self._send_error_json(error, "native")
-        except OSError:
-            pass
+        self._send_error_json(error, "native")
 
     def log_request(self, code="-", size="-"):
         pass  # one line per request is written by _dispatch
@@ -1064,26 +1377,47 @@ class RerankHandler(BaseHTTPRequestHandler):
 
     def route_readyz(self) -> None:
         state = self.server.state
-        status = 200 if state.ready.is_set() else 503
-        self._send_json(status, state.describe(), {} if status == 200 else {"Retry-After": "1"})
+        ready = state.is_ready()
+        self._send_json(200 if ready else 503, state.describe(), {} if ready else {"Retry-After": "1"})
+
+    def route_metrics(self) -> None:
+        body = self.server.state.render_metrics().encode("utf-8")
+        self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
     def route_rerank(self) -> None:
-        request = parse_native(self._read_json(), self.server.config.max_documents)
+        request = parse_native(self._read_json(), self.server.state.limits)
         scored = self._score(request)
         info = self.server.state
         self._send_json(200, render_native(request, scored, info.model_name, info.device,
                                            (time.perf_counter() - self._started) * 1000))
 
     def route_cohere_rerank(self) -> None:
-        request = parse_cohere(self._read_json(), self.server.config.max_documents)
+        request = parse_cohere(self._read_json(), self.server.state.limits)
         scored = self._score(request)
         self._send_json(200, render_cohere(request, scored, self.request_id, self.server.state.model_name))
 
     def _score(self, request: RerankRequest) -> ScoredPairs:
+        """Admission (bounded, never waits) -> deadline -> score -> readiness bookkeeping."""
         state = self.server.state
-        if not state.ready.is_set():
+        self._log["documents"] = len(request.documents)
+        if not state.started.is_set():
             raise NotReadyError(f"not ready: {state.reason}", headers={"Retry-After": "1"})
-        return state.reranker.score_pairs(request.query, [d.text for d in request.documents])
+        limits = WorkLimits(self._deadline(request), state.config.max_total_tokens, self._client_gone)
+        if not state.try_admit():
+            raise OverloadedError(f"{state.config.max_queued_requests} scoring requests are already admitted "
+                                  f"(max_queued_requests); retry shortly", headers={"Retry-After": "1"})
+        try:
+            scored = state.reranker.score_pairs(request.query, [d.text for d in request.documents], limits)
+        except InferenceError as exc:
+            state.record_inference(False, exc.message)
+            raise
+        finally:
+            state.release_admission()
+        state.record_inference(True)
+        state.metrics.observe_scoring(scored)
+        self._log.update(tokens=int(scored.lengths.sum()), queue_ms=f"{scored.queue_ms:.1f}",
+                         tokenize_ms=f"{scored.tokenize_ms:.1f}", infer_ms=f"{scored.infer_ms:.1f}")
+        return scored
 
 
 def _reject_constant(name: str):
@@ -1094,16 +1428,27 @@ def _reject_constant(name: str):
 
 
 class ServiceState:
-    """What the routes read: readiness (an Event), the reranker once compiled, and what /readyz reports."""
+    """What the routes read: whether startup passed (`started`), inference health, admission, drain state, the
+    reranker once compiled, metrics, and what /readyz reports."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, api_key: str = ""):
         self.config = config
-        self.ready = threading.Event()
+        self.api_key = api_key
+        self.limits = RequestLimits.from_config(config)
+        self.started = threading.Event()
         self.reason = "starting"
         self.reranker: Reranker | None = None
         self.model_name = ""
         self.device = config.device
         self.details: dict[str, Any] = {}
+        self.metrics = Metrics()
+        self.draining = False
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+        self._consecutive_failures = 0
+        self._last_failure = ""
+        self._admitted = 0
 
     def mark_ready(self, reranker: Reranker, model: ModelFiles, engine_info: EngineInfo, check: StartupCheck):
         import openvino
@@ -1133,23 +1478,158 @@ class ServiceState:
                          "python": sys.version.split()[0]},
         }
         self.reason = "ready"
-        self.ready.set()
+        self.started.set()
+
+    # ---- readiness: started, inference healthy, not draining
+
+    def record_inference(self, ok: bool, message: str = "") -> None:
+        with self._lock:
+            if ok:
+                self._consecutive_failures = 0
+                return
+            self._consecutive_failures += 1
+            self._last_failure = message
+        self.metrics.observe_failure()
+
+    def is_ready(self) -> bool:
+        return self.started.is_set() and not self.draining and \
+            self._consecutive_failures < self.config.failures_before_unready
 
     def describe(self) -> dict:
-        return {"ready": self.ready.is_set(), "reason": self.reason, **self.details}
+        reason = self.reason
+        if self.draining:
+            reason = "draining: shutting down"
+        elif self.started.is_set() and self._consecutive_failures >= self.config.failures_before_unready:
+            reason = f"{self._consecutive_failures} consecutive inference failures; last: {self._last_failure}"
+        return {"ready": self.is_ready(), "reason": reason, **self.details}
+
+    # ---- admission: a bounded number of scoring requests, refused at once beyond it
+
+    def try_admit(self) -> bool:
+        with self._lock:
+            if self._admitted >= self.config.max_queued_requests:
+                return False
+            self._admitted += 1
+            return True
+
+    def release_admission(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    # ---- in-flight requests, for the drain on shutdown
+
+    def enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+    def render_metrics(self) -> str:
+        gauges = {
+            "queue_depth": ("Scoring requests admitted (running or waiting for the device).", self._admitted),
+            "in_flight_requests": ("HTTP requests being handled.", self._in_flight),
+            "ready": ("1 when /readyz answers 200.", int(self.is_ready())),
+        }
+        info = {"device": self.device, "execution_devices": ",".join(self.details.get("execution_devices", [])),
+                "model": self.model_name, "version": __version__,
+                "openvino": self.details.get("versions", {}).get("openvino", "")}
+        busy = NpuBusyCounter(self.config.npu_busy_path).read() if "NPU" in self.config.device else None
+        return self.metrics.render(gauges, info, busy)
 
 
 class RerankServer(ThreadingHTTPServer):
+    """The HTTP server plus two guards: a bound on open connections (beyond it: an immediate 503, no thread) and a
+    reaper that shuts the socket of a request still being received after read_timeout_s (slow clients)."""
+
     daemon_threads = True  # idle keep-alive connections must not block shutdown
-    request_queue_size = 64
+    request_queue_size = 128
 
     def __init__(self, address, state: ServiceState):
         self.state = state
         self.config = state.config
         super().__init__(address, RerankHandler, bind_and_activate=False)
+        self._slots = threading.BoundedSemaphore(state.config.max_connections)
+        self._reading: dict[RerankHandler, float] = {}
+        self._reading_lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._reap_slow_reads, daemon=True, name="slow-client-reaper").start()
+
+    # ---- connection bound
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            _refuse_connection(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    # ---- slow clients
+
+    def watch_read(self, handler: RerankHandler, deadline: float) -> None:
+        with self._reading_lock:
+            self._reading[handler] = deadline
+
+    def unwatch_read(self, handler: RerankHandler) -> None:
+        with self._reading_lock:
+            self._reading.pop(handler, None)
+
+    def _reap_slow_reads(self) -> None:
+        while not self._closed.wait(0.25):
+            now = time.monotonic()
+            with self._reading_lock:
+                expired = [h for h, deadline in self._reading.items() if deadline <= now]
+                for handler in expired:
+                    del self._reading[handler]
+            for handler in expired:
+                log.info("closing a connection from %s: request not received within %ss",
+                         handler.client_address[0], self.config.read_timeout_s)
+                try:
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def server_close(self):
+        self._closed.set()
+        super().server_close()
 
     def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], OSError):  # resets, broken pipes, reaped slow clients
+            log.debug("connection from %s ended: %s", client_address[0] if client_address else "?",
+                      sys.exc_info()[1])
+            return
         log.exception("connection error from %s", client_address[0] if client_address else "?")
+
+
+_REFUSAL = json.dumps({"ok": False, "error": {"type": "overloaded", "message": "too many open connections "
+                                              "(max_connections); retry shortly", "field": None}}).encode()
+
+
+def _refuse_connection(sock: socket.socket) -> None:
+    """Answer a connection over max_connections without reading it or giving it a thread."""
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL)).encode() + b"\r\n\r\n" + _REFUSAL)
+    except OSError:
+        pass
 
 
 # ============================================================================================== systemd readiness
@@ -1235,6 +1715,17 @@ def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, Eng
     return Reranker(encoder, engine, config.batch_size, counter), model_files, engine.info()
 
 
+def drain(server: RerankServer, state: ServiceState) -> None:
+    """Stop accepting, let in-flight requests finish for up to drain_timeout_s, then return."""
+    log.info("stopping: no new connections; draining for up to %ss", state.config.drain_timeout_s)
+    sd_notify("STOPPING=1")
+    state.draining = True
+    server.shutdown()
+    server.server_close()
+    if not state.wait_idle(state.config.drain_timeout_s):
+        log.warning("drain time over with requests still in flight; exiting anyway")
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, core=None,
          stop: threading.Event | None = None) -> int:
     """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT.
@@ -1247,7 +1738,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         logging.basicConfig(level=config.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.setLevel(config.log_level)
-        state = ServiceState(config)
+        api_key = load_api_key(config)
+        if not api_key and not config.allow_remote_without_key and not is_loopback(config.host):
+            raise StartupError(f"refusing to serve on {config.host}, which is not a loopback address, without an API "
+                               f"key: set {ENV_PREFIX}API_KEY or {ENV_PREFIX}API_KEY_FILE, or pass "
+                               f"--allow-remote-without-key true", EXIT_CONFIG)
+        state = ServiceState(config, api_key)
         server = bind_server(state)
         host, port = server.server_address[:2]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
@@ -1267,8 +1763,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}, device {config.device} "
                   f"({','.join(engine_info.execution_devices)})")
         stop.wait()
-        log.info("stopping")
-        sd_notify("STOPPING=1")
+        drain(server, state)
         return 0
     except StartupError as exc:
         print(f"openvino-reranker: error: {exc}", file=sys.stderr, flush=True)

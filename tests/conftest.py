@@ -135,3 +135,72 @@ def cpu_server(tiny_model, tmp_path_factory):
                          "--cache-dir", str(tmp_path_factory.mktemp("cache"))]).wait_ready()
     yield srv
     srv.close()
+
+
+class FakeEngine:
+    """Same interface as server.Engine, with behaviour chosen by the test: "ok" (logit = number of tokens),
+    "nan", "fails" (InferenceError), "bug" (ZeroDivisionError), "slow" (sleeps `delay_s` per batch), or a list
+    of those consumed one per batch."""
+
+    buckets = None
+    input_names = ("input_ids", "attention_mask", "token_type_ids")
+    input_dtype = np.int64
+
+    def __init__(self, mode="ok", delay_s=0.0):
+        self.mode, self.delay_s = mode, delay_s
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def infer(self, feed, shape, deadline=None):
+        with self.lock:
+            self.calls += 1
+            mode = self.mode.pop(0) if isinstance(self.mode, list) and self.mode else self.mode
+        mode = "ok" if isinstance(mode, list) else mode
+        rows = feed["input_ids"].shape[0]
+        if mode == "slow":
+            time.sleep(self.delay_s)
+        if mode == "nan":
+            return np.full((rows, 1), np.nan, np.float32), 0.0
+        if mode == "fails":
+            import server as srv
+
+            raise srv.InferenceError("inference failed: device lost")
+        if mode == "bug":
+            raise ZeroDivisionError("a bug")
+        return feed["attention_mask"].sum(axis=1, keepdims=True).astype(np.float32) / 10, 0.0
+
+
+class FakeServer:
+    """A real RerankServer on a loopback port with a FakeEngine; not started until `start(engine)`."""
+
+    def __init__(self, tiny_model, args=(), env=None):
+        self.config = server.load_config(["--port", str(free_port()), "--device", "CPU", *args], env or {})
+        self.state = server.ServiceState(self.config, server.load_api_key(self.config))
+        self.srv = server.bind_server(self.state)
+        self.port = self.srv.server_address[1]
+        self.tokenizer_path = tiny_model.path / "tokenizer.json"
+        self.thread = threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def start(self, engine):
+        encoder = server.PairEncoder.from_file(self.tokenizer_path, 64)
+        self.state.reranker = server.Reranker(encoder, engine, 8)
+        self.state.started.set()
+        return self
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.fixture
+def fake_server(tiny_model):
+    made = []
+
+    def make(*args, env=None):
+        made.append(FakeServer(tiny_model, args, env))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()

@@ -3,14 +3,11 @@
 import http.client
 import json
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import SCORE_TOLERANCE, free_port, request
-
-import server
+from conftest import SCORE_TOLERANCE, FakeEngine, request
 
 QUERY = "how to boil water at sea level"
 DOCS = [
@@ -186,7 +183,7 @@ def test_oversized_body_is_413_before_it_is_read(cpu_server):
     status, body, headers = raw_exchange(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: "
                                          b"50000000\r\nContent-Type: application/json\r\n\r\n{")
     assert status == 413 and body["error"]["type"] == "too_large" and headers["connection"] == "close"
-    assert "limit is 2097152" in body["error"]["message"]
+    assert "limit (max_body_bytes) is 2097152" in body["error"]["message"]
 
 
 def test_malformed_request_line_gets_json(cpu_server):
@@ -211,51 +208,14 @@ def test_head_has_no_body(cpu_server):
 # ---------------------------------------------------------------------------------------------- engine faults
 
 
-class FakeEngine:
-    """Same interface as server.Engine; fails on demand."""
-
-    buckets = None
-    input_names = ("input_ids", "attention_mask", "token_type_ids")
-    input_dtype = np.int64
-
-    def __init__(self, mode):
-        self.mode = mode
-
-    def infer(self, feed, shape):
-        if self.mode == "nan":
-            return np.full((feed["input_ids"].shape[0], 1), np.nan, np.float32)
-        if self.mode == "fails":
-            raise server.InferenceError("inference failed: device lost")
-        raise ZeroDivisionError("a bug")
-
-
-@pytest.fixture
-def fake_server(tiny_model):
-    """A RerankServer with a FakeEngine, not ready until the test says so."""
-    config = server.load_config(["--port", str(free_port()), "--device", "CPU"], {})
-    state = server.ServiceState(config)
-    srv = server.bind_server(state)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-
-    def ready_with(mode):
-        encoder = server.PairEncoder.from_file(tiny_model.path / "tokenizer.json", 64)
-        state.reranker = server.Reranker(encoder, FakeEngine(mode), 8)
-        state.ready.set()
-
-    yield srv.server_address[1], state, ready_with
-    srv.shutdown()
-    srv.server_close()
-
-
 def test_not_ready_is_503_with_retry_after(fake_server):
-    port, state, _ = fake_server
-    state.reason = "compiling the model"
-    status, body, resp = request(port, "GET", "/readyz")
+    fake = fake_server()
+    fake.state.reason = "compiling the model"
+    status, body, resp = request(fake.port, "GET", "/readyz")
     assert status == 503 and body["ready"] is False and body["reason"] == "compiling the model"
     assert resp.getheader("Retry-After") == "1"
-    assert request(port, "GET", "/healthz")[0] == 200
-    status, body, resp = request(port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    assert request(fake.port, "GET", "/healthz")[0] == 200
+    status, body, resp = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and body["error"]["type"] == "not_ready" and resp.getheader("Retry-After") == "1"
 
 
@@ -265,14 +225,13 @@ def test_not_ready_is_503_with_retry_after(fake_server):
     ("bug", "internal", "server log"),
 ])
 def test_inference_faults_are_json_500(fake_server, mode, error_type, needle):
-    port, _, ready_with = fake_server
-    ready_with(mode)
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    fake = fake_server().start(FakeEngine(mode))
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=10)
     for path in ("/rerank", "/v1/rerank"):
-        status, body, _ = request(port, "POST", path, {"query": "q", "documents": ["a", "b"]}, conn=conn)
+        status, body, _ = request(fake.port, "POST", path, {"query": "q", "documents": ["a", "b"]}, conn=conn)
         assert status == 500
         err = body["error"] if path == "/rerank" else body
         assert err["type"] == error_type and needle in (err.get("message") or "")
         assert "Traceback" not in json.dumps(body)
-    assert request(port, "GET", "/healthz", conn=conn)[0] == 200  # same connection, still serving
+    assert request(fake.port, "GET", "/healthz", conn=conn)[0] == 200  # same connection, still serving
     conn.close()

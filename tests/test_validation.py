@@ -1,18 +1,20 @@
 import pytest
 
-from server import BadRequestError, PayloadTooLargeError, parse_cohere, parse_native
+from server import BadRequestError, PayloadTooLargeError, RequestLimits, parse_cohere, parse_native
+
+LIMITS = RequestLimits(max_documents=10)
 
 
 def test_native_strings_and_objects():
     r = parse_native({"query": "q", "documents": ["a", {"id": "x", "text": "b"}, {"text": "c"}, {"id": 7, "text": "d"}],
-                      "top_k": 2, "return_documents": True}, 10)
+                      "top_k": 2, "return_documents": True}, LIMITS)
     assert r.query == "q" and r.top_k == 2 and r.return_documents
     assert [(d.index, d.id, d.text) for d in r.documents] == [(0, None, "a"), (1, "x", "b"), (2, None, "c"),
                                                                (3, 7, "d")]
 
 
 def test_native_defaults():
-    r = parse_native({"query": "q", "documents": ["a"]}, 10)
+    r = parse_native({"query": "q", "documents": ["a"]}, LIMITS)
     assert r.top_k is None and r.return_documents is False
 
 
@@ -44,27 +46,28 @@ def test_native_defaults():
 ])
 def test_native_rejects_with_the_field_named(body, field, needle):
     with pytest.raises(BadRequestError) as info:
-        parse_native(body, 10)
+        parse_native(body, LIMITS)
     assert info.value.field == field and needle in info.value.message
     assert info.value.status == 400
 
 
 def test_ids_of_different_types_do_not_collide():
-    r = parse_native({"query": "q", "documents": [{"text": "a", "id": 1}, {"text": "b", "id": "1"}]}, 10)
+    r = parse_native({"query": "q", "documents": [{"text": "a", "id": 1}, {"text": "b", "id": "1"}]}, LIMITS)
     assert [d.id for d in r.documents] == [1, "1"]
 
 
 def test_document_count_limit_is_413():
     with pytest.raises(PayloadTooLargeError) as info:
-        parse_native({"query": "q", "documents": ["a"] * 11}, 10)
-    assert info.value.status == 413 and info.value.field == "documents" and "limit is 10" in info.value.message
+        parse_native({"query": "q", "documents": ["a"] * 11}, LIMITS)
+    assert info.value.status == 413 and info.value.field == "documents"
+    assert "limit (max_documents) is 10" in info.value.message
     with pytest.raises(PayloadTooLargeError):
-        parse_cohere({"query": "q", "documents": ["a"] * 11}, 10)
+        parse_cohere({"query": "q", "documents": ["a"] * 11}, LIMITS)
 
 
 def test_cohere_fields():
     r = parse_cohere({"model": "rerank-v3.5", "query": "q", "documents": ["a", {"text": "b", "title": "t"}],
-                      "top_n": 1, "return_documents": True, "user": "ignored"}, 10)
+                      "top_n": 1, "return_documents": True, "user": "ignored"}, LIMITS)
     assert r.model == "rerank-v3.5" and r.top_k == 1 and r.return_documents
     assert [d.original for d in r.documents] == [{"text": "a"}, {"text": "b", "title": "t"}]
 
@@ -80,5 +83,5 @@ def test_cohere_fields():
 ])
 def test_cohere_rejects(body, field, needle):
     with pytest.raises(BadRequestError) as info:
-        parse_cohere(body, 10)
+        parse_cohere(body, LIMITS)
     assert info.value.field == field and needle in info.value.message
