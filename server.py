@@ -405,6 +405,14 @@ def _require_object(body: Any) -> dict:
     return body
 
 
+def _check_encodable(value: str, path: str) -> None:
+    """JSON may carry lone surrogates (\\ud800); they are not text the tokenizer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequestError(f"{path} contains an unpaired surrogate at character {exc.start}", path) from None
+
+
 def _parse_query(body: dict, limits: RequestLimits) -> str:
     if "query" not in body:
         raise BadRequestError("query is required", "query")
@@ -416,6 +424,7 @@ def _parse_query(body: dict, limits: RequestLimits) -> str:
                                    f"{limits.max_query_chars}", "query")
     if not query.strip():
         raise BadRequestError("query must not be empty or whitespace only", "query")
+    _check_encodable(query, "query")
     return query
 
 
@@ -445,6 +454,7 @@ def _parse_text(value: Any, path: str, limits: RequestLimits) -> str:
                                    f"{limits.max_document_chars}", path)
     if not value.strip():
         raise BadRequestError(f"{path} must not be empty or whitespace only", path)
+    _check_encodable(value, path)
     return value
 
 

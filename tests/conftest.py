@@ -122,7 +122,8 @@ def request(port: int, method: str, path: str, body=None, headers: dict | None =
         conn.request(method, path, body=body, headers=hdrs)
         resp = conn.getresponse()
         raw = resp.read()
-        payload = json.loads(raw) if raw else None
+        is_json = (resp.getheader("Content-Type") or "").startswith("application/json")
+        payload = (json.loads(raw) if is_json else raw.decode()) if raw else None
         return resp.status, payload, resp
     finally:
         if own:
@@ -184,7 +185,7 @@ class FakeServer:
 
     def start(self, engine):
         encoder = server.PairEncoder.from_file(self.tokenizer_path, 64)
-        self.state.reranker = server.Reranker(encoder, engine, 8)
+        self.state.reranker = server.Reranker(encoder, engine, self.config.batch_size)
         self.state.started.set()
         return self
 

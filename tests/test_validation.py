@@ -85,3 +85,14 @@ def test_cohere_rejects(body, field, needle):
     with pytest.raises(BadRequestError) as info:
         parse_cohere(body, LIMITS)
     assert info.value.field == field and needle in info.value.message
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"query": "a\ud800b", "documents": ["x"]}, "query"),
+    ({"query": "q", "documents": ["x", "\udfff"]}, "documents[1]"),
+    ({"query": "q", "documents": [{"text": "ok \ud83d"}]}, "documents[0].text"),
+])
+def test_lone_surrogates_are_400(body, field):
+    with pytest.raises(BadRequestError) as info:
+        parse_native(body, LIMITS)
+    assert info.value.field == field and "surrogate" in info.value.message

@@ -1,0 +1,192 @@
+"""Soak test: N concurrent keep-alive clients for M minutes against openvino-reranker on loopback.
+
+    python bench/soak.py --model-dir DIR [--clients 8] [--minutes 10] [--documents 20] [--device CPU]
+    python bench/soak.py --url http://127.0.0.1:18818 --pid PID ...      # an already running server
+
+Starts the server itself (on a free loopback port) unless --url is given. Every client sends valid requests and,
+every 50th request, one invalid request that must get a 400 (the error path under load). Bounded in time
+(--minutes) and count (--max-requests). Reports requests, unexpected errors, latency percentiles, throughput and
+the server's RSS at start, end and peak. Loopback only; not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the solar power energy city river water music history system model search document light wind ocean "
+         "train engine computer network bread coffee health school library language temperature pressure mountain "
+         "capital france paris tower museum planet earth space rocket program python server data cell protein gene "
+         "doctor disease farm horse bird cat dog cheese wine sugar salt bridge road car ship fish king queen war art").split()
+
+
+def make_requests(count: int, documents: int, seed: int) -> list[dict]:
+    """A deterministic workload: queries of 4-12 words, documents of 40-120 words."""
+    rng = random.Random(seed)
+
+    def words(lo, hi):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    return [{"query": words(4, 12), "documents": [words(40, 120) for _ in range(documents)]} for _ in range(count)]
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", args.device, "--model-dir", args.model_dir, "--log-level", "WARNING"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit("server did not become ready")
+
+
+def client_loop(url, workload, stop_at, max_requests, counter, lock, stats, offset):
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    i = offset
+    while time.monotonic() < stop_at:
+        with lock:
+            if counter[0] >= max_requests:
+                return
+            counter[0] += 1
+            n = counter[0]
+        bad = n % 50 == 0
+        body = {"query": "", "documents": ["x"]} if bad else workload[i % len(workload)]
+        i += 1
+        started = time.perf_counter()
+        try:
+            conn.request("POST", "/rerank", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            payload = json.loads(resp.read())
+            elapsed = time.perf_counter() - started
+            expected = 400 if bad else 200
+            ok = resp.status == expected and (bad or len(payload["results"]) == len(body["documents"]))
+            with lock:
+                if ok and not bad:
+                    stats["latencies"].append(elapsed)
+                    stats["pairs"] += len(body["documents"])
+                elif not ok:
+                    stats["errors"].append(f"HTTP {resp.status}: {str(payload)[:200]}")
+                else:
+                    stats["expected_4xx"] += 1
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            with lock:
+                stats["errors"].append(f"{type(exc).__name__}: {exc}")
+            conn.close()
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", help="start a server on this model (CPU unless --device)")
+    parser.add_argument("--device", default="CPU")
+    parser.add_argument("--url", help="use a running server instead")
+    parser.add_argument("--pid", type=int, help="the running server's pid, for RSS")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--max-requests", type=int, default=1_000_000)
+    parser.add_argument("--documents", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+    if bool(args.model_dir) == bool(args.url):
+        parser.error("give exactly one of --model-dir and --url")
+    host = urlsplit(args.url).hostname if args.url else "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("soak tests run on loopback only")
+
+    proc, url = start_server(args) if args.model_dir else (None, args.url)
+    pid = proc.pid if proc else args.pid
+    workload = make_requests(64, args.documents, args.seed)
+    stats = {"latencies": [], "errors": [], "pairs": 0, "expected_4xx": 0}
+    lock, counter = threading.Lock(), [0]
+    rss_samples = []
+    # one warm-up pass so that the start RSS is taken in steady state
+    client_loop(url, workload, time.monotonic() + 5, 4, [0], threading.Lock(), {"latencies": [], "errors": [],
+                                                                               "pairs": 0, "expected_4xx": 0}, 0)
+    rss_start = rss_kib(pid) if pid else None
+    started = time.monotonic()
+    stop_at = started + args.minutes * 60
+    threads = [threading.Thread(target=client_loop, args=(url, workload, stop_at, args.max_requests, counter, lock,
+                                                          stats, k * 8), daemon=True) for k in range(args.clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        time.sleep(5)
+        if pid:
+            rss_samples.append(rss_kib(pid))
+        done = len(stats["latencies"])
+        print(f"  t={time.monotonic() - started:6.0f}s requests={done} errors={len(stats['errors'])} "
+              f"rss={rss_samples[-1] if rss_samples else '?'} KiB", flush=True)
+    duration = time.monotonic() - started
+    rss_end = rss_kib(pid) if pid else None
+    lat = stats["latencies"]
+    report = {
+        "clients": args.clients, "minutes": round(duration / 60, 2), "documents_per_request": args.documents,
+        "requests_ok": len(lat), "expected_400s": stats["expected_4xx"], "errors": len(stats["errors"]),
+        "first_errors": stats["errors"][:5],
+        "requests_per_s": round(len(lat) / duration, 2), "pairs_per_s": round(stats["pairs"] / duration, 1),
+        "latency_ms": {q: round(percentile(lat, p) * 1000, 1) for q, p in
+                       (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
+        "rss_kib": {"start": rss_start, "end": rss_end,
+                    "peak": max((r for r in rss_samples if r), default=None)},
+    }
+    print(json.dumps(report, indent=2))
+    if proc:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            report_exit = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            report_exit = "killed"
+        print(f"server exit status after SIGTERM: {report_exit}")
+    return 0 if not stats["errors"] else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

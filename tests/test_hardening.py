@@ -1,0 +1,349 @@
+"""Limits, overload, deadlines, disconnects, slow clients, faults, drain, auth and metrics, on real servers."""
+
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+
+import pytest
+from conftest import FakeEngine, free_port, request
+
+import server
+
+DOCS = ["solar power", "the cat and the dog", "bread and cheese"]
+
+
+def post(port, body, path="/rerank", headers=None):
+    return request(port, "POST", path, body, headers)
+
+
+def in_background(fn, *args):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+
+@pytest.mark.parametrize("args, body, field, limit", [
+    (["--max-query-chars", "10"], {"query": "q" * 11, "documents": DOCS}, "query", "max_query_chars"),
+    (["--max-document-chars", "20"], {"query": "q", "documents": ["a", "b" * 21]}, "documents[1]",
+     "max_document_chars"),
+    (["--max-document-chars", "20"], {"query": "q", "documents": [{"text": "b" * 21}]}, "documents[0].text",
+     "max_document_chars"),
+    (["--max-total-tokens", "12"], {"query": "solar power", "documents": DOCS}, "documents", "max_total_tokens"),
+    (["--max-documents", "2"], {"query": "q", "documents": DOCS}, "documents", "max_documents"),
+])
+def test_limits_are_413_naming_the_limit_and_field(fake_server, args, body, field, limit):
+    fake = fake_server(*args).start(FakeEngine())
+    status, payload, _ = post(fake.port, body)
+    assert status == 413 and payload["error"]["type"] == "too_large"
+    assert payload["error"]["field"] == field and limit in payload["error"]["message"]
+
+
+def test_a_huge_string_is_refused_before_tokenizing(fake_server, monkeypatch):
+    fake = fake_server("--max-body-bytes", str(60 * 1024 * 1024)).start(FakeEngine())
+    calls = []
+    monkeypatch.setattr(fake.state.reranker.encoder, "encode", lambda *a: calls.append(a))
+    status, payload, _ = post(fake.port, {"query": "q", "documents": ["x" * 50_000_000]})
+    assert status == 413 and payload["error"]["field"] == "documents[0]" and calls == []
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"query": "q", "documents": DOCS, "timeout_ms": 0}, "timeout_ms"),
+    ({"query": "q", "documents": DOCS, "timeout_ms": "5"}, "timeout_ms"),
+])
+def test_bad_timeout_field(fake_server, body, field):
+    fake = fake_server().start(FakeEngine())
+    status, payload, _ = post(fake.port, body)
+    assert status == 400 and payload["error"]["field"] == field
+
+
+def test_bad_timeout_header(fake_server):
+    fake = fake_server().start(FakeEngine())
+    status, payload, _ = post(fake.port, {"query": "q", "documents": DOCS}, headers={"X-Request-Timeout-Ms": "soon"})
+    assert status == 400 and payload["error"]["field"] == "X-Request-Timeout-Ms"
+
+
+# ---------------------------------------------------------------------------------------------- overload, deadlines
+
+
+def test_queue_full_is_an_immediate_503(fake_server):
+    fake = fake_server("--max-queued-requests", "1").start(FakeEngine("slow", delay_s=2.0))
+    thread, first = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
+    time.sleep(0.3)  # the first request is admitted and running
+    started = time.monotonic()
+    status, payload, resp = post(fake.port, {"query": "q", "documents": ["a"]}, "/v1/rerank")
+    elapsed = time.monotonic() - started
+    assert status == 503 and payload["type"] == "overloaded" and resp.getheader("Retry-After") == "1"
+    assert elapsed < 0.5  # refused without waiting for the running request (which takes 2 s)
+    thread.join(10)
+    assert first["value"][0] == 200  # and the admitted request still completes
+
+
+def test_deadline_passed_between_batches_is_504(fake_server):
+    engine = FakeEngine("slow", delay_s=0.3)
+    fake = fake_server("--batch-size", "1").start(engine)
+    status, payload, _ = post(fake.port, {"query": "q", "documents": ["a"] * 10, "timeout_ms": 400})
+    assert status == 504 and payload["error"]["type"] == "deadline_exceeded"
+    assert engine.calls <= 3  # the rest was dropped before inference
+
+
+def test_deadline_from_header_and_server_default(fake_server):
+    engine = FakeEngine("slow", delay_s=0.3)
+    fake = fake_server("--batch-size", "1", "--request-timeout-ms", "400").start(engine)
+    assert post(fake.port, {"query": "q", "documents": ["a"] * 5})[0] == 504  # server default
+    status, _, _ = post(fake.port, {"query": "q", "documents": ["a"] * 5}, "/v1/rerank",
+                        headers={"X-Request-Timeout-Ms": "5000"})
+    assert status == 200  # the header asked for more time
+
+
+def test_waiting_for_the_device_past_the_deadline_is_504(fake_server):
+    """Two admitted requests, one infer request: the second waits in the engine's pool and times out there."""
+    import queue
+
+    class OneSlot(FakeEngine):
+        def __init__(self):
+            super().__init__("slow", delay_s=1.0)
+            self.pool = queue.Queue()
+            self.pool.put(object())
+
+        def infer(self, feed, shape, deadline=None):
+            try:
+                slot = self.pool.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise server.DeadlineExceededError("waited for the device") from None
+            try:
+                return super().infer(feed, shape, deadline)
+            finally:
+                self.pool.put(slot)
+
+    fake = fake_server().start(OneSlot())
+    thread, _ = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
+    time.sleep(0.2)
+    status, payload, _ = post(fake.port, {"query": "q", "documents": ["a"], "timeout_ms": 300})
+    assert status == 504
+    thread.join(10)
+
+
+def test_client_disconnect_drops_its_queued_work(fake_server):
+    engine = FakeEngine("slow", delay_s=0.2)
+    fake = fake_server("--batch-size", "1").start(engine)
+    body = json.dumps({"query": "q", "documents": ["a"] * 20}).encode()
+    with socket.create_connection(("127.0.0.1", fake.port)) as s:
+        s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.3)
+    time.sleep(1.0)
+    assert engine.calls <= 4  # 20 batches were planned; work stopped once the client had gone
+    assert request(fake.port, "GET", "/healthz")[0] == 200
+
+
+# ------------------------------------------------------------------------------------ slow clients, connections
+
+
+def test_slow_loris_is_closed_without_blocking_others(fake_server):
+    fake = fake_server("--read-timeout-s", "1").start(FakeEngine())
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=10) as s:
+        s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 5:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                closed = True
+                break
+            assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 200  # others are served meanwhile
+            s.settimeout(0.3)
+            try:
+                if s.recv(1024) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed and time.monotonic() - started < 3
+
+
+def test_slow_body_is_closed(fake_server):
+    fake = fake_server("--read-timeout-s", "1").start(FakeEngine())
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as s:
+        s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert time.monotonic() - started < 3
+        assert data == b"" or b"408" in data.split(b"\r\n")[0]
+
+
+def test_idle_keep_alive_connection_is_closed(fake_server):
+    fake = fake_server("--idle-timeout-s", "1").start(FakeEngine())
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    assert request(fake.port, "GET", "/healthz", conn=conn)[0] == 200
+    time.sleep(1.6)
+    assert conn.sock.recv(1) == b""  # the server hung up
+    conn.close()
+
+
+def test_connections_beyond_the_bound_get_503(fake_server):
+    fake = fake_server("--max-connections", "2", "--idle-timeout-s", "5").start(FakeEngine())
+    held = [socket.create_connection(("127.0.0.1", fake.port)) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as extra:
+            data = b""
+            while chunk := extra.recv(4096):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and json.loads(body)["error"]["type"] == "overloaded"
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    assert request(fake.port, "GET", "/healthz")[0] == 200  # slots are given back
+
+
+# ---------------------------------------------------------------------------------------------- faults and drain
+
+
+def test_repeated_failures_flip_readyz_and_a_success_flips_it_back(fake_server):
+    fake = fake_server("--failures-before-unready", "2").start(FakeEngine(["fails", "fails", "ok"]))
+    assert request(fake.port, "GET", "/readyz")[0] == 200
+    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 500
+    assert request(fake.port, "GET", "/readyz")[0] == 200  # one failure is not enough
+    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 500
+    status, body, _ = request(fake.port, "GET", "/readyz")
+    assert status == 503 and "2 consecutive inference failures" in body["reason"] and "device lost" in body["reason"]
+    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 200  # scoring is still attempted
+    assert request(fake.port, "GET", "/readyz")[0] == 200
+
+
+def test_drain_finishes_in_flight_requests_and_refuses_new_ones(fake_server):
+    fake = fake_server("--drain-timeout-s", "10").start(FakeEngine("slow", delay_s=1.0))
+    thread, result = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
+    time.sleep(0.3)
+    started = time.monotonic()
+    server.drain(fake.srv, fake.state)
+    assert 0.4 < time.monotonic() - started < 5  # waited for the running request, not longer
+    thread.join(5)
+    assert result["value"][0] == 200
+    with pytest.raises(OSError):
+        request(fake.port, "GET", "/healthz")
+
+
+def test_drain_gives_up_after_its_timeout(fake_server):
+    fake = fake_server("--drain-timeout-s", "0").start(FakeEngine("slow", delay_s=2.0))
+    in_background(post, fake.port, {"query": "q", "documents": ["a"]})
+    time.sleep(0.3)
+    started = time.monotonic()
+    server.drain(fake.srv, fake.state)
+    assert time.monotonic() - started < 1.5
+
+
+# ---------------------------------------------------------------------------------------------- access
+
+
+@pytest.mark.parametrize("path, method, body", [
+    ("/rerank", "POST", {"query": "q", "documents": ["a"]}),
+    ("/v1/rerank", "POST", {"query": "q", "documents": ["a"]}),
+    ("/metrics", "GET", None),
+])
+def test_api_key_guards_scoring_and_metrics(fake_server, path, method, body):
+    fake = fake_server("--api-key", "s3cret").start(FakeEngine())
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+        status, payload, resp = request(fake.port, method, path, body, headers)
+        assert status == 401 and resp.getheader("WWW-Authenticate").startswith("Bearer")
+        assert (payload.get("type") or payload["error"]["type"]) == "unauthorized"
+    assert request(fake.port, method, path, body, {"Authorization": "Bearer s3cret"})[0] == 200
+    assert request(fake.port, "GET", "/healthz")[0] == 200 and request(fake.port, "GET", "/readyz")[0] == 200
+
+
+def test_api_key_file(fake_server, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-a-file\n")
+    fake = fake_server("--api-key-file", str(key_file)).start(FakeEngine())
+    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 401
+    authorized = {"Authorization": "Bearer from-a-file"}
+    assert post(fake.port, {"query": "q", "documents": ["a"]}, headers=authorized)[0] == 200
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["--host", "0.0.0.0"], server.EXIT_CONFIG, "not a loopback address"),
+    (["--api-key", "a", "--api-key-file", "/x"], server.EXIT_CONFIG, "not both"),
+    (["--api-key-file", "/nonexistent/key"], server.EXIT_CONFIG, "cannot read api_key_file"),
+])
+def test_startup_refusals(args, code, needle, capsys, tmp_path):
+    stop = threading.Event()
+    stop.set()
+    assert server.main(["--port", str(free_port()), "--device", "CPU", *args], {}, stop=stop) == code
+    assert needle in capsys.readouterr().err
+
+
+def test_remote_bind_allowed_with_a_key_or_the_flag(tmp_path, capsys):
+    stop = threading.Event()
+    stop.set()
+    for extra in (["--api-key", "k"], ["--allow-remote-without-key", "true"]):
+        code = server.main(["--host", "0.0.0.0", "--port", str(free_port()), "--device", "CPU",
+                            "--model-dir", str(tmp_path / "none"), *extra], {}, stop=stop)
+        assert code == server.EXIT_MODEL  # got past the bind check to the model
+
+
+# ---------------------------------------------------------------------------------------------- observability
+
+
+def test_metrics_parse_with_the_prometheus_parser(fake_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fake = fake_server().start(FakeEngine())
+    post(fake.port, {"query": "q", "documents": DOCS})
+    post(fake.port, {"query": "", "documents": DOCS})
+    status, _, resp = request(fake.port, "GET", "/metrics")
+    assert status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    text = request_raw_text(fake.port, "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("openvino_reranker_requests_total", (("route", "/rerank"), ("status", "200")))] == 1
+    assert samples[("openvino_reranker_requests_total", (("route", "/rerank"), ("status", "400")))] == 1
+    assert samples[("openvino_reranker_pairs_scored_total", ())] == 3
+    assert samples[("openvino_reranker_tokens_scored_total", ())] > 3
+    assert samples[("openvino_reranker_stage_duration_seconds_count", (("stage", "tokenize"),))] == 1
+    assert ("openvino_reranker_request_duration_seconds_bucket", (("le", "+Inf"), ("route", "/rerank"))) in samples
+    assert samples[("openvino_reranker_queue_depth", ())] == 0
+    assert samples[("openvino_reranker_ready", ())] == 1
+    assert any(name == "openvino_reranker_info" and dict(labels)["device"] == "CPU" for name, labels in samples)
+
+
+def request_raw_text(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
+
+
+def test_no_request_text_in_logs_or_metrics(fake_server, caplog):
+    fake = fake_server().start(FakeEngine())
+    secret_q, secret_d = "zebra-query-marker", "yak-document-marker"
+    with caplog.at_level(logging.DEBUG, logger="openvino_reranker"):
+        post(fake.port, {"query": secret_q, "documents": [secret_d, "b"]}, headers={"X-Request-ID": "rid-42"})
+        post(fake.port, {"query": secret_q, "documents": [secret_d, ""]})  # an error path too
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "rid-42" in logged and "documents=2" in logged and "tokens=" in logged and "infer_ms=" in logged
+    assert secret_q not in logged and secret_d not in logged
+    assert secret_q not in request_raw_text(fake.port, "/metrics")
+
+
+def test_request_id_is_echoed_or_made(fake_server):
+    fake = fake_server().start(FakeEngine())
+    assert request(fake.port, "GET", "/healthz", headers={"X-Request-ID": "abc.1"})[2].getheader("X-Request-ID") \
+        == "abc.1"
+    made = request(fake.port, "GET", "/healthz", headers={"X-Request-ID": "bad id\u00e9"})[2].getheader("X-Request-ID")
+    assert made and made != "bad id" and len(made) == 32
