@@ -11,6 +11,7 @@ scores through one call, `Reranker.score_pairs(query, texts)`, and never touches
 from __future__ import annotations
 
 import argparse
+import gc
 import hmac
 import ipaddress
 import json
@@ -195,6 +196,16 @@ def _parse_bool_option(text: str) -> bool:
     return value in ("true", "1", "yes")
 
 
+def _parse_fraction(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise ValueError(f"{value} is outside (0, 1)")
+    return value
+
+
 def _parse_log_level(text: str) -> str:
     value = text.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -230,6 +241,18 @@ OPTIONS = (
     Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
            "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)"),
     Option("batch_size", _parse_int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
+    Option("performance_hint", _parse_choice("latency", "throughput"), "latency",
+           "OpenVINO PERFORMANCE_HINT; every compile is checked against an f32 single-stream reference"),
+    Option("num_streams", _parse_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
+    Option("inference_threads", _parse_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
+    Option("infer_requests", _parse_int(0, 64), "0",
+           "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
+    Option("inference_precision", _parse_choice("default", "f32", "bf16", "f16"), "default",
+           "INFERENCE_PRECISION_HINT; default = the device's choice"),
+    Option("parity_tolerance", _parse_fraction, "0.02",
+           "largest score difference from the f32 single-stream CPU reference accepted at startup"),
+    Option("on_parity_failure", _parse_choice("fallback", "refuse"), "fallback",
+           "when the serving compile disagrees with the reference: recompile safely, or refuse to start"),
     Option("cache_dir", _parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)"),
     Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)"),
     Option("max_body_bytes", _parse_int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
@@ -266,6 +289,13 @@ class Config:
     shape_mode: str
     buckets: tuple[ShapeBucket, ...]
     batch_size: int
+    performance_hint: str
+    num_streams: int
+    inference_threads: int
+    infer_requests: int
+    inference_precision: str
+    parity_tolerance: float
+    on_parity_failure: str
     cache_dir: str
     npu_busy_path: str
     max_body_bytes: int
@@ -718,6 +748,7 @@ class EngineInfo:
     input_names: tuple[str, ...]
     num_labels: int
     properties: Mapping[str, str]
+    infer_requests: int
 
 
 class Engine:
@@ -725,7 +756,7 @@ class Engine:
     logits as float32 [rows, num_labels]. Knows nothing about HTTP, JSON or tokenization."""
 
     def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping,
-                 before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None):
+                 before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None, infer_requests: int = 0):
         self.input_names, self.num_labels = self.check_model_contract(model)
         self.input_dtype = model.input("input_ids").get_element_type().to_dtype()
         self.device = device
@@ -747,7 +778,8 @@ class Engine:
                                    EXIT_DEVICE) from None
             self._compiled[shape] = compiled
             pool: queue.Queue = queue.Queue()
-            for _ in range(max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))):
+            self.num_requests = infer_requests or max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            for _ in range(self.num_requests):
                 pool.put(compiled.create_infer_request())
             self._pools[shape] = pool
         self.compile_ms = (time.perf_counter() - started) * 1000
@@ -785,7 +817,7 @@ class Engine:
             except RuntimeError:
                 cached.append(False)
         return EngineInfo(self.device, tuple(devices), self.buckets, tuple(cached), round(self.compile_ms, 1),
-                          self.input_names, self.num_labels, self.properties)
+                          self.input_names, self.num_labels, self.properties, self.num_requests)
 
     def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
               deadline: float | None = None) -> tuple[np.ndarray, float]:
@@ -1012,6 +1044,76 @@ def check_startup(reranker: Reranker, engine_info: EngineInfo, config: Config) -
     return StartupCheck(tuple(float(s) for s in scored.scores), round(elapsed_ms, 1), delta, note)
 
 
+# ---- the compile-configuration guard: serving scores must match an f32 single-stream CPU reference
+
+PARITY_QUERY = "how do solar panels turn sunlight into electricity"
+PARITY_DOCUMENTS = (
+    "Solar panels are made of photovoltaic cells that convert sunlight directly into electricity.",
+    "The museum is closed on Mondays.",
+    "Photovoltaic modules produce direct current; an inverter turns it into the alternating current used at home, "
+    "and the output depends on the angle of the panel, the temperature of the cells and the amount of cloud.",
+    "Wind turbines generate power from moving air.",
+    "A recipe for bread: flour, water, salt and yeast, kneaded and left to rise overnight before baking.",
+    "Sunlight is made of photons. When photons strike a semiconductor such as silicon, they can knock electrons "
+    "loose; an electric field built into the cell pushes those electrons in one direction, which is a current. "
+    "Cells are wired together into modules, modules into arrays, and the array feeds a charge controller or an "
+    "inverter. Efficiency of commercial panels is around twenty percent, limited by reflection, heat and the "
+    "band gap of the material, and research cells made of several layers reach well above forty percent.",
+    "Electricity",
+    "The capital of France is Paris.",
+)
+REFERENCE_PROPERTIES = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32"}
+
+
+def serving_properties(config: Config) -> dict[str, str]:
+    """Compile properties from the configuration."""
+    props = {"PERFORMANCE_HINT": config.performance_hint.upper()}
+    if config.num_streams:
+        props["NUM_STREAMS"] = str(config.num_streams)
+    if config.inference_threads:
+        props["INFERENCE_NUM_THREADS"] = str(config.inference_threads)
+    if config.inference_precision != "default":
+        props["INFERENCE_PRECISION_HINT"] = config.inference_precision
+    return props
+
+
+def safe_properties(device: str) -> dict[str, str]:
+    """The fallback: one stream, one request; on the CPU also f32 (the reference configuration itself)."""
+    return dict(REFERENCE_PROPERTIES) if device == "CPU" else {"PERFORMANCE_HINT": "LATENCY"}
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    max_abs_diff: float  # of the configuration now serving
+    tolerance: float
+    fallback: bool  # True: the configured compile disagreed and the safe one serves
+    failed_max_abs_diff: float | None = None
+    failed_properties: Mapping[str, str] | None = None
+
+
+def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
+    """Score the parity pairs on every infer request at once (all streams busy), twice each, and return the
+    largest score difference from `reference`."""
+    runs = max(1, getattr(reranker.engine, "num_requests", 1)) * 2
+    results: list[np.ndarray] = []
+    errors: list[ServiceError] = []
+
+    def run():
+        try:
+            results.append(reranker.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores)
+        except ServiceError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise StartupError(f"startup inference failed: {errors[0].message}", EXIT_STARTUP_CHECK)
+    return float(max(np.abs(r - reference).max() for r in results))
+
+
 # ============================================================================================== responses
 
 
@@ -1216,6 +1318,7 @@ class RerankHandler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         state = self.server.state
         started = self._started = time.perf_counter()
+        self._arrived = time.monotonic()  # deadlines count from here
         self._body_read = False
         self._status = 0
         self._log: dict[str, Any] = {}
@@ -1317,7 +1420,7 @@ class RerankHandler(BaseHTTPRequestHandler):
             timeout_ms = int(raw)
         if timeout_ms is None:
             timeout_ms = self.server.config.request_timeout_ms
-        return time.monotonic() - (time.perf_counter() - self._started) + timeout_ms / 1000
+        return self._arrived + timeout_ms / 1000
 
     def _client_gone(self) -> bool:
         """True when the peer has closed: the socket is readable but holds no data."""
@@ -1460,7 +1563,8 @@ class ServiceState:
         self._last_failure = ""
         self._admitted = 0
 
-    def mark_ready(self, reranker: Reranker, model: ModelFiles, engine_info: EngineInfo, check: StartupCheck):
+    def mark_ready(self, reranker: Reranker, model: ModelFiles, engine_info: EngineInfo, check: StartupCheck,
+                   parity: ParityCheck):
         import openvino
         import tokenizers
 
@@ -1480,7 +1584,11 @@ class ServiceState:
             "batch_size": self.config.batch_size,
             "compile": {"ms": engine_info.compile_ms, "cache_dir": self.config.cache_dir or None,
                         "loaded_from_cache": list(engine_info.loaded_from_cache),
-                        "properties": dict(engine_info.properties)},
+                        "properties": dict(engine_info.properties), "infer_requests": engine_info.infer_requests},
+            "parity": {"max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,
+                       "fallback": parity.fallback, "failed_max_abs_diff": parity.failed_max_abs_diff,
+                       "failed_properties": dict(parity.failed_properties) if parity.failed_properties else None,
+                       "reference": "CPU, " + ", ".join(f"{k}={v}" for k, v in REFERENCE_PROPERTIES.items())},
             "startup_check": {"ms": check.elapsed_ms, "npu_busy_delta_us": check.npu_busy_delta_us,
                               "npu_note": check.npu_note},
             "versions": {"server": __version__, "openvino": openvino.get_version(),
@@ -1489,6 +1597,13 @@ class ServiceState:
         }
         self.reason = "ready"
         self.started.set()
+
+    def release_model(self) -> None:
+        """Free the compiled models while the process is still whole: OpenVINO objects destroyed during
+        interpreter teardown have aborted the process ("terminate called without an active exception")."""
+        self.started.clear()
+        self.reranker = None
+        gc.collect()
 
     # ---- readiness: started, inference healthy, not draining
 
@@ -1689,8 +1804,9 @@ def bind_server(state: ServiceState) -> RerankServer:
     return server
 
 
-def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, EngineInfo]:
-    """Load the model dir, compile on the device, and assemble the scoring path."""
+def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
+    """Load the model dir, compile on the device, check the compile against the f32 reference (falling back to
+    a safe configuration or refusing), and assemble the scoring path."""
     model_files = load_model_files(config.model_dir, config.max_length)
     buckets = static_buckets_for(config, model_files.max_length)
     try:
@@ -1711,18 +1827,42 @@ def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, Eng
         model = core.read_model(str(model_files.xml))
     except RuntimeError as exc:
         raise StartupError(f"cannot read {model_files.xml}: {_first_line(exc)}", EXIT_MODEL) from None
-    # One stream: INT8 weight-only IRs compiled with several CPU streams have returned wrong scores
-    # (shared/reference/hazards.md #1). Speed settings arrive with the startup parity guard.
-    properties = {"PERFORMANCE_HINT": "LATENCY"}
-    log.info("compiling %s on %s (%s)", model_files.xml, config.device,
+    properties = serving_properties(config)
+    log.info("compiling %s on %s with %s (%s)", model_files.xml, config.device, properties,
              f"buckets {','.join(map(str, buckets))}" if buckets else "dynamic shapes")
+
     def before_compile(shape):
         sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=compiling for {config.device}"
                   + (f" shape {shape}" if shape else ""))
 
-    engine = Engine(core, model, config.device, buckets, properties, before_compile)
     counter = NpuBusyCounter(config.npu_busy_path) if "NPU" in config.device else None
-    return Reranker(encoder, engine, config.batch_size, counter), model_files, engine.info()
+    engine = Engine(core, model, config.device, buckets, properties, before_compile, config.infer_requests)
+    reranker = Reranker(encoder, engine, config.batch_size, counter)
+
+    # Some compile configurations return wrong scores (hazards.md #1: INT8 weight-only IRs with several CPU
+    # streams at bf16). Compare with an f32 single-stream CPU compile of the same IR before serving.
+    sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=checking scores against the f32 CPU reference")
+    reference_engine = Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, infer_requests=1)
+    reference = Reranker(encoder, reference_engine, config.batch_size).score_pairs(PARITY_QUERY, PARITY_DOCUMENTS)
+    diff = parity_diff(reranker, reference.scores)
+    parity = ParityCheck(diff, config.parity_tolerance, False)
+    if diff > config.parity_tolerance:
+        message = (f"scores on {config.device} with {properties} differ from the f32 single-stream CPU reference "
+                   f"by {diff:.4g} (tolerance {config.parity_tolerance})")
+        if config.on_parity_failure == "refuse":
+            raise StartupError(message, EXIT_STARTUP_CHECK)
+        safe = safe_properties(config.device)
+        log.warning("%s; falling back to %s", message, safe)
+        engine = Engine(core, model, config.device, buckets, safe, before_compile, infer_requests=1)
+        reranker = Reranker(encoder, engine, config.batch_size, counter)
+        safe_diff = parity_diff(reranker, reference.scores)
+        if safe_diff > config.parity_tolerance:
+            raise StartupError(f"{message}, and the safe configuration {safe} still differs by {safe_diff:.4g}",
+                               EXIT_STARTUP_CHECK)
+        parity = ParityCheck(safe_diff, config.parity_tolerance, True, diff, properties)
+    log.info("parity with the f32 reference: max score difference %.3g%s", parity.max_abs_diff,
+             " (after falling back)" if parity.fallback else "")
+    return reranker, model_files, engine.info(), parity
 
 
 def drain(server: RerankServer, state: ServiceState) -> None:
@@ -1763,17 +1903,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
         state.reason = "loading and compiling the model"
-        reranker, model_files, engine_info = build_reranker(config, core)
+        reranker, model_files, engine_info, parity = build_reranker(config, core)
         state.reason = "running the startup check"
         check = check_startup(reranker, engine_info, config)
-        state.mark_ready(reranker, model_files, engine_info, check)
+        state.mark_ready(reranker, model_files, engine_info, check, parity)
         log.info("ready: model %s on %s (execution devices %s, compile %.0f ms, from cache %s); %s",
                  model_files.name, config.device, ",".join(engine_info.execution_devices), engine_info.compile_ms,
                  engine_info.loaded_from_cache, check.npu_note)
         sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}, device {config.device} "
                   f"({','.join(engine_info.execution_devices)})")
+        del reranker
         stop.wait()
         drain(server, state)
+        state.release_model()
         return 0
     except StartupError as exc:
         print(f"openvino-reranker: error: {exc}", file=sys.stderr, flush=True)

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the solar power energy city river water music history system model search document light wind ocean "
          "train engine computer network bread coffee health school library language temperature pressure mountain "
          "capital france paris tower museum planet earth space rocket program python server data cell protein gene "
-         "doctor disease farm horse bird cat dog cheese wine sugar salt bridge road car ship fish king queen war art").split()
+         "doctor disease farm horse bird cat dog cheese wine sugar salt bridge road car ship fish king queen war art"
+         ).split()
 
 
 def make_requests(count: int, documents: int, seed: int) -> list[dict]:

@@ -62,7 +62,8 @@ def test_server_notifies_ready_only_when_ready_and_stopping_on_sigterm(tiny_mode
         # at READY=1 the service must already answer ready
         assert request(port, "GET", "/readyz")[0] == 200
         extends = [m for m in messages if m.startswith("EXTEND_TIMEOUT_USEC=")]
-        assert len(extends) == 2 and "shape 4x64" in extends[0] and "shape 4x128" in extends[1]
+        assert len(extends) == 3 and "shape 4x64" in extends[0] and "shape 4x128" in extends[1]
+        assert "f32 CPU reference" in extends[2]  # the startup parity check
         assert messages.index(extends[-1]) < len(messages) - 1
         assert f"STATUS=serving on 127.0.0.1:{port}, device CPU" in messages[-1]
         proc.send_signal(signal.SIGTERM)

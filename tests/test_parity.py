@@ -1,0 +1,112 @@
+"""The startup guard: a compile configuration that scores differently from the f32 single-stream CPU reference is
+replaced by the safe configuration, or refused (hazards.md #1). The wrong scores are injected by a Core stand-in,
+since whether OpenVINO itself misbehaves depends on the CPU (AMX/bf16) and on chance."""
+
+import threading
+
+import numpy as np
+import openvino as ov
+import pytest
+from conftest import RunningServer, free_port, request
+
+import server
+
+
+class CorruptingCore:
+    """A real Core whose compiled models return shifted logits when compiled with several streams or the
+    THROUGHPUT hint (or always, with `always=True`) - the shape of the bug seen on AMX CPUs."""
+
+    def __init__(self, always=False):
+        self.core, self.always = ov.Core(), always
+        self.compiles: list[dict] = []
+
+    @property
+    def available_devices(self):
+        return self.core.available_devices
+
+    def set_property(self, props):
+        self.core.set_property(props)
+
+    def read_model(self, path):
+        return self.core.read_model(path)
+
+    def compile_model(self, model, device, props):
+        compiled = self.core.compile_model(model, device, props)
+        multi = props.get("PERFORMANCE_HINT") == "THROUGHPUT" or props.get("NUM_STREAMS", "1") != "1"
+        # the first compile with the reference properties is the reference itself, and stays right; with
+        # `always`, the fallback compile (on the CPU it has the same properties) is wrong too
+        first_reference = props == server.REFERENCE_PROPERTIES and server.REFERENCE_PROPERTIES not in self.compiles
+        self.compiles.append(dict(props))
+        return _Corrupt(compiled) if multi or (self.always and not first_reference) else compiled
+
+
+class _Corrupt:
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def get_property(self, name):
+        return self.compiled.get_property(name)
+
+    def create_infer_request(self):
+        request = self.compiled.create_infer_request()
+
+        class Request:
+            def infer(self, feed):
+                return [np.asarray(request.infer(feed)[0]) * 40 + 7]
+
+        return Request()
+
+
+def args(model):
+    return ["--device", "CPU", "--model-dir", str(model.path), "--cache-dir", ""]
+
+
+def test_a_correct_configuration_serves_as_configured(tiny_model):
+    srv = RunningServer([*args(tiny_model), "--performance-hint", "throughput", "--num-streams", "2"]).wait_ready()
+    try:
+        body = request(srv.port, "GET", "/readyz")[1]
+        assert body["parity"]["fallback"] is False and body["parity"]["max_abs_diff"] < 1e-4
+        assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2"}
+        assert body["compile"]["infer_requests"] >= 2
+    finally:
+        srv.close()
+
+
+def test_wrong_scores_fall_back_to_the_safe_configuration(tiny_model):
+    core = CorruptingCore()
+    srv = RunningServer([*args(tiny_model), "--performance-hint", "throughput"], core=core).wait_ready()
+    try:
+        body = request(srv.port, "GET", "/readyz")[1]
+        parity = body["parity"]
+        assert parity["fallback"] is True and parity["failed_max_abs_diff"] > 0.02
+        assert parity["failed_properties"] == {"PERFORMANCE_HINT": "THROUGHPUT"}
+        assert body["compile"]["properties"] == server.REFERENCE_PROPERTIES and parity["max_abs_diff"] < 1e-4
+        docs = ["solar power is energy from the sun", "the cat", "bread and wine"]
+        scores = {r["index"]: r["score"] for r in
+                  request(srv.port, "POST", "/rerank", {"query": "solar power", "documents": docs})[1]["results"]}
+        expected = tiny_model.reference_scores("solar power", docs)
+        assert max(abs(scores[i] - expected[i]) for i in range(3)) < 1e-4  # served by the safe compile
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("extra, always, needle", [
+    (["--performance-hint", "throughput", "--on-parity-failure", "refuse"], False, "differ from the f32"),
+    (["--num-streams", "2"], True, "the safe configuration"),
+])
+def test_refusal(tiny_model, capsys, extra, always, needle):
+    stop = threading.Event()
+    stop.set()
+    code = server.main(["--port", str(free_port()), *args(tiny_model), *extra], {}, core=CorruptingCore(always),
+                       stop=stop)
+    assert code == server.EXIT_STARTUP_CHECK
+    assert needle in capsys.readouterr().err
+
+
+def test_serving_properties_from_config():
+    c = server.load_config(["--performance-hint", "throughput", "--num-streams", "3", "--inference-threads", "2",
+                            "--inference-precision", "bf16"], {})
+    assert server.serving_properties(c) == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "3",
+                                            "INFERENCE_NUM_THREADS": "2", "INFERENCE_PRECISION_HINT": "bf16"}
+    assert server.serving_properties(server.load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}
+    assert server.safe_properties("NPU") == {"PERFORMANCE_HINT": "LATENCY"}
