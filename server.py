@@ -26,7 +26,10 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -894,14 +897,196 @@ class WorkLimits:
             raise ClientGoneError("the client closed the connection")
 
 
-class Reranker:
-    """Pairs in, scores out: tokenize, plan micro-batches, infer, score. The one API the HTTP layer calls."""
+class _Job:
+    """One request's pairs inside the Batcher: scores arrive batch by batch; the future completes at the last."""
 
-    def __init__(self, encoder: PairEncoder, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None):
+    def __init__(self, encoded: EncodedPairs, limits: WorkLimits):
+        self.encoded = encoded
+        self.limits = limits
+        self.future: Future = Future()
+        self.scores = np.full(len(encoded.lengths), np.nan)
+        self.todo = length_order(encoded.lengths)  # indices not yet planned, longest first
+        self.remaining = len(self.todo)  # indices not yet scored
+        self.submitted = time.perf_counter()
+        self.first_started: float | None = None
+        self.device_s = 0.0
+        self.batches = 0
+
+    def dead(self) -> ServiceError | None:
+        """Why this job should not run any more, or None."""
+        if self.future.done():
+            return DeadlineExceededError("cancelled")
+        try:
+            self.limits.check()
+        except ServiceError as exc:
+            return exc
+        return None
+
+
+class Batcher:
+    """Cross-request dynamic batching. One owner thread takes the waiting requests in arrival order, gives each a
+    slice of at most `round_pairs` pairs per round (round-robin, so a small request never waits behind the whole of a
+    large one), sorts the round's pairs by length, plans micro-batches (per static bucket when the engine has them)
+    and hands them to one worker thread per infer request. Workers call the engine's blocking `infer`, which
+    releases the GIL, so the device runs `workers` batches at once while the owner prepares the next. Each request
+    waits on its own Future."""
+
+    def __init__(self, engine, pad_id: int, max_length: int, batch_size: int, round_pairs: int = 64,
+                 workers: int | None = None):
+        self.engine, self.pad_id, self.max_length = engine, pad_id, max_length
+        self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
+        self.workers = workers or max(1, getattr(engine, "num_requests", 1))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle_changed = threading.Condition()
+        self._idle_workers = 0
+        self._closed = False
+        threading.Thread(target=self._own, daemon=True, name="batcher").start()
+        for i in range(self.workers):
+            threading.Thread(target=self._work_loop, daemon=True, name=f"infer-{i}").start()
+
+    def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> _Job:
+        job = _Job(encoded, limits)
+        if self._closed:
+            job.future.set_exception(NotReadyError("the server is shutting down"))
+        else:
+            self._inbox.put(job)
+        return job
+
+    def close(self) -> None:
+        self._closed = True
+        self._inbox.put(None)
+        for _ in range(self.workers):
+            self._work.put(None)
+
+    # ---- owner: rounds of micro-batches
+
+    def _own(self) -> None:
+        waiting: deque[_Job] = deque()
+        while True:
+            if not waiting:
+                item = self._inbox.get()
+                if item is None:
+                    return
+                waiting.append(item)
+            # plan only when a worker is idle and nothing is queued: requests that arrive while the device is
+            # busy join the next round, and so share its batches
+            with self._idle_changed:
+                self._idle_changed.wait_for(lambda: self._idle_workers > 0 and self._work.empty())
+            if not self._take_arrivals(waiting):
+                return
+            for batch in self._plan_round(waiting):
+                self._work.put(batch)
+
+    def _take_arrivals(self, waiting: deque) -> bool:
+        """Move every submitted job into `waiting`; False once the batcher is closed."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            waiting.append(item)
+
+    def _plan_round(self, waiting: deque) -> list:
+        """Take slices round-robin up to round_pairs; return [(feed, shape, [(job, index, ...)])]."""
+        taken: list[tuple[_Job, list[int]]] = []
+        budget = self.round_pairs
+        for _ in range(len(waiting)):
+            if budget <= 0:
+                break
+            job = waiting.popleft()
+            problem = job.dead()
+            if problem is not None:
+                self._fail([job], problem)
+                continue
+            part, job.todo = job.todo[:budget], job.todo[budget:]
+            budget -= len(part)
+            taken.append((job, part))
+            if job.todo:
+                waiting.append(job)  # the rest of a large request goes behind the others
+        if not taken:
+            return []
+        owners = [(job, i) for job, part in taken for i in part]
+        merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
+                              type_ids=[job.encoded.type_ids[i] for job, i in owners],
+                              lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
+                              truncated=np.zeros(len(owners), bool))
+        batches = []
+        for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.max_length):
+            feed = pad_batch(merged, batch, self.engine.input_names, self.pad_id, self.engine.input_dtype)
+            batches.append((feed, batch.shape, [owners[k] for k in batch.indices]))
+        return batches
+
+    # ---- workers: run batches, hand out scores
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._idle_changed:
+                self._idle_workers += 1
+                self._idle_changed.notify_all()
+            item = self._work.get()
+            with self._idle_changed:
+                self._idle_workers -= 1
+            if item is None:
+                return
+            feed, shape, rows = item
+            jobs = list({id(job): job for job, _ in rows}.values())
+            live = [job for job in jobs if job.dead() is None]
+            for job in jobs:
+                if job not in live:
+                    self._fail([job], job.dead())
+            if not live:
+                continue
+            started = time.perf_counter()
+            for job in live:
+                job.first_started = job.first_started or started
+            try:
+                logits, _ = self.engine.infer(feed, shape, min((j.limits.deadline for j in live
+                                                                if j.limits.deadline is not None), default=None))
+                if logits.shape[0] != shape.rows:
+                    raise InferenceError(f"the model returned {logits.shape[0]} rows for a batch of {shape.rows}")
+                scores = logits_to_scores(logits[:len(rows)])
+            except Exception as exc:  # handed to the waiting requests (a bug there becomes a logged 500)
+                self._fail(live, exc)
+                continue
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                for (job, i), score in zip(rows, scores, strict=True):
+                    if job.future.done():
+                        continue
+                    job.scores[i] = score
+                    job.remaining -= 1
+                for job in live:
+                    job.device_s += elapsed
+                    job.batches += 1
+                    if job.remaining == 0 and not job.future.done():
+                        job.future.set_result(job.scores)
+
+    def cancel(self, job: _Job) -> None:
+        with self._lock:
+            job.future.cancel()
+
+    def _fail(self, jobs: Sequence[_Job], error: BaseException) -> None:
+        with self._lock:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+
+
+class Reranker:
+    """Pairs in, scores out: tokenize (on the caller's thread), then the Batcher plans micro-batches across
+    concurrent requests, infers and scores. `score_pairs` is the one API the HTTP layer calls."""
+
+    def __init__(self, encoder: PairEncoder, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
+                 round_pairs: int = 64):
         self.encoder = encoder
         self.engine = engine
         self.batch_size = batch_size
         self.busy_counter = busy_counter
+        self.batcher = Batcher(engine, encoder.pad_id, encoder.max_length, batch_size, round_pairs)
 
     def score_pairs(self, query: str, texts: Sequence[str], limits: WorkLimits = WorkLimits()) -> ScoredPairs:
         limits.check()
@@ -913,22 +1098,22 @@ class Reranker:
             raise PayloadTooLargeError(f"the request has {total} tokens after truncation; the limit "
                                        f"(max_total_tokens) is {limits.max_total_tokens}", "documents")
         busy_before = self.busy_counter.read() if self.busy_counter else None
-        plan = plan_batches(encoded.lengths, self.engine.buckets, self.batch_size, self.encoder.max_length)
-        scores = np.empty(len(texts), dtype=np.float64)
-        queued = 0.0
-        for batch in plan:
-            limits.check()  # expired or abandoned work is dropped before it reaches the device
-            feed = pad_batch(encoded, batch, self.engine.input_names, self.encoder.pad_id, self.engine.input_dtype)
-            logits, waited = self.engine.infer(feed, batch.shape, limits.deadline)
-            queued += waited
-            if logits.shape[0] != batch.shape.rows:
-                raise InferenceError(f"the model returned {logits.shape[0]} rows for a batch of {batch.shape.rows}")
-            scores[list(batch.indices)] = logits_to_scores(logits[:len(batch.indices)])
+        job = self.batcher.submit(encoded, limits)
+        timeout = None if limits.deadline is None else max(0.0, limits.deadline - time.monotonic())
+        try:
+            scores = job.future.result(timeout)
+        except FutureTimeoutError:
+            self.batcher.cancel(job)  # its remaining batches are dropped
+            raise DeadlineExceededError("the request's deadline passed before its work finished") from None
         t2 = time.perf_counter()
         busy_after = self.busy_counter.read() if self.busy_counter else None
         delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
+        queued = (job.first_started or t2) - job.submitted
         return ScoredPairs(scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000, (t2 - t1 - queued) * 1000,
-                           len(plan), delta, queued * 1000)
+                           job.batches, delta, queued * 1000)
+
+    def close(self) -> None:
+        self.batcher.close()
 
 
 # ==================================================================================== model directory + startup check
@@ -1602,6 +1787,8 @@ class ServiceState:
         """Free the compiled models while the process is still whole: OpenVINO objects destroyed during
         interpreter teardown have aborted the process ("terminate called without an active exception")."""
         self.started.clear()
+        if self.reranker is not None:
+            self.reranker.close()
         self.reranker = None
         gc.collect()
 
@@ -1843,7 +2030,9 @@ def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, Eng
     # streams at bf16). Compare with an f32 single-stream CPU compile of the same IR before serving.
     sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=checking scores against the f32 CPU reference")
     reference_engine = Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, infer_requests=1)
-    reference = Reranker(encoder, reference_engine, config.batch_size).score_pairs(PARITY_QUERY, PARITY_DOCUMENTS)
+    reference_reranker = Reranker(encoder, reference_engine, config.batch_size)
+    reference = reference_reranker.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS)
+    reference_reranker.close()
     diff = parity_diff(reranker, reference.scores)
     parity = ParityCheck(diff, config.parity_tolerance, False)
     if diff > config.parity_tolerance:
@@ -1853,6 +2042,7 @@ def build_reranker(config: Config, core=None) -> tuple[Reranker, ModelFiles, Eng
             raise StartupError(message, EXIT_STARTUP_CHECK)
         safe = safe_properties(config.device)
         log.warning("%s; falling back to %s", message, safe)
+        reranker.close()
         engine = Engine(core, model, config.device, buckets, safe, before_compile, infer_requests=1)
         reranker = Reranker(encoder, engine, config.batch_size, counter)
         safe_diff = parity_diff(reranker, reference.scores)
