@@ -244,8 +244,9 @@ OPTIONS = (
     Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
            "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)"),
     Option("batch_size", _parse_int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
-    Option("performance_hint", _parse_choice("latency", "throughput"), "latency",
-           "OpenVINO PERFORMANCE_HINT; every compile is checked against an f32 single-stream reference"),
+    Option("performance_hint", _parse_choice("auto", "latency", "throughput"), "auto",
+           "OpenVINO PERFORMANCE_HINT; auto = throughput on the CPU (measured faster), latency elsewhere. Every "
+           "compile is checked against an f32 single-stream reference"),
     Option("num_streams", _parse_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
     Option("inference_threads", _parse_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
     Option("infer_requests", _parse_int(0, 64), "0",
@@ -942,9 +943,11 @@ class Batcher:
         self._idle_changed = threading.Condition()
         self._idle_workers = 0
         self._closed = False
-        threading.Thread(target=self._own, daemon=True, name="batcher").start()
-        for i in range(self.workers):
-            threading.Thread(target=self._work_loop, daemon=True, name=f"infer-{i}").start()
+        self._threads = [threading.Thread(target=self._own, daemon=True, name="batcher")]
+        self._threads += [threading.Thread(target=self._work_loop, daemon=True, name=f"infer-{i}")
+                          for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> _Job:
         job = _Job(encoded, limits)
@@ -954,11 +957,17 @@ class Batcher:
             self._inbox.put(job)
         return job
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the owner and the workers and wait for them, so that nothing holds the engine afterwards."""
         self._closed = True
         self._inbox.put(None)
         for _ in range(self.workers):
             self._work.put(None)
+        with self._idle_changed:
+            self._idle_changed.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # ---- owner: rounds of micro-batches
 
@@ -973,7 +982,7 @@ class Batcher:
             # plan only when a worker is idle and nothing is queued: requests that arrive while the device is
             # busy join the next round, and so share its batches
             with self._idle_changed:
-                self._idle_changed.wait_for(lambda: self._idle_workers > 0 and self._work.empty())
+                self._idle_changed.wait_for(lambda: self._closed or (self._idle_workers > 0 and self._work.empty()))
             if not self._take_arrivals(waiting):
                 return
             for batch in self._plan_round(waiting):
@@ -1252,7 +1261,10 @@ REFERENCE_PROPERTIES = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFE
 
 def serving_properties(config: Config) -> dict[str, str]:
     """Compile properties from the configuration."""
-    props = {"PERFORMANCE_HINT": config.performance_hint.upper()}
+    hint = config.performance_hint
+    if hint == "auto":
+        hint = "throughput" if config.device == "CPU" else "latency"
+    props = {"PERFORMANCE_HINT": hint.upper()}
     if config.num_streams:
         props["NUM_STREAMS"] = str(config.num_streams)
     if config.inference_threads:

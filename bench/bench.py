@@ -13,7 +13,8 @@ Phases, all in this one process run, loopback only, bounded by --requests and --
 1. ceiling: raw OpenVINO + tokenizers in-process, each request's pairs sorted by length into sub-batches of 8
    (and, for reference, one padded batch per request);
 2. the service (server.py, started here) over HTTP with keep-alive clients at each concurrency;
-3. ratio = service pairs/s / ceiling pairs/s.
+3. ratio = service pairs/s / the best ceiling (LATENCY one request at a time, or THROUGHPUT with an
+   AsyncInferQueue keeping the device's optimal number of batches in flight).
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def make_workload(requests: int, documents: int, seed: int) -> list[tuple[str, l
 
 
 def ceiling(model_dir: Path, workload, device: str, batch_size: int | None, pad_multiple: int,
-            properties: dict) -> dict:
-    """Raw OpenVINO + tokenizers; batch_size None = one padded batch per request."""
+            properties: dict, pipelined: bool = False) -> dict:
+    """Raw OpenVINO + tokenizers; batch_size None = one padded batch per request. `pipelined`: an AsyncInferQueue
+    with the device's optimal number of requests keeps several batches in flight (the THROUGHPUT way)."""
     import openvino as ov
     from tokenizers import Tokenizer
 
@@ -130,6 +132,14 @@ def ceiling(model_dir: Path, workload, device: str, batch_size: int | None, pad_
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(model_dir / "openvino_model.xml")), device, properties)
     req = compiled.create_infer_request()
+    jobs = ov.AsyncInferQueue(compiled, 0) if pipelined else None  # 0 = OPTIMAL_NUMBER_OF_INFER_REQUESTS
+    if jobs is not None:
+        def done(request, userdata):
+            scores, chunk = userdata
+            logits = request.get_output_tensor(0).data
+            scores[chunk] = 1 / (1 + np.exp(-logits[:, 0].astype(np.float64)))
+
+        jobs.set_callback(done)
     pairs = padded = real = 0
 
     def run_once(query, docs):
@@ -148,8 +158,14 @@ def ceiling(model_dir: Path, workload, device: str, batch_size: int | None, pad_
                 ids[row, :n], mask[row, :n], types[row, :n] = enc[i].ids, 1, enc[i].type_ids
             padded += ids.size
             real += int(mask.sum())
-            logits = req.infer({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            if jobs is not None:
+                jobs.start_async(feed, (scores, chunk))
+                continue
+            logits = req.infer(feed)[0]
             scores[chunk] = 1 / (1 + np.exp(-logits[:, 0].astype(np.float64)))
+        if jobs is not None:
+            jobs.wait_all()
         return scores
 
     run_once(*workload[0])  # warm-up
@@ -264,10 +280,13 @@ def main() -> int:
 
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": args.device}
     results["ceiling_sorted_8"] = ceiling(model_dir, workload, args.device, 8, 8, props)
+    results["ceiling_sorted_8_throughput_async"] = ceiling(model_dir, workload, args.device, 8, 8,
+                                                           {"PERFORMANCE_HINT": "THROUGHPUT"}, pipelined=True)
     results["ceiling_one_batch"] = ceiling(model_dir, workload, args.device, None, 1, props)
-    best = results["ceiling_sorted_8"]["pairs_per_s"]
-    print(f"ceiling (sorted sub-batches of 8): {best:.1f} pairs/s, one batch per request: "
-          f"{results['ceiling_one_batch']['pairs_per_s']:.1f} pairs/s")
+    best = max(results[k]["pairs_per_s"] for k in ("ceiling_sorted_8", "ceiling_sorted_8_throughput_async"))
+    print(f"ceiling, sorted sub-batches of 8: LATENCY {results['ceiling_sorted_8']['pairs_per_s']:.1f} pairs/s, "
+          f"THROUGHPUT + AsyncInferQueue {results['ceiling_sorted_8_throughput_async']['pairs_per_s']:.1f} pairs/s; "
+          f"one batch per request (LATENCY): {results['ceiling_one_batch']['pairs_per_s']:.1f} pairs/s")
 
     cache = Path(args.model_dir).parent / "compile-cache"
     shutil.rmtree(cache, ignore_errors=True)

@@ -108,5 +108,7 @@ def test_serving_properties_from_config():
                             "--inference-precision", "bf16"], {})
     assert server.serving_properties(c) == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "3",
                                             "INFERENCE_NUM_THREADS": "2", "INFERENCE_PRECISION_HINT": "bf16"}
-    assert server.serving_properties(server.load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}
+    assert server.serving_properties(server.load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}  # NPU
+    cpu = server.load_config(["--device", "CPU"], {})
+    assert server.serving_properties(cpu) == {"PERFORMANCE_HINT": "THROUGHPUT"}
     assert server.safe_properties("NPU") == {"PERFORMANCE_HINT": "LATENCY"}
