@@ -4,8 +4,9 @@ Run `python server.py` (see `--help`); SPEC.md is the contract for routes, field
 
 The module reads top to bottom along a request's path:
 errors -> config -> request validation -> tokenization -> batching and shapes -> engine (OpenVINO) ->
-scoring and ranking -> responses -> HTTP -> startup. Each section uses only what stands above it. The HTTP layer
-scores through one call, `Reranker.score_pairs(query, texts)`, and never touches OpenVINO.
+scoring, ranking and the cross-request batcher -> startup checks -> responses -> metrics -> HTTP -> server state ->
+startup. Each section uses only what stands above it. The HTTP layer scores through one call,
+`Reranker.score_pairs(query, texts, limits)`, and never touches OpenVINO.
 """
 
 from __future__ import annotations
