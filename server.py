@@ -825,19 +825,17 @@ class Engine:
                           self.input_names, self.num_labels, self.properties, self.num_requests)
 
     def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
-              deadline: float | None = None) -> tuple[np.ndarray, float]:
-        """Run one batch on a free infer request: (logits, seconds spent waiting for the request). Waiting past
-        `deadline` (time.monotonic()) is a 504."""
+              deadline: float | None = None) -> np.ndarray:
+        """Run one batch on a free infer request and return its logits. Waiting for a request past `deadline`
+        (time.monotonic()) is a 504."""
         pool = self._pools[shape if self.buckets is not None else None]
-        waited = time.perf_counter()
         try:
             request = pool.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             raise DeadlineExceededError("the request's deadline passed while it waited for the device") from None
-        waited = time.perf_counter() - waited
         try:
             result = request.infer(feed)
-            return np.array(result[0], dtype=np.float32, copy=True), waited
+            return np.array(result[0], dtype=np.float32, copy=True)
         except RuntimeError as exc:
             raise InferenceError(f"inference failed: {_first_line(exc)}") from None
         finally:
@@ -911,7 +909,6 @@ class _Job:
         self.remaining = len(self.todo)  # indices not yet scored
         self.submitted = time.perf_counter()
         self.first_started: float | None = None
-        self.device_s = 0.0
         self.batches = 0
 
     def dead(self) -> ServiceError | None:
@@ -1043,18 +1040,20 @@ class Batcher:
             if item is None:
                 return
             feed, shape, rows = item
-            jobs = list({id(job): job for job, _ in rows}.values())
-            live = [job for job in jobs if job.dead() is None]
-            for job in jobs:
-                if job not in live:
-                    self._fail([job], job.dead())
+            live = []
+            for job in {id(job): job for job, _ in rows}.values():
+                problem = job.dead()
+                if problem is None:
+                    live.append(job)
+                else:
+                    self._fail([job], problem)
             if not live:
                 continue
             started = time.perf_counter()
             for job in live:
                 job.first_started = job.first_started or started
             try:
-                logits, _ = self.engine.infer(feed, shape, min((j.limits.deadline for j in live
+                logits = self.engine.infer(feed, shape, min((j.limits.deadline for j in live
                                                                 if j.limits.deadline is not None), default=None))
                 if logits.shape[0] != shape.rows:
                     raise InferenceError(f"the model returned {logits.shape[0]} rows for a batch of {shape.rows}")
@@ -1062,7 +1061,6 @@ class Batcher:
             except Exception as exc:  # handed to the waiting requests (a bug there becomes a logged 500)
                 self._fail(live, exc)
                 continue
-            elapsed = time.perf_counter() - started
             with self._lock:
                 for (job, i), score in zip(rows, scores, strict=True):
                     if job.future.done():
@@ -1070,7 +1068,6 @@ class Batcher:
                     job.scores[i] = score
                     job.remaining -= 1
                 for job in live:
-                    job.device_s += elapsed
                     job.batches += 1
                     if job.remaining == 0 and not job.future.done():
                         job.future.set_result(job.scores)
@@ -1094,7 +1091,6 @@ class Reranker:
                  round_pairs: int = 64):
         self.encoder = encoder
         self.engine = engine
-        self.batch_size = batch_size
         self.busy_counter = busy_counter
         self.batcher = Batcher(engine, encoder.pad_id, encoder.max_length, batch_size, round_pairs)
 
@@ -1212,7 +1208,7 @@ def check_startup(reranker: Reranker, engine_info: EngineInfo, config: Config) -
         for shape in engine_info.buckets or ():
             feed = pad_batch(encoded, MicroBatch((0,), shape, True), engine_info.input_names,
                              reranker.encoder.pad_id, reranker.engine.input_dtype)
-            logits_to_scores(reranker.engine.infer(feed, shape)[0][:1])
+            logits_to_scores(reranker.engine.infer(feed, shape)[:1])
     except ServiceError as exc:
         raise StartupError(f"startup inference failed: {exc.message}", EXIT_STARTUP_CHECK) from None
     elapsed_ms = (time.perf_counter() - t0) * 1000

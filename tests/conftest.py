@@ -161,14 +161,14 @@ class FakeEngine:
         if mode == "slow":
             time.sleep(self.delay_s)
         if mode == "nan":
-            return np.full((rows, 1), np.nan, np.float32), 0.0
+            return np.full((rows, 1), np.nan, np.float32)
         if mode == "fails":
             import server as srv
 
             raise srv.InferenceError("inference failed: device lost")
         if mode == "bug":
             raise ZeroDivisionError("a bug")
-        return feed["attention_mask"].sum(axis=1, keepdims=True).astype(np.float32) / 10, 0.0
+        return feed["attention_mask"].sum(axis=1, keepdims=True).astype(np.float32) / 10
 
 
 class FakeServer:
