@@ -245,9 +245,9 @@ OPTIONS = (
     Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
            "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)"),
     Option("batch_size", _parse_int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
-    Option("performance_hint", _parse_choice("auto", "latency", "throughput"), "auto",
-           "OpenVINO PERFORMANCE_HINT; auto = throughput on the CPU (measured faster), latency elsewhere. Every "
-           "compile is checked against an f32 single-stream reference"),
+    Option("performance_hint", _parse_choice("latency", "throughput"), "latency",
+           "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
+           "README). Every compile is checked against an f32 single-stream reference"),
     Option("num_streams", _parse_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
     Option("inference_threads", _parse_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
     Option("infer_requests", _parse_int(0, 64), "0",
@@ -1258,10 +1258,7 @@ REFERENCE_PROPERTIES = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFE
 
 def serving_properties(config: Config) -> dict[str, str]:
     """Compile properties from the configuration."""
-    hint = config.performance_hint
-    if hint == "auto":
-        hint = "throughput" if config.device == "CPU" else "latency"
-    props = {"PERFORMANCE_HINT": hint.upper()}
+    props = {"PERFORMANCE_HINT": config.performance_hint.upper()}
     if config.num_streams:
         props["NUM_STREAMS"] = str(config.num_streams)
     if config.inference_threads:

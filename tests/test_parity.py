@@ -61,13 +61,35 @@ def args(model):
     return ["--device", "CPU", "--model-dir", str(model.path), "--cache-dir", ""]
 
 
-def test_a_correct_configuration_serves_as_configured(tiny_model):
-    srv = RunningServer([*args(tiny_model), "--performance-hint", "throughput", "--num-streams", "2"]).wait_ready()
+def test_the_configured_compile_serves_when_it_agrees(tiny_model):
+    srv = RunningServer([*args(tiny_model), "--infer-requests", "2"]).wait_ready()
     try:
         body = request(srv.port, "GET", "/readyz")[1]
         assert body["parity"]["fallback"] is False and body["parity"]["max_abs_diff"] < 1e-4
-        assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2"}
-        assert body["compile"]["infer_requests"] >= 2
+        assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "LATENCY"}
+        assert body["compile"]["infer_requests"] == 2
+    finally:
+        srv.close()
+
+
+def test_real_multi_stream_compile_serves_right_scores_either_way(tiny_model):
+    """THROUGHPUT with 2 streams on the real CPU plugin: in full test runs it has now and then scored wrongly
+    (differences of about 0.5, never in isolation). Whichever way the guard decides, what serves must be right
+    and /readyz must say which configuration it is."""
+    srv = RunningServer([*args(tiny_model), "--performance-hint", "throughput", "--num-streams", "2"]).wait_ready()
+    try:
+        body = request(srv.port, "GET", "/readyz")[1]
+        parity = body["parity"]
+        assert parity["max_abs_diff"] < 1e-4
+        if parity["fallback"]:
+            assert body["compile"]["properties"] == server.REFERENCE_PROPERTIES and parity["failed_max_abs_diff"] > 0.02
+        else:
+            assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2"}
+        docs = ["solar power is energy from the sun", "the cat", "bread and wine", "a train " * 20]
+        got = {r["index"]: r["score"] for r in
+               request(srv.port, "POST", "/rerank", {"query": "solar power", "documents": docs})[1]["results"]}
+        expected = tiny_model.reference_scores("solar power", docs)
+        assert max(abs(got[i] - expected[i]) for i in range(len(docs))) < 1e-4
     finally:
         srv.close()
 
@@ -108,7 +130,5 @@ def test_serving_properties_from_config():
                             "--inference-precision", "bf16"], {})
     assert server.serving_properties(c) == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "3",
                                             "INFERENCE_NUM_THREADS": "2", "INFERENCE_PRECISION_HINT": "bf16"}
-    assert server.serving_properties(server.load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}  # NPU
-    cpu = server.load_config(["--device", "CPU"], {})
-    assert server.serving_properties(cpu) == {"PERFORMANCE_HINT": "THROUGHPUT"}
+    assert server.serving_properties(server.load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}
     assert server.safe_properties("NPU") == {"PERFORMANCE_HINT": "LATENCY"}
