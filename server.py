@@ -410,9 +410,9 @@ class RerankRequest:
 class RequestLimits:
     """Checked while parsing, before anything is tokenized (a 50 MB string costs a length check)."""
 
-    max_documents: int = 1000
-    max_query_chars: int = 8192
-    max_document_chars: int = 100_000
+    max_documents: int
+    max_query_chars: int
+    max_document_chars: int
 
     @classmethod
     def from_config(cls, config: Config) -> RequestLimits:
@@ -420,7 +420,6 @@ class RequestLimits:
 
 
 NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms"}
-COHERE_FIELDS = {"model", "query", "documents", "top_n", "return_documents"}
 COHERE_UNSUPPORTED = {
     "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
     "max_chunks_per_doc": "max_chunks_per_doc is not supported: documents are truncated, not chunked",
@@ -930,11 +929,10 @@ class Batcher:
     releases the GIL, so the device runs `workers` batches at once while the owner prepares the next. Each request
     waits on its own Future."""
 
-    def __init__(self, engine, pad_id: int, max_length: int, batch_size: int, round_pairs: int = 64,
-                 workers: int | None = None):
+    def __init__(self, engine, pad_id: int, max_length: int, batch_size: int, round_pairs: int = 64):
         self.engine, self.pad_id, self.max_length = engine, pad_id, max_length
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
-        self.workers = workers or max(1, getattr(engine, "num_requests", 1))
+        self.workers = max(1, getattr(engine, "num_requests", 1))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -1287,13 +1285,15 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
     largest score difference from `reference`."""
     runs = max(1, getattr(reranker.engine, "num_requests", 1)) * 2
     results: list[np.ndarray] = []
-    errors: list[ServiceError] = []
+    errors: list[str] = []
 
     def run():
         try:
             results.append(reranker.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores)
         except ServiceError as exc:
-            errors.append(exc)
+            errors.append(exc.message)
+        except Exception as exc:  # the batcher hands engine surprises to the request; here they stop startup
+            errors.append(_first_line(exc))
 
     threads = [threading.Thread(target=run) for _ in range(runs)]
     for t in threads:
@@ -1301,7 +1301,7 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
     for t in threads:
         t.join()
     if errors:
-        raise StartupError(f"startup inference failed: {errors[0].message}", EXIT_STARTUP_CHECK)
+        raise StartupError(f"startup inference failed: {errors[0]}", EXIT_STARTUP_CHECK)
     return float(max(np.abs(r - reference).max() for r in results))
 
 
@@ -1936,8 +1936,8 @@ class RerankServer(ThreadingHTTPServer):
         log.exception("connection error from %s", client_address[0] if client_address else "?")
 
 
-_REFUSAL = json.dumps({"ok": False, "error": {"type": "overloaded", "message": "too many open connections "
-                                              "(max_connections); retry shortly", "field": None}}).encode()
+_REFUSAL = json.dumps(render_error(OverloadedError("too many open connections (max_connections); retry shortly"),
+                                   "native")).encode()
 
 
 def _refuse_connection(sock: socket.socket) -> None:

@@ -1,8 +1,8 @@
 import pytest
 
-from server import BadRequestError, PayloadTooLargeError, RequestLimits, parse_cohere, parse_native
+from server import BadRequestError, PayloadTooLargeError, RequestLimits, load_config, parse_cohere, parse_native
 
-LIMITS = RequestLimits(max_documents=10)
+LIMITS = RequestLimits.from_config(load_config(["--max-documents", "10"], {}))
 
 
 def test_native_strings_and_objects():
