@@ -20,7 +20,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import tinymodel  # noqa: E402
 
-import server  # noqa: E402
+from openvino_reranker.batcher import Reranker
+from openvino_reranker.config import load_api_key, load_config
+from openvino_reranker.encoding import PairEncoder
+from openvino_reranker.errors import InferenceError
+from openvino_reranker.service import ServiceState
+from openvino_reranker.startup import bind_server, main
 
 SCORE_TOLERANCE = 1e-4  # served score vs the float64 numpy reference (SPEC.md, "Scores")
 
@@ -76,7 +81,7 @@ def free_port() -> int:
 
 
 class RunningServer:
-    """server.main() on a thread, on a free loopback port; stopped through its stop Event."""
+    """main() on a thread, on a free loopback port; stopped through its stop Event."""
 
     def __init__(self, args: list[str], core=None, env: dict | None = None):
         self.port = free_port()
@@ -86,7 +91,7 @@ class RunningServer:
         argv = ["--host", "127.0.0.1", "--port", str(self.port), *args]
 
         def run():
-            self.exit_code = server.main(argv, env or {}, core=core, stop=self.stop)
+            self.exit_code = main(argv, env or {}, core=core, stop=self.stop)
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -139,7 +144,7 @@ def cpu_server(tiny_model, tmp_path_factory):
 
 
 class FakeEngine:
-    """Same interface as server.Engine, with behaviour chosen by the test: "ok" (logit = number of tokens),
+    """Same interface as Engine, with behaviour chosen by the test: "ok" (logit = number of tokens),
     "nan", "fails" (InferenceError), "bug" (ZeroDivisionError), "slow" (sleeps `delay_s` per batch), or a list
     of those consumed one per batch."""
 
@@ -163,9 +168,7 @@ class FakeEngine:
         if mode == "nan":
             return np.full((rows, 1), np.nan, np.float32)
         if mode == "fails":
-            import server as srv
-
-            raise srv.InferenceError("inference failed: device lost")
+            raise InferenceError("inference failed: device lost")
         if mode == "bug":
             raise ZeroDivisionError("a bug")
         return feed["attention_mask"].sum(axis=1, keepdims=True).astype(np.float32) / 10
@@ -175,17 +178,17 @@ class FakeServer:
     """A real RerankServer on a loopback port with a FakeEngine; not started until `start(engine)`."""
 
     def __init__(self, tiny_model, args=(), env=None):
-        self.config = server.load_config(["--port", str(free_port()), "--device", "CPU", *args], env or {})
-        self.state = server.ServiceState(self.config, server.load_api_key(self.config))
-        self.srv = server.bind_server(self.state)
+        self.config = load_config(["--port", str(free_port()), "--device", "CPU", *args], env or {})
+        self.state = ServiceState(self.config, load_api_key(self.config))
+        self.srv = bind_server(self.state)
         self.port = self.srv.server_address[1]
         self.tokenizer_path = tiny_model.path / "tokenizer.json"
         self.thread = threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def start(self, engine):
-        encoder = server.PairEncoder.from_file(self.tokenizer_path, 64)
-        self.state.reranker = server.Reranker(encoder, engine, self.config.batch_size)
+        encoder = PairEncoder.from_file(self.tokenizer_path, 64)
+        self.state.reranker = Reranker(encoder, engine, self.config.batch_size)
         self.state.started.set()
         return self
 

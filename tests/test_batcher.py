@@ -9,7 +9,12 @@ import openvino as ov
 import pytest
 from conftest import SCORE_TOLERANCE, FakeEngine
 
-import server
+from openvino_reranker.batcher import Reranker
+from openvino_reranker.config import ShapeBucket
+from openvino_reranker.encoding import PairEncoder
+from openvino_reranker.engine import Engine
+from openvino_reranker.errors import NotReadyError
+from openvino_reranker.scoring import logits_to_scores
 
 
 class RecordingEngine(FakeEngine):
@@ -29,8 +34,8 @@ class RecordingEngine(FakeEngine):
 
 
 def reranker_for(engine, tiny_model, batch_size=8, round_pairs=64):
-    encoder = server.PairEncoder.from_file(tiny_model.path / "tokenizer.json", 64)
-    return server.Reranker(encoder, engine, batch_size, round_pairs=round_pairs)
+    encoder = PairEncoder.from_file(tiny_model.path / "tokenizer.json", 64)
+    return Reranker(encoder, engine, batch_size, round_pairs=round_pairs)
 
 
 def run_all(reranker, requests):
@@ -68,7 +73,7 @@ def test_scores_land_with_their_own_request(tiny_model):
     for (q, t), (scored, _) in zip(texts.items(), results, strict=True):
         # FakeEngine's logit is the row's token count / 10: recompute it from this request's own encoding
         enc = reranker.encoder.encode(q, t)
-        assert np.allclose(scored.scores, server.logits_to_scores(enc.lengths[:, None] / 10))
+        assert np.allclose(scored.scores, logits_to_scores(enc.lengths[:, None] / 10))
     reranker.close()
 
 
@@ -83,7 +88,7 @@ def test_a_small_request_is_not_stuck_behind_a_large_one(tiny_model):
 
 
 def test_static_buckets_are_filled_across_requests(tiny_model):
-    buckets = (server.ShapeBucket(8, 32), server.ShapeBucket(8, 64))
+    buckets = (ShapeBucket(8, 32), ShapeBucket(8, 64))
     engine = RecordingEngine(buckets=buckets)
     reranker = reranker_for(engine, tiny_model)
     run_all(reranker, [("first", ["a"], 0.0)] + [(f"q{i}", ["solar", "cat"], 0.05) for i in range(4)])
@@ -91,15 +96,15 @@ def test_static_buckets_are_filled_across_requests(tiny_model):
     reranker.close()
 
 
-@pytest.mark.parametrize("buckets", [None, (server.ShapeBucket(4, 32), server.ShapeBucket(4, 128))])
+@pytest.mark.parametrize("buckets", [None, (ShapeBucket(4, 32), ShapeBucket(4, 128))])
 def test_real_engine_scores_under_concurrency(tiny_model, buckets):
     core = ov.Core()
     model = core.read_model(str(tiny_model.path / "openvino_model.xml"))
     # two infer requests on one stream: the batcher's two workers run batches at once (multi-stream compiles are
     # left to the parity guard, see test_parity.py)
-    engine = server.Engine(core, model, "CPU", buckets, {"PERFORMANCE_HINT": "LATENCY"}, infer_requests=2)
-    encoder = server.PairEncoder.from_file(tiny_model.path / "tokenizer.json", 128)
-    reranker = server.Reranker(encoder, engine, 4)
+    engine = Engine(core, model, "CPU", buckets, {"PERFORMANCE_HINT": "LATENCY"}, infer_requests=2)
+    encoder = PairEncoder.from_file(tiny_model.path / "tokenizer.json", 128)
+    reranker = Reranker(encoder, engine, 4)
     requests = [(f"{w} power", [f"{w} energy from the sun", "the cat", f"a {w} train on a bridge " * (k + 1)], 0.0)
                 for k, w in enumerate(["solar", "wind", "water", "city", "rocket", "engine", "music", "ocean"])]
     results = run_all(reranker, requests)
@@ -111,5 +116,5 @@ def test_real_engine_scores_under_concurrency(tiny_model, buckets):
 def test_a_closed_batcher_refuses_new_work(tiny_model):
     reranker = reranker_for(FakeEngine(), tiny_model)
     reranker.close()
-    with pytest.raises(server.NotReadyError):
+    with pytest.raises(NotReadyError):
         reranker.score_pairs("q", ["a"])

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from server import EncodedPairs, MicroBatch, ShapeBucket, length_order, pad_batch, pick_length, plan_batches
+from openvino_reranker.batching import MicroBatch, length_order, pad_batch, pick_length, plan_batches
+from openvino_reranker.config import ShapeBucket
+from openvino_reranker.encoding import EncodedPairs
 
 
 def encoded(lengths):

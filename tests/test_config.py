@@ -1,6 +1,7 @@
 import pytest
 
-from server import EXIT_CONFIG, OPTIONS, ShapeBucket, StartupError, load_config
+from openvino_reranker.config import OPTIONS, ShapeBucket, load_config
+from openvino_reranker.errors import EXIT_CONFIG, StartupError
 
 
 def test_defaults_match_the_design():

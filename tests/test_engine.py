@@ -4,16 +4,12 @@ import openvino as ov
 import pytest
 from conftest import SCORE_TOLERANCE
 
-from server import (
-    EXIT_MODEL,
-    Engine,
-    NpuBusyCounter,
-    PairEncoder,
-    Reranker,
-    ShapeBucket,
-    StartupError,
-    load_model_files,
-)
+from openvino_reranker.batcher import Reranker
+from openvino_reranker.config import ShapeBucket
+from openvino_reranker.encoding import PairEncoder
+from openvino_reranker.engine import Engine, NpuBusyCounter
+from openvino_reranker.errors import EXIT_MODEL, StartupError
+from openvino_reranker.modeldir import load_model_files
 
 QUERY = "how does solar power work"
 DOCS = [

@@ -10,7 +10,8 @@ import time
 import pytest
 from conftest import FakeEngine, free_port, request
 
-import server
+from openvino_reranker.errors import EXIT_CONFIG, EXIT_MODEL, DeadlineExceededError
+from openvino_reranker.startup import drain, main
 
 DOCS = ["solar power", "the cat and the dog", "bread and cheese"]
 
@@ -116,7 +117,7 @@ def test_waiting_for_the_device_past_the_deadline_is_504(fake_server):
             try:
                 slot = self.pool.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise server.DeadlineExceededError("waited for the device") from None
+                raise DeadlineExceededError("waited for the device") from None
             try:
                 return super().infer(feed, shape, deadline)
             finally:
@@ -231,7 +232,7 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(fake_server):
     thread, result = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
     time.sleep(0.3)
     started = time.monotonic()
-    server.drain(fake.srv, fake.state)
+    drain(fake.srv, fake.state)
     assert 0.4 < time.monotonic() - started < 5  # waited for the running request, not longer
     thread.join(5)
     assert result["value"][0] == 200
@@ -244,7 +245,7 @@ def test_drain_gives_up_after_its_timeout(fake_server):
     in_background(post, fake.port, {"query": "q", "documents": ["a"]})
     time.sleep(0.3)
     started = time.monotonic()
-    server.drain(fake.srv, fake.state)
+    drain(fake.srv, fake.state)
     assert time.monotonic() - started < 1.5
 
 
@@ -276,14 +277,14 @@ def test_api_key_file(fake_server, tmp_path):
 
 
 @pytest.mark.parametrize("args, code, needle", [
-    (["--host", "0.0.0.0"], server.EXIT_CONFIG, "not a loopback address"),
-    (["--api-key", "a", "--api-key-file", "/x"], server.EXIT_CONFIG, "not both"),
-    (["--api-key-file", "/nonexistent/key"], server.EXIT_CONFIG, "cannot read api_key_file"),
+    (["--host", "0.0.0.0"], EXIT_CONFIG, "not a loopback address"),
+    (["--api-key", "a", "--api-key-file", "/x"], EXIT_CONFIG, "not both"),
+    (["--api-key-file", "/nonexistent/key"], EXIT_CONFIG, "cannot read api_key_file"),
 ])
 def test_startup_refusals(args, code, needle, capsys, tmp_path):
     stop = threading.Event()
     stop.set()
-    assert server.main(["--port", str(free_port()), "--device", "CPU", *args], {}, stop=stop) == code
+    assert main(["--port", str(free_port()), "--device", "CPU", *args], {}, stop=stop) == code
     assert needle in capsys.readouterr().err
 
 
@@ -291,9 +292,9 @@ def test_remote_bind_allowed_with_a_key_or_the_flag(tmp_path, capsys):
     stop = threading.Event()
     stop.set()
     for extra in (["--api-key", "k"], ["--allow-remote-without-key", "true"]):
-        code = server.main(["--host", "0.0.0.0", "--port", str(free_port()), "--device", "CPU",
+        code = main(["--host", "0.0.0.0", "--port", str(free_port()), "--device", "CPU",
                             "--model-dir", str(tmp_path / "none"), *extra], {}, stop=stop)
-        assert code == server.EXIT_MODEL  # got past the bind check to the model
+        assert code == EXIT_MODEL  # got past the bind check to the model
 
 
 # ---------------------------------------------------------------------------------------------- observability

@@ -9,7 +9,10 @@ import openvino as ov
 import pytest
 from conftest import RunningServer, free_port, request
 
-import server
+from openvino_reranker.checks import REFERENCE_PROPERTIES, safe_properties, serving_properties
+from openvino_reranker.config import load_config
+from openvino_reranker.errors import EXIT_STARTUP_CHECK
+from openvino_reranker.startup import main
 
 
 class CorruptingCore:
@@ -35,7 +38,7 @@ class CorruptingCore:
         multi = props.get("PERFORMANCE_HINT") == "THROUGHPUT" or props.get("NUM_STREAMS", "1") != "1"
         # the first compile with the reference properties is the reference itself, and stays right; with
         # `always`, the fallback compile (on the CPU it has the same properties) is wrong too
-        first_reference = props == server.REFERENCE_PROPERTIES and server.REFERENCE_PROPERTIES not in self.compiles
+        first_reference = props == REFERENCE_PROPERTIES and REFERENCE_PROPERTIES not in self.compiles
         self.compiles.append(dict(props))
         return _Corrupt(compiled) if multi or (self.always and not first_reference) else compiled
 
@@ -82,7 +85,7 @@ def test_real_multi_stream_compile_serves_right_scores_either_way(tiny_model):
         parity = body["parity"]
         assert parity["max_abs_diff"] < 1e-4
         if parity["fallback"]:
-            assert body["compile"]["properties"] == server.REFERENCE_PROPERTIES and parity["failed_max_abs_diff"] > 0.02
+            assert body["compile"]["properties"] == REFERENCE_PROPERTIES and parity["failed_max_abs_diff"] > 0.02
         else:
             assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2"}
         docs = ["solar power is energy from the sun", "the cat", "bread and wine", "a train " * 20]
@@ -102,7 +105,7 @@ def test_wrong_scores_fall_back_to_the_safe_configuration(tiny_model):
         parity = body["parity"]
         assert parity["fallback"] is True and parity["failed_max_abs_diff"] > 0.02
         assert parity["failed_properties"] == {"PERFORMANCE_HINT": "THROUGHPUT"}
-        assert body["compile"]["properties"] == server.REFERENCE_PROPERTIES and parity["max_abs_diff"] < 1e-4
+        assert body["compile"]["properties"] == REFERENCE_PROPERTIES and parity["max_abs_diff"] < 1e-4
         docs = ["solar power is energy from the sun", "the cat", "bread and wine"]
         scores = {r["index"]: r["score"] for r in
                   request(srv.port, "POST", "/rerank", {"query": "solar power", "documents": docs})[1]["results"]}
@@ -119,16 +122,16 @@ def test_wrong_scores_fall_back_to_the_safe_configuration(tiny_model):
 def test_refusal(tiny_model, capsys, extra, always, needle):
     stop = threading.Event()
     stop.set()
-    code = server.main(["--port", str(free_port()), *args(tiny_model), *extra], {}, core=CorruptingCore(always),
+    code = main(["--port", str(free_port()), *args(tiny_model), *extra], {}, core=CorruptingCore(always),
                        stop=stop)
-    assert code == server.EXIT_STARTUP_CHECK
+    assert code == EXIT_STARTUP_CHECK
     assert needle in capsys.readouterr().err
 
 
 def test_serving_properties_from_config():
-    c = server.load_config(["--performance-hint", "throughput", "--num-streams", "3", "--inference-threads", "2",
+    c = load_config(["--performance-hint", "throughput", "--num-streams", "3", "--inference-threads", "2",
                             "--inference-precision", "bf16"], {})
-    assert server.serving_properties(c) == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "3",
+    assert serving_properties(c) == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "3",
                                             "INFERENCE_NUM_THREADS": "2", "INFERENCE_PRECISION_HINT": "bf16"}
-    assert server.serving_properties(server.load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}
-    assert server.safe_properties("NPU") == {"PERFORMANCE_HINT": "LATENCY"}
+    assert serving_properties(load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}
+    assert safe_properties("NPU") == {"PERFORMANCE_HINT": "LATENCY"}

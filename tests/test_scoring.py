@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from server import InferenceError, logits_to_scores, rank
+from openvino_reranker.errors import InferenceError
+from openvino_reranker.scoring import logits_to_scores, rank
 
 
 def test_sigmoid_is_stable_and_float64():

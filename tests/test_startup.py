@@ -14,8 +14,9 @@ import openvino as ov
 import pytest
 from conftest import ROOT, RunningServer, free_port, request
 
-import server
-from server import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, check_device_available
+from openvino_reranker.engine import check_device_available
+from openvino_reranker.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, StartupError
+from openvino_reranker.startup import main
 
 
 class FakeNpuCore:
@@ -105,7 +106,7 @@ def test_npu_fails_closed(tiny_model, tmp_path, capsys, case, needle):
     port = free_port()
     already_stopped = threading.Event()
     already_stopped.set()  # were the check to pass, main() would return 0 at once instead of serving
-    code = server.main(["--port", str(port), *npu_args(tiny_model, counter)], {}, core=core, stop=already_stopped)
+    code = main(["--port", str(port), *npu_args(tiny_model, counter)], {}, core=core, stop=already_stopped)
     assert code == EXIT_STARTUP_CHECK
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("openvino-reranker: error:") and needle in err
@@ -122,7 +123,7 @@ def test_device_availability(device, available, ok):
     if ok:
         check_device_available(device, available)
     else:
-        with pytest.raises(server.StartupError) as info:
+        with pytest.raises(StartupError) as info:
             check_device_available(device, available)
         assert info.value.exit_code == EXIT_DEVICE
         assert f"OpenVINO sees: {', '.join(available)}" in str(info.value) and "--device" in str(info.value)

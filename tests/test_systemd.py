@@ -11,7 +11,7 @@ import uuid
 import pytest
 from conftest import ROOT, free_port, request
 
-from server import sd_notify
+from openvino_reranker.systemd import sd_notify
 
 UNIT = ROOT / "openvino-reranker.service"
 

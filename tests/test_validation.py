@@ -1,6 +1,8 @@
 import pytest
 
-from server import BadRequestError, PayloadTooLargeError, RequestLimits, load_config, parse_cohere, parse_native
+from openvino_reranker.api import RequestLimits, parse_cohere, parse_native
+from openvino_reranker.config import load_config
+from openvino_reranker.errors import BadRequestError, PayloadTooLargeError
 
 LIMITS = RequestLimits.from_config(load_config(["--max-documents", "10"], {}))
 

@@ -1,0 +1,239 @@
+"""Request parsing and response rendering, per API dialect: the only place wire field names appear."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config
+from .errors import BadRequestError, PayloadTooLargeError, ServiceError
+from .scoring import ScoredPairs, rank
+
+
+@dataclass(frozen=True)
+class Document:
+    index: int
+    text: str
+    id: str | int | None = None
+    original: Any = None  # the object as sent (echoed on the Cohere route with return_documents)
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    documents: tuple[Document, ...]
+    top_k: int | None
+    return_documents: bool
+    model: str | None = None
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Checked while parsing, before anything is tokenized (a 50 MB string costs a length check)."""
+
+    max_documents: int
+    max_query_chars: int
+    max_document_chars: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> RequestLimits:
+        return cls(config.max_documents, config.max_query_chars, config.max_document_chars)
+
+
+NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms"}
+COHERE_UNSUPPORTED = {
+    "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
+    "max_chunks_per_doc": "max_chunks_per_doc is not supported: documents are truncated, not chunked",
+    "max_tokens_per_doc": "max_tokens_per_doc is not supported: each (query, document) pair is truncated to "
+                          "the server's max_length (see GET /readyz)",
+}
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _require_object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise BadRequestError(f"the request body must be a JSON object, not {_type_name(body)}")
+    return body
+
+
+def _check_encodable(value: str, path: str) -> None:
+    """JSON may carry lone surrogates (\\ud800); they are not text the tokenizer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequestError(f"{path} contains an unpaired surrogate at character {exc.start}", path) from None
+
+
+def _parse_query(body: dict, limits: RequestLimits) -> str:
+    if "query" not in body:
+        raise BadRequestError("query is required", "query")
+    query = body["query"]
+    if not isinstance(query, str):
+        raise BadRequestError(f"query must be a string, not {_type_name(query)}", "query")
+    if len(query) > limits.max_query_chars:
+        raise PayloadTooLargeError(f"query has {len(query)} characters; the limit (max_query_chars) is "
+                                   f"{limits.max_query_chars}", "query")
+    if not query.strip():
+        raise BadRequestError("query must not be empty or whitespace only", "query")
+    _check_encodable(query, "query")
+    return query
+
+
+def _parse_positive_int(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequestError(f"{name} must be an integer >= 1, not {_type_name(value)}", name)
+    if value < 1:
+        raise BadRequestError(f"{name} must be >= 1, got {value}", name)
+    return value
+
+
+def _parse_bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequestError(f"{name} must be true or false, not {_type_name(value)}", name)
+    return value
+
+
+def _parse_text(value: Any, path: str, limits: RequestLimits) -> str:
+    if not isinstance(value, str):
+        raise BadRequestError(f"{path} must be a string, not {_type_name(value)}", path)
+    if len(value) > limits.max_document_chars:
+        raise PayloadTooLargeError(f"{path} has {len(value)} characters; the limit (max_document_chars) is "
+                                   f"{limits.max_document_chars}", path)
+    if not value.strip():
+        raise BadRequestError(f"{path} must not be empty or whitespace only", path)
+    _check_encodable(value, path)
+    return value
+
+
+def _parse_documents(body: dict, limits: RequestLimits, parse_one: Callable[[int, Any], Document]) -> tuple:
+    if "documents" not in body:
+        raise BadRequestError("documents is required", "documents")
+    docs = body["documents"]
+    if not isinstance(docs, list):
+        raise BadRequestError(f"documents must be an array, not {_type_name(docs)}", "documents")
+    if not docs:
+        raise BadRequestError("documents must not be empty", "documents")
+    if len(docs) > limits.max_documents:
+        raise PayloadTooLargeError(f"documents has {len(docs)} entries; the limit (max_documents) is "
+                                   f"{limits.max_documents}", "documents")
+    return tuple(parse_one(i, d) for i, d in enumerate(docs))
+
+
+def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
+    """POST /rerank: strict; an unknown field is a 400 so that typos such as `topk` do not pass unnoticed."""
+    body = _require_object(body)
+    for name in sorted(body.keys() - NATIVE_FIELDS):
+        raise BadRequestError(f"unknown field {name!r} (allowed: {', '.join(sorted(NATIVE_FIELDS))})", name)
+    query = _parse_query(body, limits)
+
+    def parse_one(i: int, doc: Any) -> Document:
+        path = f"documents[{i}]"
+        if isinstance(doc, str):
+            return Document(i, _parse_text(doc, path, limits))
+        if not isinstance(doc, dict):
+            raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
+        for name in sorted(doc.keys() - {"id", "text"}):
+            raise BadRequestError(f"unknown field {name!r} in {path} (allowed: id, text)", f"{path}.{name}")
+        if "text" not in doc:
+            raise BadRequestError(f"{path}.text is required", f"{path}.text")
+        doc_id = doc.get("id")
+        if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
+            raise BadRequestError(f"{path}.id must be a string or an integer, not {_type_name(doc_id)}",
+                                  f"{path}.id")
+        return Document(i, _parse_text(doc["text"], f"{path}.text", limits), doc_id)
+
+    documents = _parse_documents(body, limits, parse_one)
+    first_seen: dict[Any, int] = {}
+    for doc in documents:
+        if doc.id is None:
+            continue
+        key = (type(doc.id), doc.id)
+        if key in first_seen:
+            raise BadRequestError(f"documents[{doc.index}].id {doc.id!r} repeats documents[{first_seen[key]}].id",
+                                  f"documents[{doc.index}].id")
+        first_seen[key] = doc.index
+    return RerankRequest(query, documents, _parse_positive_int(body, "top_k"), _parse_bool(body, "return_documents"),
+                         timeout_ms=_parse_positive_int(body, "timeout_ms"))
+
+
+def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
+    """POST /v1/rerank: Cohere's fields. Fields Cohere has but we do not support are a 400; other unknown
+    fields (which gateways add) are ignored."""
+    body = _require_object(body)
+    for name, message in COHERE_UNSUPPORTED.items():
+        if name in body:
+            raise BadRequestError(message, name)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequestError(f"model must be a string, not {_type_name(model)}", "model")
+    query = _parse_query(body, limits)
+
+    def parse_one(i: int, doc: Any) -> Document:
+        path = f"documents[{i}]"
+        if isinstance(doc, str):
+            return Document(i, _parse_text(doc, path, limits), original={"text": doc})
+        if not isinstance(doc, dict):
+            raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
+        if "text" not in doc:
+            raise BadRequestError(f"{path}.text is required", f"{path}.text")
+        return Document(i, _parse_text(doc["text"], f"{path}.text", limits), original=doc)
+
+    documents = _parse_documents(body, limits, parse_one)
+    return RerankRequest(query, documents, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_documents"),
+                         model)
+
+def render_native(request: RerankRequest, scored: ScoredPairs, model_name: str, device: str,
+                  total_ms: float) -> dict:
+    results = []
+    for i in rank(scored.scores, request.top_k):
+        doc = request.documents[i]
+        item: dict[str, Any] = {"index": i}
+        if doc.id is not None:
+            item["id"] = doc.id
+        item["score"] = float(scored.scores[i])
+        item["truncated"] = bool(scored.truncated[i])
+        if request.return_documents:
+            item["text"] = doc.text
+        results.append(item)
+    return {
+        "ok": True,
+        "results": results,
+        "model": model_name,
+        "device": device,
+        "usage": {"documents": len(request.documents), "tokens": int(scored.lengths.sum())},
+        "timings_ms": {"tokenize": round(scored.tokenize_ms, 3), "infer": round(scored.infer_ms, 3),
+                       "total": round(total_ms, 3)},
+        "npu_busy_delta_us": scored.npu_busy_delta_us,
+    }
+
+
+def render_cohere(request: RerankRequest, scored: ScoredPairs, request_id: str, model_name: str) -> dict:
+    results = []
+    for i in rank(scored.scores, request.top_k):
+        item: dict[str, Any] = {"index": i, "relevance_score": float(scored.scores[i])}
+        if request.return_documents:
+            item["document"] = request.documents[i].original
+        results.append(item)
+    return {
+        "id": request_id,
+        "results": results,
+        "meta": {"api_version": {"version": "1"}, "model": model_name,
+                 "tokens": {"input_tokens": int(scored.lengths.sum()), "output_tokens": 0}},
+    }
+
+
+def render_error(error: ServiceError, dialect: str) -> dict:
+    detail = {"type": error.error_type, "message": error.message, "field": error.field}
+    if dialect == "cohere":  # Cohere's SDKs read `message`
+        return {"message": error.message, **{k: v for k, v in detail.items() if k != "message"}}
+    return {"ok": False, "error": detail}

@@ -1,0 +1,267 @@
+"""The cross-request batcher and the scoring call (`Reranker.score_pairs`)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batching import length_order, pad_batch, plan_batches
+from .encoding import EncodedPairs, PairEncoder
+from .engine import NpuBusyCounter
+from .errors import (
+    ClientGoneError,
+    DeadlineExceededError,
+    InferenceError,
+    NotReadyError,
+    PayloadTooLargeError,
+    ServiceError,
+)
+from .scoring import ScoredPairs, logits_to_scores
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    """Per-request bounds checked by the scoring path: a deadline (time.monotonic()), a token budget, and a probe
+    that says whether the client is still there."""
+
+    deadline: float | None = None
+    max_total_tokens: int | None = None
+    client_gone: Callable[[], bool] = lambda: False
+
+    def check(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceededError("the request's deadline passed before its work ran")
+        if self.client_gone():
+            raise ClientGoneError("the client closed the connection")
+
+
+class _Job:
+    """One request's pairs inside the Batcher: scores arrive batch by batch; the future completes at the last."""
+
+    def __init__(self, encoded: EncodedPairs, limits: WorkLimits):
+        self.encoded = encoded
+        self.limits = limits
+        self.future: Future = Future()
+        self.scores = np.full(len(encoded.lengths), np.nan)
+        self.todo = length_order(encoded.lengths)  # indices not yet planned, longest first
+        self.remaining = len(self.todo)  # indices not yet scored
+        self.submitted = time.perf_counter()
+        self.first_started: float | None = None
+        self.batches = 0
+
+    def dead(self) -> ServiceError | None:
+        """Why this job should not run any more, or None."""
+        if self.future.done():
+            return DeadlineExceededError("cancelled")
+        try:
+            self.limits.check()
+        except ServiceError as exc:
+            return exc
+        return None
+
+
+class Batcher:
+    """Cross-request dynamic batching. One owner thread takes the waiting requests in arrival order, gives each a
+    slice of at most `round_pairs` pairs per round (round-robin, so a small request never waits behind the whole of a
+    large one), sorts the round's pairs by length, plans micro-batches (per static bucket when the engine has them)
+    and hands them to one worker thread per infer request. Workers call the engine's blocking `infer`, which
+    releases the GIL, so the device runs `workers` batches at once while the owner prepares the next. Each request
+    waits on its own Future."""
+
+    def __init__(self, engine, pad_id: int, max_length: int, batch_size: int, round_pairs: int = 64):
+        self.engine, self.pad_id, self.max_length = engine, pad_id, max_length
+        self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
+        self.workers = max(1, getattr(engine, "num_requests", 1))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle_changed = threading.Condition()
+        self._idle_workers = 0
+        self._closed = False
+        self._threads = [threading.Thread(target=self._own, daemon=True, name="batcher")]
+        self._threads += [threading.Thread(target=self._work_loop, daemon=True, name=f"infer-{i}")
+                          for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> _Job:
+        job = _Job(encoded, limits)
+        if self._closed:
+            job.future.set_exception(NotReadyError("the server is shutting down"))
+        else:
+            self._inbox.put(job)
+        return job
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the owner and the workers and wait for them, so that nothing holds the engine afterwards."""
+        self._closed = True
+        self._inbox.put(None)
+        for _ in range(self.workers):
+            self._work.put(None)
+        with self._idle_changed:
+            self._idle_changed.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # ---- owner: rounds of micro-batches
+
+    def _own(self) -> None:
+        waiting: deque[_Job] = deque()
+        while True:
+            if not waiting:
+                item = self._inbox.get()
+                if item is None:
+                    return
+                waiting.append(item)
+            # plan only when a worker is idle and nothing is queued: requests that arrive while the device is
+            # busy join the next round, and so share its batches
+            with self._idle_changed:
+                self._idle_changed.wait_for(lambda: self._closed or (self._idle_workers > 0 and self._work.empty()))
+            if not self._take_arrivals(waiting):
+                return
+            for batch in self._plan_round(waiting):
+                self._work.put(batch)
+
+    def _take_arrivals(self, waiting: deque) -> bool:
+        """Move every submitted job into `waiting`; False once the batcher is closed."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            waiting.append(item)
+
+    def _plan_round(self, waiting: deque) -> list:
+        """Take slices round-robin up to round_pairs; return [(feed, shape, [(job, index, ...)])]."""
+        taken: list[tuple[_Job, list[int]]] = []
+        budget = self.round_pairs
+        for _ in range(len(waiting)):
+            if budget <= 0:
+                break
+            job = waiting.popleft()
+            problem = job.dead()
+            if problem is not None:
+                self._fail([job], problem)
+                continue
+            part, job.todo = job.todo[:budget], job.todo[budget:]
+            budget -= len(part)
+            taken.append((job, part))
+            if job.todo:
+                waiting.append(job)  # the rest of a large request goes behind the others
+        if not taken:
+            return []
+        owners = [(job, i) for job, part in taken for i in part]
+        merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
+                              type_ids=[job.encoded.type_ids[i] for job, i in owners],
+                              lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
+                              truncated=np.zeros(len(owners), bool))
+        batches = []
+        for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.max_length):
+            feed = pad_batch(merged, batch, self.engine.input_names, self.pad_id, self.engine.input_dtype)
+            batches.append((feed, batch.shape, [owners[k] for k in batch.indices]))
+        return batches
+
+    # ---- workers: run batches, hand out scores
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._idle_changed:
+                self._idle_workers += 1
+                self._idle_changed.notify_all()
+            item = self._work.get()
+            with self._idle_changed:
+                self._idle_workers -= 1
+            if item is None:
+                return
+            feed, shape, rows = item
+            live = []
+            for job in {id(job): job for job, _ in rows}.values():
+                problem = job.dead()
+                if problem is None:
+                    live.append(job)
+                else:
+                    self._fail([job], problem)
+            if not live:
+                continue
+            started = time.perf_counter()
+            for job in live:
+                job.first_started = job.first_started or started
+            try:
+                logits = self.engine.infer(feed, shape, min((j.limits.deadline for j in live
+                                                                if j.limits.deadline is not None), default=None))
+                if logits.shape[0] != shape.rows:
+                    raise InferenceError(f"the model returned {logits.shape[0]} rows for a batch of {shape.rows}")
+                scores = logits_to_scores(logits[:len(rows)])
+            except Exception as exc:  # handed to the waiting requests (a bug there becomes a logged 500)
+                self._fail(live, exc)
+                continue
+            with self._lock:
+                for (job, i), score in zip(rows, scores, strict=True):
+                    if job.future.done():
+                        continue
+                    job.scores[i] = score
+                    job.remaining -= 1
+                for job in live:
+                    job.batches += 1
+                    if job.remaining == 0 and not job.future.done():
+                        job.future.set_result(job.scores)
+
+    def cancel(self, job: _Job) -> None:
+        with self._lock:
+            job.future.cancel()
+
+    def _fail(self, jobs: Sequence[_Job], error: BaseException) -> None:
+        with self._lock:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+
+
+class Reranker:
+    """Pairs in, scores out: tokenize (on the caller's thread), then the Batcher plans micro-batches across
+    concurrent requests, infers and scores. `score_pairs` is the one API the HTTP layer calls."""
+
+    def __init__(self, encoder: PairEncoder, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
+                 round_pairs: int = 64):
+        self.encoder = encoder
+        self.engine = engine
+        self.busy_counter = busy_counter
+        self.batcher = Batcher(engine, encoder.pad_id, encoder.max_length, batch_size, round_pairs)
+
+    def score_pairs(self, query: str, texts: Sequence[str], limits: WorkLimits = WorkLimits()) -> ScoredPairs:
+        limits.check()
+        t0 = time.perf_counter()
+        encoded = self.encoder.encode(query, texts)
+        t1 = time.perf_counter()
+        total = int(encoded.lengths.sum())
+        if limits.max_total_tokens is not None and total > limits.max_total_tokens:
+            raise PayloadTooLargeError(f"the request has {total} tokens after truncation; the limit "
+                                       f"(max_total_tokens) is {limits.max_total_tokens}", "documents")
+        busy_before = self.busy_counter.read() if self.busy_counter else None
+        job = self.batcher.submit(encoded, limits)
+        timeout = None if limits.deadline is None else max(0.0, limits.deadline - time.monotonic())
+        try:
+            scores = job.future.result(timeout)
+        except FutureTimeoutError:
+            self.batcher.cancel(job)  # its remaining batches are dropped
+            raise DeadlineExceededError("the request's deadline passed before its work finished") from None
+        t2 = time.perf_counter()
+        busy_after = self.busy_counter.read() if self.busy_counter else None
+        delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
+        queued = (job.first_started or t2) - job.submitted
+        return ScoredPairs(scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000, (t2 - t1 - queued) * 1000,
+                           job.batches, delta, queued * 1000)
+
+    def close(self) -> None:
+        self.batcher.close()

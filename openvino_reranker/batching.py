@@ -1,0 +1,89 @@
+"""Batching and shapes: pure functions that plan micro-batches and pad them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ShapeBucket
+from .encoding import EncodedPairs
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    indices: tuple[int, ...]  # positions in the request, longest first
+    shape: ShapeBucket  # rows >= len(indices); spare rows are filled and their scores dropped
+    static: bool  # True: shape is a compiled bucket; False: a dynamic shape
+
+
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices by descending length, ties by ascending index (a stable order, so plans are reproducible)."""
+    return sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def pick_length(length: int, bucket_lengths: Sequence[int]) -> int:
+    """The smallest bucket length that holds `length` tokens."""
+    for candidate in bucket_lengths:
+        if candidate >= length:
+            return candidate
+    raise ValueError(f"{length} tokens fit no bucket (largest {max(bucket_lengths)})")
+
+
+def plan_batches(lengths: Sequence[int], buckets: Sequence[ShapeBucket] | None, batch_size: int,
+                 max_length: int, pad_multiple: int = 8) -> list[MicroBatch]:
+    """Group pairs sorted by length into micro-batches so that little padding is computed.
+
+    Dynamic shapes: chunks of `batch_size`, each padded to its longest pair rounded up to `pad_multiple`
+    (fewer distinct shapes for the CPU plugin), never beyond `max_length`.
+    Static buckets: each pair goes to the smallest bucket length that holds it; within a length, full batches use
+    the bucket with the most rows and the remainder the smallest bucket whose rows hold it.
+    """
+    order = length_order(lengths)
+    plan = []
+    if buckets is None:
+        for start in range(0, len(order), batch_size):
+            chunk = tuple(order[start:start + batch_size])
+            longest = int(lengths[chunk[0]])
+            plan.append(MicroBatch(chunk, ShapeBucket(len(chunk), min(_round_up(longest, pad_multiple), max_length)),
+                                   static=False))
+        return plan
+    bucket_lengths = sorted({b.length for b in buckets})
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(pick_length(int(lengths[i]), bucket_lengths), []).append(i)
+    for length in sorted(groups, reverse=True):
+        members = groups[length]
+        shapes = sorted((b for b in buckets if b.length == length), key=lambda b: b.rows)
+        largest = shapes[-1]
+        while members:
+            if len(members) >= largest.rows:
+                shape = largest
+            else:
+                shape = next(b for b in shapes if b.rows >= len(members))
+            take, members = members[:shape.rows], members[shape.rows:]
+            plan.append(MicroBatch(tuple(take), shape, static=True))
+    return plan
+
+
+def pad_batch(encoded: EncodedPairs, batch: MicroBatch, input_names: Sequence[str], pad_id: int,
+              dtype=np.int64) -> dict[str, np.ndarray]:
+    """Inputs for one micro-batch: right-padded with pad_id and a zero attention mask. Spare rows (static
+    buckets) repeat the batch's shortest real row; their scores are dropped."""
+    rows, length = batch.shape.rows, batch.shape.length
+    ids = np.full((rows, length), pad_id, dtype=dtype)
+    mask = np.zeros((rows, length), dtype=dtype)
+    types = np.zeros((rows, length), dtype=dtype)
+    sources = list(batch.indices) + [batch.indices[-1]] * (rows - len(batch.indices))
+    for row, i in enumerate(sources):
+        n = int(encoded.lengths[i])
+        ids[row, :n] = encoded.ids[i]
+        mask[row, :n] = 1
+        types[row, :n] = encoded.type_ids[i]
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: feed[name] for name in input_names}

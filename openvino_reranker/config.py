@@ -1,0 +1,273 @@
+"""Configuration: every option is a flag and an OPENVINO_RERANKER_* variable, parsed here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .errors import EXIT_CONFIG, StartupError
+
+DEFAULT_MODEL_DIR = "~/.cache/openvino-models/rerankers/ms-marco-MiniLM-L6-v2-int8-ov"
+DEFAULT_NPU_BUSY_PATH = "/sys/class/accel/accel0/device/npu_busy_time_us"
+MAX_SUPPORTED_LENGTH = 512
+ENV_PREFIX = "OPENVINO_RERANKER_"
+
+
+@dataclass(frozen=True, order=True)
+class ShapeBucket:
+    """One static input shape `[rows, length]` compiled for the NPU (or for CPU in static mode)."""
+
+    rows: int
+    length: int
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.length}"
+
+
+def _parse_int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is outside {lo}..{hi}")
+        return value
+
+    return parse
+
+
+_DEVICE_RE = re.compile(r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?|(AUTO|MULTI|HETERO)(:[A-Z0-9.]+(,[A-Z0-9.]+)*)?)$")
+
+
+def _parse_device(text: str) -> str:
+    device = text.strip().upper()
+    if not _DEVICE_RE.match(device):
+        raise ValueError(f"{text!r} is not a device (use NPU, CPU, GPU, GPU.1, AUTO or AUTO:NPU,CPU)")
+    return device
+
+
+def _parse_buckets(text: str) -> tuple[ShapeBucket, ...]:
+    buckets = set()
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)x(\d+)", part)
+        if not m:
+            raise ValueError(f"{part!r} is not ROWSxLENGTH (example: 8x128)")
+        rows, length = int(m.group(1)), int(m.group(2))
+        if not (1 <= rows <= 256 and 8 <= length <= MAX_SUPPORTED_LENGTH):
+            raise ValueError(f"{part}: rows must be 1..256 and length 8..{MAX_SUPPORTED_LENGTH}")
+        buckets.add(ShapeBucket(rows, length))
+    return tuple(sorted(buckets, key=lambda b: (b.length, b.rows)))
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_path(text: str) -> str:
+    return os.path.expanduser(text.strip()) if text.strip() else ""
+
+
+def _parse_bool_option(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"{text!r} is not true or false")
+    return value in ("true", "1", "yes")
+
+
+def _parse_fraction(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise ValueError(f"{value} is outside (0, 1)")
+    return value
+
+
+def _parse_log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"{text!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # config field; the flag is --name-with-dashes, the env var OPENVINO_RERANKER_NAME
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS = (
+    Option("host", lambda s: s.strip(), "127.0.0.1", "address to bind"),
+    Option("port", _parse_int(0, 65535), "18818", "TCP port to bind (0 = any free port)"),
+    Option("device", _parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]"),
+    Option("model_dir", _parse_path, DEFAULT_MODEL_DIR, "directory with openvino_model.xml and tokenizer.json"),
+    Option("max_length", _parse_int(0, MAX_SUPPORTED_LENGTH), "0",
+           "tokens per (query, document) pair; 0 = the model's limit (at most 512)"),
+    Option("shape_mode", _parse_choice("auto", "static", "dynamic"), "auto",
+           "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere"),
+    Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
+           "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)"),
+    Option("batch_size", _parse_int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
+    Option("performance_hint", _parse_choice("latency", "throughput"), "latency",
+           "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
+           "README). Every compile is checked against an f32 single-stream reference"),
+    Option("num_streams", _parse_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
+    Option("inference_threads", _parse_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
+    Option("infer_requests", _parse_int(0, 64), "0",
+           "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
+    Option("inference_precision", _parse_choice("default", "f32", "bf16", "f16"), "default",
+           "INFERENCE_PRECISION_HINT; default = the device's choice"),
+    Option("parity_tolerance", _parse_fraction, "0.02",
+           "largest score difference from the f32 single-stream CPU reference accepted at startup"),
+    Option("on_parity_failure", _parse_choice("fallback", "refuse"), "fallback",
+           "when the serving compile disagrees with the reference: recompile safely, or refuse to start"),
+    Option("cache_dir", _parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)"),
+    Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)"),
+    Option("max_body_bytes", _parse_int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
+    Option("max_documents", _parse_int(1, 100_000), "1000", "most documents in one request"),
+    Option("max_query_chars", _parse_int(1, 10_000_000), "8192", "longest query, in characters"),
+    Option("max_document_chars", _parse_int(1, 10_000_000), "100000", "longest document text, in characters"),
+    Option("max_total_tokens", _parse_int(1, 100_000_000), "131072",
+           "most tokens per request, all (query, document) pairs after truncation"),
+    Option("max_queued_requests", _parse_int(1, 100_000), "32",
+           "scoring requests admitted at once (running + waiting); beyond it 503 overloaded"),
+    Option("request_timeout_ms", _parse_int(1, 3_600_000), "30000",
+           "default per-request deadline; a request may ask for less or more (X-Request-Timeout-Ms, timeout_ms)"),
+    Option("read_timeout_s", _parse_int(1, 3600), "10", "seconds to receive a whole request once it has begun"),
+    Option("idle_timeout_s", _parse_int(1, 3600), "30", "seconds a keep-alive connection may sit idle"),
+    Option("max_connections", _parse_int(1, 100_000), "128", "open client connections; beyond it 503 at once"),
+    Option("drain_timeout_s", _parse_int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
+    Option("failures_before_unready", _parse_int(1, 1000), "3",
+           "consecutive inference failures that flip /readyz to 503 (a success flips it back)"),
+    Option("api_key", lambda s: s.strip(), "", "require 'Authorization: Bearer KEY' on scoring routes and /metrics"),
+    Option("api_key_file", _parse_path, "", "file holding the API key (first line); instead of api_key"),
+    Option("allow_remote_without_key", _parse_bool_option, "false",
+           "allow binding a non-loopback address with no API key"),
+    Option("log_level", _parse_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str
+    port: int
+    device: str
+    model_dir: str
+    max_length: int
+    shape_mode: str
+    buckets: tuple[ShapeBucket, ...]
+    batch_size: int
+    performance_hint: str
+    num_streams: int
+    inference_threads: int
+    infer_requests: int
+    inference_precision: str
+    parity_tolerance: float
+    on_parity_failure: str
+    cache_dir: str
+    npu_busy_path: str
+    max_body_bytes: int
+    max_documents: int
+    max_query_chars: int
+    max_document_chars: int
+    max_total_tokens: int
+    max_queued_requests: int
+    request_timeout_ms: int
+    read_timeout_s: int
+    idle_timeout_s: int
+    max_connections: int
+    drain_timeout_s: int
+    failures_before_unready: int
+    api_key: str
+    api_key_file: str
+    allow_remote_without_key: bool
+    log_level: str
+
+    @property
+    def is_npu(self) -> bool:
+        """True when the NPU is asked for by name: the fail-closed proof applies (AUTO/MULTI only report)."""
+        return self.device.split(".")[0] == "NPU"
+
+    @property
+    def static_shapes(self) -> bool:
+        return self.shape_mode == "static" or (self.shape_mode == "auto" and "NPU" in self.device)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise StartupError(f"bad command line: {message}", EXIT_CONFIG)
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Flags beat OPENVINO_RERANKER_* variables, which beat defaults. A bad value raises StartupError."""
+    environ = os.environ if environ is None else environ
+    parser = _ArgumentParser(prog="server.py", description="Local cross-encoder reranker (OpenVINO).")
+    for opt in OPTIONS:
+        parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
+                            help=f"{opt.help} (env {opt.env}, default {opt.default!r})")
+    parser.add_argument("--version", action="version", version=f"openvino-reranker {__version__}")
+    args = parser.parse_args(argv)
+    values = {}
+    for opt in OPTIONS:
+        raw, source = getattr(args, opt.name), opt.flag
+        if raw is None and opt.env in environ:
+            raw, source = environ[opt.env], opt.env
+        if raw is None:
+            raw, source = opt.default, "default"
+        try:
+            values[opt.name] = opt.parse(raw)
+        except ValueError as exc:
+            raise StartupError(f"bad value for {source}: {exc}", EXIT_CONFIG) from None
+    if not values["host"]:
+        raise StartupError("bad value for host: empty", EXIT_CONFIG)
+    if values["api_key"] and values["api_key_file"]:
+        raise StartupError("set either api_key or api_key_file, not both", EXIT_CONFIG)
+    return Config(**values)
+
+
+def load_api_key(config: Config) -> str:
+    """The API key from api_key or the first line of api_key_file; '' when none is set."""
+    if not config.api_key_file:
+        return config.api_key
+    try:
+        with open(config.api_key_file, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except OSError as exc:
+        raise StartupError(f"cannot read api_key_file {config.api_key_file}: {exc.strerror}", EXIT_CONFIG) from None
+    if not key:
+        raise StartupError(f"api_key_file {config.api_key_file} is empty", EXIT_CONFIG)
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` resolves to is a loopback address."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)

@@ -1,0 +1,150 @@
+"""The OpenVINO engine: device checks, the NPU busy counter, compiled models and their infer requests."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import ENV_PREFIX, ShapeBucket
+from .errors import EXIT_DEVICE, EXIT_MODEL, DeadlineExceededError, InferenceError, StartupError, first_line
+
+REQUIRED_INPUTS = ("input_ids", "attention_mask")
+OPTIONAL_INPUTS = ("token_type_ids",)
+
+
+def check_device_available(device: str, available: Sequence[str]) -> None:
+    """Raise StartupError unless `device` can run here; the message names what is available."""
+    base_names = {d.split(".")[0] for d in available}
+    if ":" in device:
+        candidates = device.split(":", 1)[1].split(",")
+        ok = any(c in available or c in base_names for c in candidates)
+    elif device in ("AUTO", "MULTI", "HETERO"):
+        ok = bool(available)
+    else:
+        ok = device in available or device in base_names
+    if not ok:
+        choices = ", ".join(available) or "none"
+        raise StartupError(
+            f"device {device} is not available on this machine (OpenVINO sees: {choices}); choose one with "
+            f"--device {available[0] if available else 'CPU'} or {ENV_PREFIX}DEVICE", EXIT_DEVICE)
+
+
+class NpuBusyCounter:
+    """The ivpu driver's device-global NPU busy time in microseconds (sysfs `npu_busy_time_us`)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> int | None:
+        """The counter, or None when it cannot be read (no NPU, or a kernel older than 6.10)."""
+        if not self.path:
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    device: str
+    execution_devices: tuple[str, ...]
+    buckets: tuple[ShapeBucket, ...] | None  # None: dynamic shapes
+    loaded_from_cache: tuple[bool, ...]  # one per compiled model
+    compile_ms: float
+    input_names: tuple[str, ...]
+    num_labels: int
+    properties: Mapping[str, str]
+    infer_requests: int
+
+
+class Engine:
+    """Compiled OpenVINO model(s) and a pool of infer requests per compiled model. `infer(feed, shape)` returns
+    logits as float32 [rows, num_labels]. Knows nothing about HTTP, JSON or tokenization."""
+
+    def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping,
+                 before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None, infer_requests: int = 0):
+        self.input_names, self.num_labels = self.check_model_contract(model)
+        self.input_dtype = model.input("input_ids").get_element_type().to_dtype()
+        self.device = device
+        self.buckets = tuple(buckets) if buckets is not None else None
+        self._compiled: dict[ShapeBucket | None, Any] = {}
+        self._pools: dict[ShapeBucket | None, queue.Queue] = {}
+        started = time.perf_counter()
+        for shape in (self.buckets or (None,)):
+            before_compile(shape)
+            variant = model
+            if shape is not None:
+                variant = model.clone()
+                variant.reshape({name: [shape.rows, shape.length] for name in self.input_names})
+            try:
+                compiled = core.compile_model(variant, device, dict(properties))
+            except RuntimeError as exc:
+                where = f" for shape {shape}" if shape else ""
+                raise StartupError(f"compiling the model on {device}{where} failed: {first_line(exc)}",
+                                   EXIT_DEVICE) from None
+            self._compiled[shape] = compiled
+            pool: queue.Queue = queue.Queue()
+            self.num_requests = infer_requests or max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+            for _ in range(self.num_requests):
+                pool.put(compiled.create_infer_request())
+            self._pools[shape] = pool
+        self.compile_ms = (time.perf_counter() - started) * 1000
+        self.properties = dict(properties)
+
+    @staticmethod
+    def check_model_contract(model) -> tuple[tuple[str, ...], int]:
+        """Inputs input_ids + attention_mask (+ token_type_ids); output `logits` [?, 1 or 2]."""
+        names = [p.get_any_name() for p in model.inputs]
+        missing = [n for n in REQUIRED_INPUTS if n not in names]
+        extra = [n for n in names if n not in REQUIRED_INPUTS + OPTIONAL_INPUTS]
+        if missing or extra:
+            raise StartupError(f"the model's inputs are {names}: it needs {list(REQUIRED_INPUTS)} (plus optional "
+                               f"token_type_ids) and nothing else", EXIT_MODEL)
+        outputs = [o for o in model.outputs if "logits" in o.get_names()] or list(model.outputs)
+        if len(outputs) != 1:
+            raise StartupError("the model has no output named 'logits'", EXIT_MODEL)
+        shape = outputs[0].get_partial_shape()
+        if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic or \
+                shape[1].get_length() not in (1, 2):
+            raise StartupError(f"the model's logits have shape {shape}: a cross-encoder gives [batch, 1] or "
+                               f"[batch, 2]", EXIT_MODEL)
+        ordered = tuple(n for n in REQUIRED_INPUTS + OPTIONAL_INPUTS if n in names)
+        return ordered, shape[1].get_length()
+
+    def info(self) -> EngineInfo:
+        devices: list[str] = []
+        cached = []
+        for compiled in self._compiled.values():
+            for d in compiled.get_property("EXECUTION_DEVICES"):
+                if d not in devices:
+                    devices.append(d)
+            try:
+                cached.append(bool(compiled.get_property("LOADED_FROM_CACHE")))
+            except RuntimeError:
+                cached.append(False)
+        return EngineInfo(self.device, tuple(devices), self.buckets, tuple(cached), round(self.compile_ms, 1),
+                          self.input_names, self.num_labels, self.properties, self.num_requests)
+
+    def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
+              deadline: float | None = None) -> np.ndarray:
+        """Run one batch on a free infer request and return its logits. Waiting for a request past `deadline`
+        (time.monotonic()) is a 504."""
+        pool = self._pools[shape if self.buckets is not None else None]
+        try:
+            request = pool.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise DeadlineExceededError("the request's deadline passed while it waited for the device") from None
+        try:
+            result = request.infer(feed)
+            return np.array(result[0], dtype=np.float32, copy=True)
+        except RuntimeError as exc:
+            raise InferenceError(f"inference failed: {first_line(exc)}") from None
+        finally:
+            pool.put(request)

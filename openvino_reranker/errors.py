@@ -1,0 +1,87 @@
+"""Errors a client sees (one status and `error_type` each) and errors that stop startup (one exit code each)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class ServiceError(Exception):
+    """An error a client sees: one status and one stable `error_type` per subclass (SPEC.md, "Errors")."""
+
+    status = 500
+    error_type = "internal"
+
+    def __init__(self, message: str, field: str | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.headers = dict(headers or {})
+
+
+class BadRequestError(ServiceError):
+    status, error_type = 400, "invalid_request"
+
+
+class UnauthorizedError(ServiceError):
+    status, error_type = 401, "unauthorized"
+
+
+class NotFoundError(ServiceError):
+    status, error_type = 404, "not_found"
+
+
+class MethodNotAllowedError(ServiceError):
+    status, error_type = 405, "method_not_allowed"
+
+
+class RequestTimeoutError(ServiceError):
+    status, error_type = 408, "request_timeout"
+
+
+class LengthRequiredError(ServiceError):
+    status, error_type = 411, "length_required"
+
+
+class PayloadTooLargeError(ServiceError):
+    status, error_type = 413, "too_large"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status, error_type = 415, "unsupported_media_type"
+
+
+class InferenceError(ServiceError):
+    status, error_type = 500, "inference_failed"
+
+
+class NotReadyError(ServiceError):
+    status, error_type = 503, "not_ready"
+
+
+class OverloadedError(ServiceError):
+    status, error_type = 503, "overloaded"
+
+
+class DeadlineExceededError(ServiceError):
+    status, error_type = 504, "deadline_exceeded"
+
+
+class ClientGoneError(ServiceError):
+    """The client closed its connection: the work is dropped and nothing is sent (logged as status 499)."""
+
+    status, error_type = 499, "client_closed_request"
+
+
+class StartupError(Exception):
+    """Stops the process before it serves: one line on stderr and a distinct exit code (SPEC.md, "Exit codes")."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
+
+def first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__

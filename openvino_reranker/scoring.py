@@ -1,0 +1,41 @@
+"""Scoring and ranking: logits to float64 scores, and the result order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InferenceError
+
+
+def logits_to_scores(logits: np.ndarray) -> np.ndarray:
+    """Scores in float64: sigmoid of one logit, or the positive-class softmax probability of two
+    (softmax(l)[1] == sigmoid(l1 - l0)). A non-finite logit is an InferenceError."""
+    x = np.asarray(logits, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] not in (1, 2):
+        raise InferenceError(f"the model returned logits of shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise InferenceError("the model returned a non-finite score")
+    z = x[:, 0] if x.shape[1] == 1 else x[:, 1] - x[:, 0]
+    e = np.exp(-np.abs(z))  # stable for any magnitude
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def rank(scores: Sequence[float], top_k: int | None = None) -> list[int]:
+    """Indices by descending score; equal scores keep ascending input index."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return order if top_k is None else order[:top_k]
+
+
+@dataclass(frozen=True)
+class ScoredPairs:
+    scores: np.ndarray  # float64, request order
+    lengths: np.ndarray  # tokens per pair
+    truncated: np.ndarray  # bool per pair
+    tokenize_ms: float
+    infer_ms: float  # on the device
+    batches: int
+    npu_busy_delta_us: int | None
+    queue_ms: float = 0.0  # waiting for a free infer request
