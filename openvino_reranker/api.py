@@ -1,14 +1,61 @@
-"""Request parsing and response rendering, per API dialect: the only place wire field names appear."""
+"""The wire: request parsing and response rendering per API dialect, error bodies, and the /readyz body. The only
+module where JSON field names appear.
+
+`DIALECTS` is the table the HTTP layer routes from: each entry names its paths, its parser, its renderer, its
+error shape and whether it needs the API key. Adding an API is one entry plus its parse and render functions
+(README.md, "Development").
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
+from .checks import StartupCheck
+from .config import TIMEOUT_MS, Config, IntRange
+from .engine import EngineInfo
 from .errors import BadRequestError, PayloadTooLargeError, ServiceError
+from .modeldir import ModelFiles
+from .parity import REFERENCE_PROPERTIES, ParityCheck
 from .scoring import ScoredPairs, rank
+
+# ---- JSON
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def decode_json(raw: bytes) -> Any:
+    """A request body: UTF-8 JSON without NaN, Infinity or numbers that overflow to them."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise BadRequestError("the body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise BadRequestError(f"the body is not valid JSON: {exc}") from None
+
+
+def encode_json(payload: Any) -> bytes:
+    """A response body. Strings a client sent are echoed in some answers; a lone surrogate among them (JSON allows
+    "\\ud800") is written back as the same escape instead of failing the whole answer."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8", "backslashreplace")
+
+
+# ---- requests
 
 
 @dataclass(frozen=True)
@@ -96,6 +143,17 @@ def _parse_positive_int(body: dict, name: str) -> int | None:
     return value
 
 
+def _parse_bounded_int(body: dict, name: str, bounds: IntRange) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not bounds.lo <= value <= bounds.hi:
+        shown = _type_name(value) if isinstance(value, bool) or not isinstance(value, int) else \
+            (str(value) if len(str(value)) <= 20 else "a longer integer")
+        raise BadRequestError(f"{name} must be an integer {bounds.lo}..{bounds.hi}, not {shown}", name)
+    return value
+
+
 def _parse_bool(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
@@ -150,6 +208,8 @@ def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
         if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
             raise BadRequestError(f"{path}.id must be a string or an integer, not {_type_name(doc_id)}",
                                   f"{path}.id")
+        if isinstance(doc_id, str):
+            _check_encodable(doc_id, f"{path}.id")
         return Document(i, _parse_text(doc["text"], f"{path}.text", limits), doc_id)
 
     documents = _parse_documents(body, limits, parse_one)
@@ -163,7 +223,7 @@ def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
                                   f"documents[{doc.index}].id")
         first_seen[key] = doc.index
     return RerankRequest(query, documents, _parse_positive_int(body, "top_k"), _parse_bool(body, "return_documents"),
-                         timeout_ms=_parse_positive_int(body, "timeout_ms"))
+                         timeout_ms=_parse_bounded_int(body, "timeout_ms", TIMEOUT_MS))
 
 
 def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
@@ -192,8 +252,17 @@ def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
     return RerankRequest(query, documents, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_documents"),
                          model)
 
-def render_native(request: RerankRequest, scored: ScoredPairs, model_name: str, device: str,
-                  total_ms: float) -> dict:
+@dataclass(frozen=True)
+class ResponseContext:
+    """What a response says besides the scores."""
+
+    request_id: str
+    model_name: str
+    device: str
+    total_ms: float
+
+
+def render_native(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
     results = []
     for i in rank(scored.scores, request.top_k):
         doc = request.documents[i]
@@ -208,16 +277,20 @@ def render_native(request: RerankRequest, scored: ScoredPairs, model_name: str, 
     return {
         "ok": True,
         "results": results,
-        "model": model_name,
-        "device": device,
+        "model": ctx.model_name,
+        "device": ctx.device,
         "usage": {"documents": len(request.documents), "tokens": int(scored.lengths.sum())},
         "timings_ms": {"tokenize": round(scored.tokenize_ms, 3), "infer": round(scored.infer_ms, 3),
-                       "total": round(total_ms, 3)},
+                       "total": round(ctx.total_ms, 3)},
         "npu_busy_delta_us": scored.npu_busy_delta_us,
     }
 
 
-def render_cohere(request: RerankRequest, scored: ScoredPairs, request_id: str, model_name: str) -> dict:
+def render_native_error(error: ServiceError) -> dict:
+    return {"ok": False, "error": {"type": error.error_type, "message": error.message, "field": error.field}}
+
+
+def render_cohere(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
     results = []
     for i in rank(scored.scores, request.top_k):
         item: dict[str, Any] = {"index": i, "relevance_score": float(scored.scores[i])}
@@ -225,15 +298,79 @@ def render_cohere(request: RerankRequest, scored: ScoredPairs, request_id: str, 
             item["document"] = request.documents[i].original
         results.append(item)
     return {
-        "id": request_id,
+        "id": ctx.request_id,
         "results": results,
-        "meta": {"api_version": {"version": "1"}, "model": model_name,
+        "meta": {"api_version": {"version": "1"}, "model": ctx.model_name,
                  "tokens": {"input_tokens": int(scored.lengths.sum()), "output_tokens": 0}},
     }
 
 
-def render_error(error: ServiceError, dialect: str) -> dict:
-    detail = {"type": error.error_type, "message": error.message, "field": error.field}
-    if dialect == "cohere":  # Cohere's SDKs read `message`
-        return {"message": error.message, **{k: v for k, v in detail.items() if k != "message"}}
-    return {"ok": False, "error": detail}
+def render_cohere_error(error: ServiceError) -> dict:
+    return {"message": error.message, "type": error.error_type, "field": error.field}  # Cohere's SDKs read message
+
+
+# ---- the dialect table
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    paths: tuple[str, ...]  # POST routes
+    parse: Callable[[Any, RequestLimits], RerankRequest]
+    render: Callable[[RerankRequest, ScoredPairs, ResponseContext], dict]
+    render_error: Callable[[ServiceError], dict]
+    needs_key: bool = True  # with an API key set, the key is required
+
+
+NATIVE = Dialect("native", ("/rerank",), parse_native, render_native, render_native_error)
+COHERE = Dialect("cohere", ("/v1/rerank",), parse_cohere, render_cohere, render_cohere_error)
+DIALECTS = (NATIVE, COHERE)
+
+
+# ---- health and readiness
+
+
+def render_healthz(version: str) -> dict:
+    return {"ok": True, "status": "alive", "version": version}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What serves, as /readyz reports it: fixed once the startup check passed."""
+
+    model: ModelFiles
+    engine: EngineInfo
+    check: StartupCheck
+    parity: ParityCheck
+    config: Config
+    versions: Mapping[str, str]
+
+
+def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
+    body: dict[str, Any] = {"ready": ready, "reason": reason}
+    if served is None:
+        return body
+    engine, parity, config = served.engine, served.parity, served.config
+    body.update({
+        "device": config.device,
+        "execution_devices": list(engine.execution_devices),
+        "model": served.model.name,
+        "model_dir": str(served.model.model_dir),
+        "max_length": served.model.max_length,
+        "num_labels": engine.num_labels,
+        "inputs": list(engine.input_names),
+        "shape_mode": "static" if engine.buckets is not None else "dynamic",
+        "buckets": [str(b) for b in engine.buckets] if engine.buckets is not None else None,
+        "batch_size": config.batch_size,
+        "compile": {"ms": engine.compile_ms, "cache_dir": config.cache_dir or None,
+                    "loaded_from_cache": list(engine.loaded_from_cache),
+                    "properties": dict(engine.properties), "infer_requests": engine.infer_requests},
+        "parity": {"max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,
+                   "fallback": parity.fallback, "failed_max_abs_diff": parity.failed_max_abs_diff,
+                   "failed_properties": dict(parity.failed_properties) if parity.failed_properties else None,
+                   "reference": "CPU, " + ", ".join(f"{k}={v}" for k, v in REFERENCE_PROPERTIES.items())},
+        "startup_check": {"ms": served.check.elapsed_ms, "npu_busy_delta_us": served.check.npu_busy_delta_us,
+                          "npu_note": served.check.npu_note},
+        "versions": dict(served.versions),
+    })
+    return body

@@ -1,4 +1,5 @@
-"""The cross-request batcher and the scoring call (`Reranker.score_pairs`)."""
+"""The cross-request batcher, which moves raw logits, and the scoring call (`Reranker.score_pairs`): pairs in,
+scores out."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import length_order, pad_batch, plan_batches
-from .encoding import EncodedPairs, PairEncoder
+from .batching import length_order, plan_batches
+from .encoding import CrossEncoderHead, EncodedPairs
 from .engine import NpuBusyCounter
 from .errors import (
     ClientGoneError,
@@ -24,7 +25,7 @@ from .errors import (
     PayloadTooLargeError,
     ServiceError,
 )
-from .scoring import ScoredPairs, logits_to_scores
+from .scoring import ScoredPairs
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,13 @@ class WorkLimits:
 
 
 class _Job:
-    """One request's pairs inside the Batcher: scores arrive batch by batch; the future completes at the last."""
+    """One request's pairs inside the Batcher: logits arrive batch by batch; the future completes at the last."""
 
-    def __init__(self, encoded: EncodedPairs, limits: WorkLimits):
+    def __init__(self, encoded: EncodedPairs, limits: WorkLimits, num_labels: int):
         self.encoded = encoded
         self.limits = limits
         self.future: Future = Future()
-        self.scores = np.full(len(encoded.lengths), np.nan)
+        self.logits = np.full((len(encoded.lengths), num_labels), np.nan)
         self.todo = length_order(encoded.lengths)  # indices not yet planned, longest first
         self.remaining = len(self.todo)  # indices not yet scored
         self.submitted = time.perf_counter()
@@ -76,8 +77,8 @@ class Batcher:
     releases the GIL, so the device runs `workers` batches at once while the owner prepares the next. Each request
     waits on its own Future."""
 
-    def __init__(self, engine, pad_id: int, max_length: int, batch_size: int, round_pairs: int = 64):
-        self.engine, self.pad_id, self.max_length = engine, pad_id, max_length
+    def __init__(self, engine, head: CrossEncoderHead, batch_size: int, round_pairs: int = 64):
+        self.engine, self.head = engine, head
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
         self.workers = max(1, getattr(engine, "num_requests", 1))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -93,7 +94,7 @@ class Batcher:
             thread.start()
 
     def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> _Job:
-        job = _Job(encoded, limits)
+        job = _Job(encoded, limits, self.head.contract.num_labels)
         if self._closed:
             job.future.set_exception(NotReadyError("the server is shutting down"))
         else:
@@ -167,12 +168,12 @@ class Batcher:
                               lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
                               truncated=np.zeros(len(owners), bool))
         batches = []
-        for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.max_length):
-            feed = pad_batch(merged, batch, self.engine.input_names, self.pad_id, self.engine.input_dtype)
+        for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.head.max_length):
+            feed = self.head.feed(merged, batch.indices, batch.shape)
             batches.append((feed, batch.shape, [owners[k] for k in batch.indices]))
         return batches
 
-    # ---- workers: run batches, hand out scores
+    # ---- workers: run batches, hand out logits
 
     def _work_loop(self) -> None:
         while True:
@@ -200,22 +201,22 @@ class Batcher:
             try:
                 logits = self.engine.infer(feed, shape, min((j.limits.deadline for j in live
                                                                 if j.limits.deadline is not None), default=None))
-                if logits.shape[0] != shape.rows:
-                    raise InferenceError(f"the model returned {logits.shape[0]} rows for a batch of {shape.rows}")
-                scores = logits_to_scores(logits[:len(rows)])
+                if logits.ndim != 2 or logits.shape[0] != shape.rows:
+                    raise InferenceError(f"the model returned logits of shape {list(logits.shape)} for a batch of "
+                                         f"{shape.rows}")
             except Exception as exc:  # handed to the waiting requests (a bug there becomes a logged 500)
                 self._fail(live, exc)
                 continue
             with self._lock:
-                for (job, i), score in zip(rows, scores, strict=True):
+                for (job, i), row in zip(rows, logits[:len(rows)], strict=True):
                     if job.future.done():
                         continue
-                    job.scores[i] = score
+                    job.logits[i] = row
                     job.remaining -= 1
                 for job in live:
                     job.batches += 1
                     if job.remaining == 0 and not job.future.done():
-                        job.future.set_result(job.scores)
+                        job.future.set_result(job.logits)
 
     def cancel(self, job: _Job) -> None:
         with self._lock:
@@ -229,20 +230,21 @@ class Batcher:
 
 
 class Reranker:
-    """Pairs in, scores out: tokenize (on the caller's thread), then the Batcher plans micro-batches across
-    concurrent requests, infers and scores. `score_pairs` is the one API the HTTP layer calls."""
+    """Pairs in, scores out: the head encodes (on the caller's thread), the Batcher plans micro-batches across
+    concurrent requests and collects their logits, and the head turns those into scores. `score_pairs` is the one
+    scoring API the service calls."""
 
-    def __init__(self, encoder: PairEncoder, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
+    def __init__(self, head: CrossEncoderHead, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
                  round_pairs: int = 64):
-        self.encoder = encoder
+        self.head = head
         self.engine = engine
         self.busy_counter = busy_counter
-        self.batcher = Batcher(engine, encoder.pad_id, encoder.max_length, batch_size, round_pairs)
+        self.batcher = Batcher(engine, head, batch_size, round_pairs)
 
     def score_pairs(self, query: str, texts: Sequence[str], limits: WorkLimits = WorkLimits()) -> ScoredPairs:
         limits.check()
         t0 = time.perf_counter()
-        encoded = self.encoder.encode(query, texts)
+        encoded = self.head.encode(query, texts)
         t1 = time.perf_counter()
         total = int(encoded.lengths.sum())
         if limits.max_total_tokens is not None and total > limits.max_total_tokens:
@@ -252,15 +254,20 @@ class Reranker:
         job = self.batcher.submit(encoded, limits)
         timeout = None if limits.deadline is None else max(0.0, limits.deadline - time.monotonic())
         try:
-            scores = job.future.result(timeout)
+            logits = job.future.result(timeout)
         except FutureTimeoutError:
             self.batcher.cancel(job)  # its remaining batches are dropped
             raise DeadlineExceededError("the request's deadline passed before its work finished") from None
+        except BaseException:
+            self.batcher.cancel(job)  # whatever went wrong, no batch of this request may run any more
+            raise
+        scores = self.head.scores(logits)
         t2 = time.perf_counter()
         busy_after = self.busy_counter.read() if self.busy_counter else None
         delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
         queued = (job.first_started or t2) - job.submitted
-        return ScoredPairs(scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000, (t2 - t1 - queued) * 1000,
+        return ScoredPairs(scores, logits, encoded.lengths, encoded.truncated, (t1 - t0) * 1000,
+                           (t2 - t1 - queued) * 1000,
                            job.batches, delta, queued * 1000)
 
     def close(self) -> None:

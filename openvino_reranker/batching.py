@@ -1,14 +1,11 @@
-"""Batching and shapes: pure functions that plan micro-batches and pad them."""
+"""Batching and shapes: pure functions that plan micro-batches (padding them is the model head's job)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from .config import ShapeBucket
-from .encoding import EncodedPairs
 
 
 @dataclass(frozen=True)
@@ -69,21 +66,3 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[ShapeBucket] | None, 
             take, members = members[:shape.rows], members[shape.rows:]
             plan.append(MicroBatch(tuple(take), shape, static=True))
     return plan
-
-
-def pad_batch(encoded: EncodedPairs, batch: MicroBatch, input_names: Sequence[str], pad_id: int,
-              dtype=np.int64) -> dict[str, np.ndarray]:
-    """Inputs for one micro-batch: right-padded with pad_id and a zero attention mask. Spare rows (static
-    buckets) repeat the batch's shortest real row; their scores are dropped."""
-    rows, length = batch.shape.rows, batch.shape.length
-    ids = np.full((rows, length), pad_id, dtype=dtype)
-    mask = np.zeros((rows, length), dtype=dtype)
-    types = np.zeros((rows, length), dtype=dtype)
-    sources = list(batch.indices) + [batch.indices[-1]] * (rows - len(batch.indices))
-    for row, i in enumerate(sources):
-        n = int(encoded.lengths[i])
-        ids[row, :n] = encoded.ids[i]
-        mask[row, :n] = 1
-        types[row, :n] = encoded.type_ids[i]
-    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-    return {name: feed[name] for name in input_names}

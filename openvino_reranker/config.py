@@ -31,17 +31,31 @@ class ShapeBucket:
         return f"{self.rows}x{self.length}"
 
 
-def _parse_int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text.strip())
-        except ValueError:
-            raise ValueError(f"{text!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise ValueError(f"{value} is outside {lo}..{hi}")
+@dataclass(frozen=True)
+class IntRange:
+    """A bounded integer, parsed the same way wherever it comes from (an option, a JSON field, a header): ASCII
+    digits only (`int()` also takes '²', '١' and '1_000'), and a value outside lo..hi is an error, not clamped."""
+
+    lo: int
+    hi: int
+
+    def check(self, value: int) -> int:
+        if not self.lo <= value <= self.hi:
+            raise ValueError(f"{value} is outside {self.lo}..{self.hi}")
         return value
 
-    return parse
+    def parse_text(self, text: str) -> int:
+        m = re.fullmatch(r"[ \t]*(-?[0-9]{1,20})[ \t]*", text)
+        if not m:
+            raise ValueError(f"{text[:40]!r} is not an integer")
+        return self.check(int(m.group(1)))
+
+
+TIMEOUT_MS = IntRange(1, 3_600_000)  # request_timeout_ms, the body's timeout_ms and X-Request-Timeout-Ms
+
+
+def _int(lo: int, hi: int) -> Callable[[str], int]:
+    return IntRange(lo, hi).parse_text
 
 
 _DEVICE_RE = re.compile(r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?|(AUTO|MULTI|HETERO)(:[A-Z0-9.]+(,[A-Z0-9.]+)*)?)$")
@@ -123,22 +137,22 @@ class Option:
 
 OPTIONS = (
     Option("host", lambda s: s.strip(), "127.0.0.1", "address to bind"),
-    Option("port", _parse_int(0, 65535), "18818", "TCP port to bind (0 = any free port)"),
+    Option("port", _int(0, 65535), "18818", "TCP port to bind (0 = any free port)"),
     Option("device", _parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]"),
     Option("model_dir", _parse_path, DEFAULT_MODEL_DIR, "directory with openvino_model.xml and tokenizer.json"),
-    Option("max_length", _parse_int(0, MAX_SUPPORTED_LENGTH), "0",
+    Option("max_length", _int(0, MAX_SUPPORTED_LENGTH), "0",
            "tokens per (query, document) pair; 0 = the model's limit (at most 512)"),
     Option("shape_mode", _parse_choice("auto", "static", "dynamic"), "auto",
            "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere"),
     Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
            "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)"),
-    Option("batch_size", _parse_int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
+    Option("batch_size", _int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
     Option("performance_hint", _parse_choice("latency", "throughput"), "latency",
            "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
            "README). Every compile is checked against an f32 single-stream reference"),
-    Option("num_streams", _parse_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
-    Option("inference_threads", _parse_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
-    Option("infer_requests", _parse_int(0, 64), "0",
+    Option("num_streams", _int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
+    Option("inference_threads", _int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
+    Option("infer_requests", _int(0, 64), "0",
            "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
     Option("inference_precision", _parse_choice("default", "f32", "bf16", "f16"), "default",
            "INFERENCE_PRECISION_HINT; default = the device's choice"),
@@ -148,21 +162,21 @@ OPTIONS = (
            "when the serving compile disagrees with the reference: recompile safely, or refuse to start"),
     Option("cache_dir", _parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)"),
     Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)"),
-    Option("max_body_bytes", _parse_int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
-    Option("max_documents", _parse_int(1, 100_000), "1000", "most documents in one request"),
-    Option("max_query_chars", _parse_int(1, 10_000_000), "8192", "longest query, in characters"),
-    Option("max_document_chars", _parse_int(1, 10_000_000), "100000", "longest document text, in characters"),
-    Option("max_total_tokens", _parse_int(1, 100_000_000), "131072",
+    Option("max_body_bytes", _int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
+    Option("max_documents", _int(1, 100_000), "1000", "most documents in one request"),
+    Option("max_query_chars", _int(1, 10_000_000), "8192", "longest query, in characters"),
+    Option("max_document_chars", _int(1, 10_000_000), "100000", "longest document text, in characters"),
+    Option("max_total_tokens", _int(1, 100_000_000), "131072",
            "most tokens per request, all (query, document) pairs after truncation"),
-    Option("max_queued_requests", _parse_int(1, 100_000), "32",
+    Option("max_queued_requests", _int(1, 100_000), "32",
            "scoring requests admitted at once (running + waiting); beyond it 503 overloaded"),
-    Option("request_timeout_ms", _parse_int(1, 3_600_000), "30000",
+    Option("request_timeout_ms", TIMEOUT_MS.parse_text, "30000",
            "default per-request deadline; a request may ask for less or more (X-Request-Timeout-Ms, timeout_ms)"),
-    Option("read_timeout_s", _parse_int(1, 3600), "10", "seconds to receive a whole request once it has begun"),
-    Option("idle_timeout_s", _parse_int(1, 3600), "30", "seconds a keep-alive connection may sit idle"),
-    Option("max_connections", _parse_int(1, 100_000), "128", "open client connections; beyond it 503 at once"),
-    Option("drain_timeout_s", _parse_int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
-    Option("failures_before_unready", _parse_int(1, 1000), "3",
+    Option("read_timeout_s", _int(1, 3600), "10", "seconds to receive a whole request once it has begun"),
+    Option("idle_timeout_s", _int(1, 3600), "30", "seconds a keep-alive connection may sit idle"),
+    Option("max_connections", _int(1, 100_000), "128", "open client connections; beyond it 503 at once"),
+    Option("drain_timeout_s", _int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
+    Option("failures_before_unready", _int(1, 1000), "3",
            "consecutive inference failures that flip /readyz to 503 (a success flips it back)"),
     Option("api_key", lambda s: s.strip(), "", "require 'Authorization: Bearer KEY' on scoring routes and /metrics"),
     Option("api_key_file", _parse_path, "", "file holding the API key (first line); instead of api_key"),
@@ -208,14 +222,21 @@ class Config:
     allow_remote_without_key: bool
     log_level: str
 
+    # The two questions about the NPU, answered here only:
     @property
     def is_npu(self) -> bool:
-        """True when the NPU is asked for by name: the fail-closed proof applies (AUTO/MULTI only report)."""
+        """The NPU is asked for by name (NPU, NPU.N): the fail-closed proof applies."""
         return self.device.split(".")[0] == "NPU"
 
     @property
+    def may_use_npu(self) -> bool:
+        """The NPU may run the model (NPU, or AUTO/MULTI/HETERO listing it): static shapes by default, and the
+        busy counter is read and reported (but only required when `is_npu`)."""
+        return "NPU" in self.device
+
+    @property
     def static_shapes(self) -> bool:
-        return self.shape_mode == "static" or (self.shape_mode == "auto" and "NPU" in self.device)
+        return self.shape_mode == "static" or (self.shape_mode == "auto" and self.may_use_npu)
 
 
 class _ArgumentParser(argparse.ArgumentParser):

@@ -1,4 +1,10 @@
-"""Tokenization: how a (query, document) pair becomes token ids."""
+"""The model head: how a (query, document) pair becomes model inputs, and how the model's logits become scores.
+
+A head owns everything that differs between model families: the template that joins query and document, how the
+tokenizer truncates the pair, which inputs the graph takes and with which pad id, which output holds the logits,
+and the activation. The engine and the batcher only move arrays; they never look inside a pair or a logit.
+`CrossEncoderHead` serves BERT- and XLM-R-style cross-encoders; README.md, "Development", says how to add another.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import ShapeBucket
+from .errors import EXIT_MODEL, StartupError, first_line
+from .scoring import logits_to_scores
+
 
 @dataclass(frozen=True)
 class EncodedPairs:
@@ -16,19 +26,96 @@ class EncodedPairs:
     ids: list[np.ndarray]
     type_ids: list[np.ndarray]
     lengths: np.ndarray  # tokens per pair, special tokens included
-    truncated: np.ndarray  # bool per pair: longest-first truncation removed tokens
+    truncated: np.ndarray  # bool per pair: truncation removed tokens
 
 
-class PairEncoder:
-    """The model's own tokenizer.json through `tokenizers`: its pair template supplies the special tokens and
-    the type ids; truncation is longest-first at max_length (sentence-transformers' CrossEncoder behaviour)."""
+@dataclass(frozen=True)
+class ModelContract:
+    """What the compiled graph takes and gives, as the head checked it: the inputs fed (in this order), their
+    integer type, the output that holds the logits, and logits per pair."""
 
-    def __init__(self, tokenizer, max_length: int):
-        self.max_length = max_length
+    input_names: tuple[str, ...]
+    num_labels: int
+    output_name: str = "logits"
+    output_index: int = 0  # the logits' position among the model's outputs (picked by name when checked)
+    input_dtype: type = np.int64
+
+
+def pad_pairs(encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket, input_names: Sequence[str],
+              pad_id: int, dtype=np.int64) -> dict[str, np.ndarray]:
+    """Inputs for one micro-batch of the pairs at `rows`: right-padded with pad_id and a zero attention mask.
+    Spare rows (static buckets) repeat the last listed row, which is the batch's shortest; their outputs are
+    dropped."""
+    n_rows, length = shape.rows, shape.length
+    ids = np.full((n_rows, length), pad_id, dtype=dtype)
+    mask = np.zeros((n_rows, length), dtype=dtype)
+    types = np.zeros((n_rows, length), dtype=dtype)
+    sources = list(rows) + [rows[-1]] * (n_rows - len(rows))
+    for row, i in enumerate(sources):
+        n = int(encoded.lengths[i])
+        ids[row, :n] = encoded.ids[i]
+        mask[row, :n] = 1
+        types[row, :n] = encoded.type_ids[i]
+    feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: feed[name] for name in input_names}
+
+
+class CrossEncoderHead:
+    """BERT / RoBERTa / XLM-R cross-encoders exported with `optimum-cli export openvino --task
+    text-classification`: the tokenizer's own pair template supplies the special tokens and type ids; truncation
+    is longest-first at max_length (sentence-transformers' CrossEncoder behaviour); right padding with the
+    tokenizer's pad id; the `logits` output is [batch, 1] (sigmoid) or [batch, 2] (the positive class's softmax
+    probability)."""
+
+    kind = "cross-encoder"
+    REQUIRED_INPUTS = ("input_ids", "attention_mask")
+    OPTIONAL_INPUTS = ("token_type_ids",)
+    OUTPUT = "logits"
+
+    def __init__(self, tokenizer, max_length: int, contract: ModelContract):
         self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.contract = contract
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length, strategy="longest_first")
         self.pad_id = self._pad_id(tokenizer)
+
+    @staticmethod
+    def load_tokenizer(tokenizer_path: Path):
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # tokenizers raises its own exception type for a malformed file
+            raise StartupError(f"cannot load {tokenizer_path}: {first_line(exc)}", EXIT_MODEL) from None
+
+    @classmethod
+    def from_file(cls, tokenizer_path: Path, max_length: int, contract: ModelContract) -> CrossEncoderHead:
+        return cls(cls.load_tokenizer(tokenizer_path), max_length, contract)
+
+    @classmethod
+    def check_contract(cls, model) -> ModelContract:
+        """Inputs input_ids + attention_mask (+ token_type_ids); an output named `logits` of [?, 1 or 2]."""
+        names = [p.get_any_name() for p in model.inputs]
+        missing = [n for n in cls.REQUIRED_INPUTS if n not in names]
+        extra = [n for n in names if n not in cls.REQUIRED_INPUTS + cls.OPTIONAL_INPUTS]
+        if missing or extra:
+            raise StartupError(f"the model's inputs are {names}: it needs {list(cls.REQUIRED_INPUTS)} (plus "
+                               f"optional token_type_ids) and nothing else", EXIT_MODEL)
+        named = [i for i, o in enumerate(model.outputs) if cls.OUTPUT in o.get_names()]
+        if not named and len(model.outputs) == 1:
+            named = [0]  # a single output is the logits, whatever its name
+        if len(named) != 1:
+            raise StartupError(f"the model has no output named '{cls.OUTPUT}'", EXIT_MODEL)
+        index = named[0]
+        shape = model.outputs[index].get_partial_shape()
+        if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic or \
+                shape[1].get_length() not in (1, 2):
+            raise StartupError(f"the model's logits have shape {shape}: a cross-encoder gives [batch, 1] or "
+                               f"[batch, 2]", EXIT_MODEL)
+        ordered = tuple(n for n in cls.REQUIRED_INPUTS + cls.OPTIONAL_INPUTS if n in names)
+        dtype = model.input("input_ids").get_element_type().to_dtype().type
+        return ModelContract(ordered, shape[1].get_length(), cls.OUTPUT, index, dtype)
 
     @staticmethod
     def _pad_id(tokenizer) -> int:
@@ -40,11 +127,7 @@ class PairEncoder:
                 return token_id
         return 0
 
-    @classmethod
-    def from_file(cls, path: Path, max_length: int) -> "PairEncoder":
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_file(str(path)), max_length)
+    # ---- pairs -> inputs
 
     def encode(self, query: str, texts: Sequence[str]) -> EncodedPairs:
         encodings = self.tokenizer.encode_batch([(query, text) for text in texts])
@@ -55,3 +138,12 @@ class PairEncoder:
             lengths=np.array([len(x) for x in ids], dtype=np.int64),
             truncated=np.array([bool(e.overflowing) for e in encodings], dtype=bool),
         )
+
+    def feed(self, encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket) -> dict[str, np.ndarray]:
+        return pad_pairs(encoded, rows, shape, self.contract.input_names, self.pad_id, self.contract.input_dtype)
+
+    # ---- logits -> scores
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """float64 scores from this head's logits; a non-finite logit is an InferenceError."""
+        return logits_to_scores(logits)

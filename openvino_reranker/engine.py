@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -11,10 +12,16 @@ from typing import Any
 import numpy as np
 
 from .config import ENV_PREFIX, ShapeBucket
-from .errors import EXIT_DEVICE, EXIT_MODEL, DeadlineExceededError, InferenceError, StartupError, first_line
-
-REQUIRED_INPUTS = ("input_ids", "attention_mask")
-OPTIONAL_INPUTS = ("token_type_ids",)
+from .encoding import ModelContract
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_DEVICE,
+    EXIT_MODEL,
+    DeadlineExceededError,
+    InferenceError,
+    StartupError,
+    first_line,
+)
 
 
 def check_device_available(device: str, available: Sequence[str]) -> None:
@@ -65,13 +72,13 @@ class EngineInfo:
 
 
 class Engine:
-    """Compiled OpenVINO model(s) and a pool of infer requests per compiled model. `infer(feed, shape)` returns
-    logits as float32 [rows, num_labels]. Knows nothing about HTTP, JSON or tokenization."""
+    """Compiled OpenVINO model(s) and a pool of infer requests per compiled model. `infer(feed, shape)` returns the
+    contract's logits output as float32 [rows, num_labels]. Knows nothing about HTTP, JSON, tokens or scores."""
 
     def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping,
-                 before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None, infer_requests: int = 0):
-        self.input_names, self.num_labels = self.check_model_contract(model)
-        self.input_dtype = model.input("input_ids").get_element_type().to_dtype()
+                 contract: ModelContract, before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None,
+                 infer_requests: int = 0):
+        self.contract = contract
         self.device = device
         self.buckets = tuple(buckets) if buckets is not None else None
         self._compiled: dict[ShapeBucket | None, Any] = {}
@@ -82,7 +89,7 @@ class Engine:
             variant = model
             if shape is not None:
                 variant = model.clone()
-                variant.reshape({name: [shape.rows, shape.length] for name in self.input_names})
+                variant.reshape({name: [shape.rows, shape.length] for name in contract.input_names})
             try:
                 compiled = core.compile_model(variant, device, dict(properties))
             except RuntimeError as exc:
@@ -98,26 +105,6 @@ class Engine:
         self.compile_ms = (time.perf_counter() - started) * 1000
         self.properties = dict(properties)
 
-    @staticmethod
-    def check_model_contract(model) -> tuple[tuple[str, ...], int]:
-        """Inputs input_ids + attention_mask (+ token_type_ids); output `logits` [?, 1 or 2]."""
-        names = [p.get_any_name() for p in model.inputs]
-        missing = [n for n in REQUIRED_INPUTS if n not in names]
-        extra = [n for n in names if n not in REQUIRED_INPUTS + OPTIONAL_INPUTS]
-        if missing or extra:
-            raise StartupError(f"the model's inputs are {names}: it needs {list(REQUIRED_INPUTS)} (plus optional "
-                               f"token_type_ids) and nothing else", EXIT_MODEL)
-        outputs = [o for o in model.outputs if "logits" in o.get_names()] or list(model.outputs)
-        if len(outputs) != 1:
-            raise StartupError("the model has no output named 'logits'", EXIT_MODEL)
-        shape = outputs[0].get_partial_shape()
-        if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic or \
-                shape[1].get_length() not in (1, 2):
-            raise StartupError(f"the model's logits have shape {shape}: a cross-encoder gives [batch, 1] or "
-                               f"[batch, 2]", EXIT_MODEL)
-        ordered = tuple(n for n in REQUIRED_INPUTS + OPTIONAL_INPUTS if n in names)
-        return ordered, shape[1].get_length()
-
     def info(self) -> EngineInfo:
         devices: list[str] = []
         cached = []
@@ -130,7 +117,7 @@ class Engine:
             except RuntimeError:
                 cached.append(False)
         return EngineInfo(self.device, tuple(devices), self.buckets, tuple(cached), round(self.compile_ms, 1),
-                          self.input_names, self.num_labels, self.properties, self.num_requests)
+                          self.contract.input_names, self.contract.num_labels, self.properties, self.num_requests)
 
     def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
               deadline: float | None = None) -> np.ndarray:
@@ -143,8 +130,31 @@ class Engine:
             raise DeadlineExceededError("the request's deadline passed while it waited for the device") from None
         try:
             result = request.infer(feed)
-            return np.array(result[0], dtype=np.float32, copy=True)
+            return np.array(result[self.contract.output_index], dtype=np.float32, copy=True)
         except RuntimeError as exc:
             raise InferenceError(f"inference failed: {first_line(exc)}") from None
         finally:
             pool.put(request)
+
+
+def open_core(device: str, cache_dir: str, core=None):
+    """An OpenVINO Core (or the stand-in tests inject) that can run `device`, with the compile cache set."""
+    if core is None:
+        import openvino as ov
+
+        core = ov.Core()
+    check_device_available(device, list(core.available_devices))
+    if cache_dir:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create cache dir {cache_dir}: {exc.strerror}", EXIT_CONFIG) from None
+        core.set_property({"CACHE_DIR": cache_dir})
+    return core
+
+
+def read_model(core, xml_path):
+    try:
+        return core.read_model(str(xml_path))
+    except RuntimeError as exc:
+        raise StartupError(f"cannot read {xml_path}: {first_line(exc)}", EXIT_MODEL) from None

@@ -66,6 +66,16 @@ class DeadlineExceededError(ServiceError):
     status, error_type = 504, "deadline_exceeded"
 
 
+class HttpProtocolError(ServiceError):
+    """The request line or headers could not be parsed (raised by http.server: 400, 414, 431, 501, 505)."""
+
+    error_type = "http_error"
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message, headers={"Connection": "close"})
+        self.status = status
+
+
 class ClientGoneError(ServiceError):
     """The client closed its connection: the work is dropped and nothing is sent (logged as status 499)."""
 
@@ -82,6 +92,8 @@ class StartupError(Exception):
 
 EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
 
+
 def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (OpenVINO's messages run to many lines)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__

@@ -1,9 +1,9 @@
-"""HTTP: the request handler and the server (connection bound, slow-client reaper)."""
+"""HTTP: the routes (derived from the dialect table), the request handler and the server (connection bound,
+slow-client reaper). Parsing, scoring and rendering are called from here, never done here."""
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
 import select
@@ -13,21 +13,21 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from . import __version__
-from .api import RerankRequest, parse_cohere, parse_native, render_cohere, render_error, render_native
-from .batcher import WorkLimits
+from .api import DIALECTS, NATIVE, Dialect, ResponseContext, decode_json, encode_json, render_healthz
+from .config import TIMEOUT_MS
 from .errors import (
     BadRequestError,
     ClientGoneError,
-    InferenceError,
+    HttpProtocolError,
     LengthRequiredError,
     MethodNotAllowedError,
     NotFoundError,
-    NotReadyError,
     OverloadedError,
     PayloadTooLargeError,
     RequestTimeoutError,
@@ -35,15 +35,35 @@ from .errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from .scoring import ScoredPairs
-from .service import ServiceState
+from .service import RerankService
 
 log = logging.getLogger("openvino_reranker")
 
 
 
 JSON_TYPES = ("application/json",)
-AUTH_ROUTES = ("/rerank", "/v1/rerank", "/metrics")
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    handler: str  # RerankHandler method, called with the route
+    needs_key: bool  # with an API key set
+    dialect: Dialect  # parses, renders and shapes errors (the native error shape for the non-scoring routes)
+
+
+ROUTES: dict[str, Route] = {
+    "/healthz": Route("GET", "route_healthz", False, NATIVE),
+    "/readyz": Route("GET", "route_readyz", False, NATIVE),
+    "/metrics": Route("GET", "route_metrics", True, NATIVE),
+    **{path: Route("POST", "route_score", dialect.needs_key, dialect)
+       for dialect in DIALECTS for path in dialect.paths},
+}
+
+
+def route_label(path: str) -> str:
+    """The metrics' and logs' name for a path: the route, or "other" (a client's path never becomes a label)."""
+    return path if path in ROUTES else "other"
 
 
 class RerankHandler(BaseHTTPRequestHandler):
@@ -55,14 +75,6 @@ class RerankHandler(BaseHTTPRequestHandler):
     server_version = f"openvino-reranker/{__version__}"
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
     server: RerankServer
-
-    ROUTES = {
-        "/healthz": {"GET": "route_healthz"},
-        "/readyz": {"GET": "route_readyz"},
-        "/metrics": {"GET": "route_metrics"},
-        "/rerank": {"POST": "route_rerank"},
-        "/v1/rerank": {"POST": "route_cohere_rerank"},
-    }
 
     # ---- connection: idle and slow-client timeouts
 
@@ -93,7 +105,7 @@ class RerankHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
 
     def _dispatch(self) -> None:
-        state = self.server.state
+        service = self.server.service
         started = self._started = time.perf_counter()
         self._arrived = time.monotonic()  # deadlines count from here
         self._body_read = False
@@ -101,33 +113,33 @@ class RerankHandler(BaseHTTPRequestHandler):
         self._log: dict[str, Any] = {}
         self.request_id = self._request_id()
         path = self.path.split("?", 1)[0]
-        dialect = "cohere" if path == "/v1/rerank" else "native"
-        state.enter()
+        route = ROUTES.get(path)
+        render_error = route.dialect.render_error if route else NATIVE.render_error
+        service.in_flight.enter()
         try:
-            methods = self.ROUTES.get(path)
-            if methods is None:
-                raise NotFoundError(f"no route {path}; routes: {', '.join(self.ROUTES)}")
-            if self.command not in methods:
-                allowed = ", ".join(methods)
-                raise MethodNotAllowedError(f"{self.command} is not allowed on {path}; use {allowed}",
-                                            headers={"Allow": allowed})
-            if path in AUTH_ROUTES:
+            if route is None:
+                raise NotFoundError(f"no route {path}; routes: {', '.join(ROUTES)}")
+            if self.command != route.method:
+                raise MethodNotAllowedError(f"{self.command} is not allowed on {path}; use {route.method}",
+                                            headers={"Allow": route.method})
+            if route.needs_key:
                 self._check_auth()
             if self.command != "POST":
                 self.server.unwatch_read(self)  # the whole request has arrived
-            getattr(self, methods[self.command])()
+            getattr(self, route.handler)(route)
         except ClientGoneError:
             self._status = 499
             self.close_connection = True
         except ServiceError as exc:
-            self._send_error_json(exc, dialect)
+            self._send_json(exc.status, render_error(exc), exc.headers)
         except Exception:  # a bug: log it, answer 500, keep serving
             log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
-            self._send_error_json(ServiceError("internal error; the server log has the details"), dialect)
+            error = ServiceError("internal error; the server log has the details")
+            self._send_json(error.status, render_error(error))
         finally:
-            state.leave()
+            service.in_flight.leave()
             elapsed = time.perf_counter() - started
-            state.metrics.observe_request(path, self._status, elapsed)
+            service.metrics.observe_request(route_label(path), self._status, elapsed)
             extra = "".join(f" {k}={v}" for k, v in self._log.items())
             log.info("request id=%s method=%s route=%s status=%s ms=%.1f%s", self.request_id, self.command, path,
                      self._status, elapsed * 1000, extra)
@@ -137,7 +149,7 @@ class RerankHandler(BaseHTTPRequestHandler):
         return given if re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given) else uuid.uuid4().hex
 
     def _check_auth(self) -> None:
-        key = self.server.state.api_key
+        key = self.server.service.api_key
         if not key:
             return
         scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
@@ -177,27 +189,19 @@ class RerankHandler(BaseHTTPRequestHandler):
         if content_type not in JSON_TYPES:
             raise UnsupportedMediaTypeError(
                 f"Content-Type must be application/json, not {content_type or 'missing'}")
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadRequestError(f"the body is not valid UTF-8 (byte {exc.start})") from None
-        try:
-            return json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:
-            raise BadRequestError(f"the body is not valid JSON: {exc}") from None
+        return decode_json(body)
 
-    def _deadline(self, request: RerankRequest) -> float:
-        """Seconds from the request's start: the body's timeout_ms, else X-Request-Timeout-Ms, else the default."""
-        timeout_ms = request.timeout_ms
-        if timeout_ms is None and "X-Request-Timeout-Ms" in self.headers:
-            raw = self.headers["X-Request-Timeout-Ms"].strip()
-            if not raw.isdigit() or not 1 <= int(raw) <= 3_600_000:
-                raise BadRequestError(f"X-Request-Timeout-Ms must be an integer 1..3600000, not {raw!r}",
-                                      "X-Request-Timeout-Ms")
-            timeout_ms = int(raw)
-        if timeout_ms is None:
-            timeout_ms = self.server.config.request_timeout_ms
-        return self._arrived + timeout_ms / 1000
+    def _header_timeout_ms(self) -> int | None:
+        """X-Request-Timeout-Ms, parsed by the same bound as the body's timeout_ms (a bad one is a 400 even when
+        the body has timeout_ms)."""
+        raw = self.headers.get("X-Request-Timeout-Ms")
+        if raw is None:
+            return None
+        try:
+            return TIMEOUT_MS.parse_text(raw)
+        except ValueError:
+            raise BadRequestError(f"X-Request-Timeout-Ms must be an integer {TIMEOUT_MS.lo}..{TIMEOUT_MS.hi}, not "
+                                  f"{raw[:40]!r}", "X-Request-Timeout-Ms") from None
 
     def _client_gone(self) -> bool:
         """True when the peer has closed: the socket is readable but holds no data."""
@@ -213,7 +217,7 @@ class RerankHandler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         headers = dict(headers or {})
-        if self._body_pending() or self.server.state.draining:
+        if self._body_pending() or self.server.service.draining:
             headers["Connection"] = "close"  # an unread body would be parsed as the next request
         self._status = status
         try:
@@ -232,7 +236,7 @@ class RerankHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
-        body = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        body = encode_json(payload)
         self._send(status, body, "application/json", headers)
 
     def _body_pending(self) -> bool:
@@ -241,18 +245,14 @@ class RerankHandler(BaseHTTPRequestHandler):
         length = (self.headers.get("Content-Length") or "0").strip()
         return bool(self.headers.get("Transfer-Encoding")) or not length.isdigit() or int(length) > 0
 
-    def _send_error_json(self, error: ServiceError, dialect: str) -> None:
-        self._send_json(error.status, render_error(error, dialect), error.headers)
 
     def send_error(self, code, message=None, explain=None):
         """Errors raised by http.server before a route runs (bad request line, header limits, ...) as JSON."""
         self.request_id = getattr(self, "request_id", None) or uuid.uuid4().hex
         self._body_read = True  # nothing more is read: the connection closes after this answer
-        text = message or HTTPStatus(code).phrase
-        error = ServiceError(text, headers={"Connection": "close"})
-        error.status, error.error_type = code, "http_error"
+        error = HttpProtocolError(code, message or HTTPStatus(code).phrase)
         self.close_connection = True
-        self._send_error_json(error, "native")
+        self._send_json(error.status, NATIVE.render_error(error), error.headers)
 
     def log_request(self, code="-", size="-"):
         pass  # one line per request is written by _dispatch
@@ -262,56 +262,29 @@ class RerankHandler(BaseHTTPRequestHandler):
 
     # ---- routes
 
-    def route_healthz(self) -> None:
-        self._send_json(200, {"ok": True, "status": "alive", "version": __version__})
+    def route_healthz(self, route: Route) -> None:
+        self._send_json(200, render_healthz(__version__))
 
-    def route_readyz(self) -> None:
-        state = self.server.state
-        ready = state.is_ready()
-        self._send_json(200 if ready else 503, state.describe(), {} if ready else {"Retry-After": "1"})
+    def route_readyz(self, route: Route) -> None:
+        ready, body = self.server.service.readyz()
+        self._send_json(200 if ready else 503, body, {} if ready else {"Retry-After": "1"})
 
-    def route_metrics(self) -> None:
-        body = self.server.state.render_metrics().encode("utf-8")
+    def route_metrics(self, route: Route) -> None:
+        body = self.server.service.render_metrics().encode("utf-8")
         self._send(200, body, "text/plain; version=0.0.4; charset=utf-8")
 
-    def route_rerank(self) -> None:
-        request = parse_native(self._read_json(), self.server.state.limits)
-        scored = self._score(request)
-        info = self.server.state
-        self._send_json(200, render_native(request, scored, info.model_name, info.device,
-                                           (time.perf_counter() - self._started) * 1000))
-
-    def route_cohere_rerank(self) -> None:
-        request = parse_cohere(self._read_json(), self.server.state.limits)
-        scored = self._score(request)
-        self._send_json(200, render_cohere(request, scored, self.request_id, self.server.state.model_name))
-
-    def _score(self, request: RerankRequest) -> ScoredPairs:
-        """Admission (bounded, never waits) -> deadline -> score -> readiness bookkeeping."""
-        state = self.server.state
+    def route_score(self, route: Route) -> None:
+        """parse -> score (the service owns readiness, admission, deadline and bookkeeping) -> render."""
+        service = self.server.service
+        request = route.dialect.parse(self._read_json(), service.limits)
+        deadline = service.deadline(self._arrived, request.timeout_ms, self._header_timeout_ms())
         self._log["documents"] = len(request.documents)
-        if not state.started.is_set():
-            raise NotReadyError(f"not ready: {state.reason}", headers={"Retry-After": "1"})
-        limits = WorkLimits(self._deadline(request), state.config.max_total_tokens, self._client_gone)
-        if not state.try_admit():
-            raise OverloadedError(f"{state.config.max_queued_requests} scoring requests are already admitted "
-                                  f"(max_queued_requests); retry shortly", headers={"Retry-After": "1"})
-        try:
-            scored = state.reranker.score_pairs(request.query, [d.text for d in request.documents], limits)
-        except InferenceError as exc:
-            state.record_inference(False, exc.message)
-            raise
-        finally:
-            state.release_admission()
-        state.record_inference(True)
-        state.metrics.observe_scoring(scored)
+        scored = service.score(request, deadline, self._client_gone)
         self._log.update(tokens=int(scored.lengths.sum()), queue_ms=f"{scored.queue_ms:.1f}",
                          tokenize_ms=f"{scored.tokenize_ms:.1f}", infer_ms=f"{scored.infer_ms:.1f}")
-        return scored
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed in JSON")
+        context = ResponseContext(self.request_id, service.model_name, service.config.device,
+                                  (time.perf_counter() - self._started) * 1000)
+        self._send_json(200, route.dialect.render(request, scored, context))
 
 class RerankServer(ThreadingHTTPServer):
     """The HTTP server plus two guards: a bound on open connections (beyond it: an immediate 503, no thread) and a
@@ -320,11 +293,11 @@ class RerankServer(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections must not block shutdown
     request_queue_size = 128
 
-    def __init__(self, address, state: ServiceState):
-        self.state = state
-        self.config = state.config
+    def __init__(self, address, service: RerankService):
+        self.service = service
+        self.config = service.config
         super().__init__(address, RerankHandler, bind_and_activate=False)
-        self._slots = threading.BoundedSemaphore(state.config.max_connections)
+        self._slots = threading.BoundedSemaphore(service.config.max_connections)
         self._reading: dict[RerankHandler, float] = {}
         self._reading_lock = threading.Lock()
         self._closed = threading.Event()
@@ -386,8 +359,8 @@ class RerankServer(ThreadingHTTPServer):
         log.exception("connection error from %s", client_address[0] if client_address else "?")
 
 
-_REFUSAL = json.dumps(render_error(OverloadedError("too many open connections (max_connections); retry shortly"),
-                                   "native")).encode()
+_REFUSAL = encode_json(NATIVE.render_error(OverloadedError("too many open connections (max_connections); retry "
+                                                           "shortly")))
 
 
 def _refuse_connection(sock: socket.socket) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from .scoring import ScoredPairs
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-METRIC_ROUTES = ("/healthz", "/readyz", "/rerank", "/v1/rerank", "/metrics")
 
 
 class Histogram:
@@ -50,7 +49,7 @@ class Metrics:
         self.inference_failures = 0
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        route = route if route in METRIC_ROUTES else "other"
+        """`route` is a route label: a known path, or "other" (never the raw path a client sent)."""
         with self.lock:
             self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
             self.durations.setdefault(route, Histogram()).observe(seconds)

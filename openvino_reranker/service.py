@@ -1,151 +1,195 @@
-"""Service state: readiness, admission, in-flight requests for the drain, and what /readyz reports."""
+"""The service: readiness, admission, deadlines, in-flight requests for the drain, and the one scoring call the HTTP
+layer makes (`RerankService.score`). Knows nothing of sockets or JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from . import __version__
-from .api import RequestLimits
-from .batcher import Reranker
-from .checks import REFERENCE_PROPERTIES, ParityCheck, StartupCheck
+from .api import RequestLimits, RerankRequest, ServedModel, render_readyz
+from .batcher import Reranker, WorkLimits
+from .checks import StartupCheck
 from .config import Config
 from .engine import EngineInfo, NpuBusyCounter
+from .errors import InferenceError, NotReadyError, OverloadedError
 from .metrics import Metrics
 from .modeldir import ModelFiles
+from .parity import ParityCheck
+from .scoring import ScoredPairs
 
 
-class ServiceState:
-    """What the routes read: whether startup passed (`started`), inference health, admission, drain state, the
-    reranker once compiled, metrics, and what /readyz reports."""
+class Readiness:
+    """/readyz: started (the startup check passed), fewer than `failures_before_unready` inference failures in a
+    row, and not draining. `reason` says which, or what startup is doing."""
 
-    def __init__(self, config: Config, api_key: str = ""):
-        self.config = config
-        self.api_key = api_key
-        self.limits = RequestLimits.from_config(config)
+    def __init__(self, failures_before_unready: int):
+        self.failures_before_unready = failures_before_unready
         self.started = threading.Event()
         self.reason = "starting"
-        self.reranker: Reranker | None = None
-        self.model_name = ""
-        self.device = config.device
-        self.details: dict[str, Any] = {}
-        self.metrics = Metrics()
         self.draining = False
         self._lock = threading.Lock()
-        self._in_flight = 0
-        self._idle = threading.Condition(self._lock)
         self._consecutive_failures = 0
         self._last_failure = ""
-        self._admitted = 0
-
-    def mark_ready(self, reranker: Reranker, model: ModelFiles, engine_info: EngineInfo, check: StartupCheck,
-                   parity: ParityCheck):
-        import openvino
-        import tokenizers
-
-        self.reranker = reranker
-        self.model_name = model.name
-        self.device = self.config.device
-        self.details = {
-            "device": self.config.device,
-            "execution_devices": list(engine_info.execution_devices),
-            "model": model.name,
-            "model_dir": str(model.model_dir),
-            "max_length": model.max_length,
-            "num_labels": engine_info.num_labels,
-            "inputs": list(engine_info.input_names),
-            "shape_mode": "static" if engine_info.buckets is not None else "dynamic",
-            "buckets": [str(b) for b in engine_info.buckets] if engine_info.buckets is not None else None,
-            "batch_size": self.config.batch_size,
-            "compile": {"ms": engine_info.compile_ms, "cache_dir": self.config.cache_dir or None,
-                        "loaded_from_cache": list(engine_info.loaded_from_cache),
-                        "properties": dict(engine_info.properties), "infer_requests": engine_info.infer_requests},
-            "parity": {"max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,
-                       "fallback": parity.fallback, "failed_max_abs_diff": parity.failed_max_abs_diff,
-                       "failed_properties": dict(parity.failed_properties) if parity.failed_properties else None,
-                       "reference": "CPU, " + ", ".join(f"{k}={v}" for k, v in REFERENCE_PROPERTIES.items())},
-            "startup_check": {"ms": check.elapsed_ms, "npu_busy_delta_us": check.npu_busy_delta_us,
-                              "npu_note": check.npu_note},
-            "versions": {"server": __version__, "openvino": openvino.get_version(),
-                         "tokenizers": tokenizers.__version__, "numpy": np.__version__,
-                         "python": sys.version.split()[0]},
-        }
-        self.reason = "ready"
-        self.started.set()
-
-    def release_model(self) -> None:
-        """Free the compiled models while the process is still whole: OpenVINO objects destroyed during
-        interpreter teardown have aborted the process ("terminate called without an active exception")."""
-        self.started.clear()
-        if self.reranker is not None:
-            self.reranker.close()
-        self.reranker = None
-        gc.collect()
-
-    # ---- readiness: started, inference healthy, not draining
 
     def record_inference(self, ok: bool, message: str = "") -> None:
         with self._lock:
             if ok:
                 self._consecutive_failures = 0
-                return
-            self._consecutive_failures += 1
-            self._last_failure = message
-        self.metrics.observe_failure()
+            else:
+                self._consecutive_failures += 1
+                self._last_failure = message
 
     def is_ready(self) -> bool:
         return self.started.is_set() and not self.draining and \
-            self._consecutive_failures < self.config.failures_before_unready
+            self._consecutive_failures < self.failures_before_unready
 
-    def describe(self) -> dict:
-        reason = self.reason
+    def current_reason(self) -> str:
         if self.draining:
-            reason = "draining: shutting down"
-        elif self.started.is_set() and self._consecutive_failures >= self.config.failures_before_unready:
-            reason = f"{self._consecutive_failures} consecutive inference failures; last: {self._last_failure}"
-        return {"ready": self.is_ready(), "reason": reason, **self.details}
+            return "draining: shutting down"
+        if self.started.is_set() and self._consecutive_failures >= self.failures_before_unready:
+            return f"{self._consecutive_failures} consecutive inference failures; last: {self._last_failure}"
+        return self.reason
 
-    # ---- admission: a bounded number of scoring requests, refused at once beyond it
 
-    def try_admit(self) -> bool:
+class Admission:
+    """A bounded number of scoring requests (running or waiting for the device); beyond it, refused at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.admitted = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
         with self._lock:
-            if self._admitted >= self.config.max_queued_requests:
-                return False
-            self._admitted += 1
-            return True
+            if self.admitted >= self.limit:
+                raise OverloadedError(f"{self.limit} scoring requests are already admitted (max_queued_requests); "
+                                      f"retry shortly", headers={"Retry-After": "1"})
+            self.admitted += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.admitted -= 1
 
-    def release_admission(self) -> None:
-        with self._lock:
-            self._admitted -= 1
 
-    # ---- in-flight requests, for the drain on shutdown
+class InFlight:
+    """HTTP requests being handled, so that a drain can wait for them."""
+
+    def __init__(self):
+        self.count = 0
+        self._idle = threading.Condition()
 
     def enter(self) -> None:
-        with self._lock:
-            self._in_flight += 1
+        with self._idle:
+            self.count += 1
 
     def leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
+        with self._idle:
+            self.count -= 1
+            if self.count == 0:
                 self._idle.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        with self._lock:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+        with self._idle:
+            return self._idle.wait_for(lambda: self.count == 0, timeout_s)
+
+
+class RerankService:
+    """What the routes call. `score` is the whole scoring call: readiness, admission, deadline, the reranker,
+    failure bookkeeping and metrics."""
+
+    def __init__(self, config: Config, api_key: str = "", busy_counter: NpuBusyCounter | None = None):
+        self.config = config
+        self.api_key = api_key
+        self.busy_counter = busy_counter
+        self.limits = RequestLimits.from_config(config)
+        self.readiness = Readiness(config.failures_before_unready)
+        self.admission = Admission(config.max_queued_requests)
+        self.in_flight = InFlight()
+        self.metrics = Metrics()
+        self.reranker: Reranker | None = None
+        self.served: ServedModel | None = None
+
+    # ---- lifecycle
+
+    def mark_ready(self, reranker: Reranker, model: ModelFiles, engine_info: EngineInfo, check: StartupCheck,
+                   parity: ParityCheck) -> None:
+        import openvino
+        import tokenizers
+
+        self.reranker = reranker
+        self.served = ServedModel(model, engine_info, check, parity, self.config, {
+            "server": __version__, "openvino": openvino.get_version(), "tokenizers": tokenizers.__version__,
+            "numpy": np.__version__, "python": sys.version.split()[0]})
+        self.readiness.reason = "ready"
+        self.readiness.started.set()
+
+    def start_draining(self) -> None:
+        self.readiness.draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self.readiness.draining
+
+    def release_model(self) -> None:
+        """Free the compiled models while the process is still whole: OpenVINO objects destroyed during
+        interpreter teardown have aborted the process ("terminate called without an active exception")."""
+        self.readiness.started.clear()
+        if self.reranker is not None:
+            self.reranker.close()
+        self.reranker = None
+        gc.collect()
+
+    # ---- scoring
+
+    @property
+    def model_name(self) -> str:
+        return self.served.model.name if self.served else ""
+
+    def deadline(self, arrived: float, body_timeout_ms: int | None, header_timeout_ms: int | None) -> float:
+        """time.monotonic() by which the request must be answered: the body's timeout_ms, else the header's, else
+        request_timeout_ms, counted from the request's arrival."""
+        timeout_ms = body_timeout_ms or header_timeout_ms or self.config.request_timeout_ms
+        return arrived + timeout_ms / 1000
+
+    def score(self, request: RerankRequest, deadline: float, client_gone: Callable[[], bool]) -> ScoredPairs:
+        if not self.readiness.started.is_set() or self.reranker is None:
+            raise NotReadyError(f"not ready: {self.readiness.reason}", headers={"Retry-After": "1"})
+        limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone)
+        with self.admission.slot():
+            try:
+                scored = self.reranker.score_pairs(request.query, [d.text for d in request.documents], limits)
+            except InferenceError as exc:
+                self.readiness.record_inference(False, exc.message)
+                self.metrics.observe_failure()
+                raise
+        self.readiness.record_inference(True)
+        self.metrics.observe_scoring(scored)
+        return scored
+
+    # ---- what the probes and /metrics read
+
+    def readyz(self) -> tuple[bool, dict]:
+        ready = self.readiness.is_ready()
+        return ready, render_readyz(ready, self.readiness.current_reason(), self.served)
 
     def render_metrics(self) -> str:
         gauges = {
-            "queue_depth": ("Scoring requests admitted (running or waiting for the device).", self._admitted),
-            "in_flight_requests": ("HTTP requests being handled.", self._in_flight),
-            "ready": ("1 when /readyz answers 200.", int(self.is_ready())),
+            "queue_depth": ("Scoring requests admitted (running or waiting for the device).", self.admission.admitted),
+            "in_flight_requests": ("HTTP requests being handled.", self.in_flight.count),
+            "ready": ("1 when /readyz answers 200.", int(self.readiness.is_ready())),
         }
-        info = {"device": self.device, "execution_devices": ",".join(self.details.get("execution_devices", [])),
+        served = self.served
+        info = {"device": self.config.device,
+                "execution_devices": ",".join(served.engine.execution_devices) if served else "",
                 "model": self.model_name, "version": __version__,
-                "openvino": self.details.get("versions", {}).get("openvino", "")}
-        busy = NpuBusyCounter(self.config.npu_busy_path).read() if "NPU" in self.config.device else None
+                "openvino": served.versions.get("openvino", "") if served else ""}
+        busy = self.busy_counter.read() if self.busy_counter else None
         return self.metrics.render(gauges, info, busy)

@@ -5,14 +5,11 @@ import threading
 import time
 
 import numpy as np
-import openvino as ov
 import pytest
-from conftest import SCORE_TOLERANCE, FakeEngine
+from conftest import SCORE_TOLERANCE, FakeEngine, fake_head, real_reranker
 
 from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import PairEncoder
-from openvino_reranker.engine import Engine
 from openvino_reranker.errors import NotReadyError
 from openvino_reranker.scoring import logits_to_scores
 
@@ -34,8 +31,7 @@ class RecordingEngine(FakeEngine):
 
 
 def reranker_for(engine, tiny_model, batch_size=8, round_pairs=64):
-    encoder = PairEncoder.from_file(tiny_model.path / "tokenizer.json", 64)
-    return Reranker(encoder, engine, batch_size, round_pairs=round_pairs)
+    return Reranker(fake_head(tiny_model.path / "tokenizer.json", 64), engine, batch_size, round_pairs=round_pairs)
 
 
 def run_all(reranker, requests):
@@ -72,7 +68,7 @@ def test_scores_land_with_their_own_request(tiny_model):
     results = run_all(reranker, [(q, t, 0.0) for q, t in texts.items()])
     for (q, t), (scored, _) in zip(texts.items(), results, strict=True):
         # FakeEngine's logit is the row's token count / 10: recompute it from this request's own encoding
-        enc = reranker.encoder.encode(q, t)
+        enc = reranker.head.encode(q, t)
         assert np.allclose(scored.scores, logits_to_scores(enc.lengths[:, None] / 10))
     reranker.close()
 
@@ -98,13 +94,9 @@ def test_static_buckets_are_filled_across_requests(tiny_model):
 
 @pytest.mark.parametrize("buckets", [None, (ShapeBucket(4, 32), ShapeBucket(4, 128))])
 def test_real_engine_scores_under_concurrency(tiny_model, buckets):
-    core = ov.Core()
-    model = core.read_model(str(tiny_model.path / "openvino_model.xml"))
     # two infer requests on one stream: the batcher's two workers run batches at once (multi-stream compiles are
     # left to the parity guard, see test_parity.py)
-    engine = Engine(core, model, "CPU", buckets, {"PERFORMANCE_HINT": "LATENCY"}, infer_requests=2)
-    encoder = PairEncoder.from_file(tiny_model.path / "tokenizer.json", 128)
-    reranker = Reranker(encoder, engine, 4)
+    reranker = real_reranker(tiny_model, buckets, 128, batch_size=4, infer_requests=2)
     requests = [(f"{w} power", [f"{w} energy from the sun", "the cat", f"a {w} train on a bridge " * (k + 1)], 0.0)
                 for k, w in enumerate(["solar", "wind", "water", "city", "rocket", "engine", "music", "ocean"])]
     results = run_all(reranker, requests)

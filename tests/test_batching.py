@@ -1,15 +1,7 @@
-import numpy as np
 import pytest
 
-from openvino_reranker.batching import MicroBatch, length_order, pad_batch, pick_length, plan_batches
+from openvino_reranker.batching import length_order, pick_length, plan_batches
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import EncodedPairs
-
-
-def encoded(lengths):
-    ids = [np.arange(1, n + 1, dtype=np.int64) + 100 * i for i, n in enumerate(lengths)]
-    types = [np.r_[np.zeros(n // 2, np.int64), np.ones(n - n // 2, np.int64)] for n in lengths]
-    return EncodedPairs(ids, types, np.array(lengths), np.zeros(len(lengths), bool))
 
 
 def test_length_order_is_descending_and_stable():
@@ -55,19 +47,3 @@ def test_pick_length():
     assert pick_length(65, [64, 128]) == 128
     with pytest.raises(ValueError):
         pick_length(129, [64, 128])
-
-
-def test_pad_batch_masks_padding_and_fills_spare_rows_with_a_real_row():
-    enc = encoded([5, 3])
-    feed = pad_batch(enc, MicroBatch((0, 1), ShapeBucket(4, 8), True),
-                     ("input_ids", "attention_mask", "token_type_ids"), pad_id=0)
-    assert {k: v.shape for k, v in feed.items()} == {k: (4, 8) for k in feed}
-    assert feed["input_ids"][0, :5].tolist() == enc.ids[0].tolist() and feed["input_ids"][0, 5:].tolist() == [0] * 3
-    assert feed["attention_mask"].sum(axis=1).tolist() == [5, 3, 3, 3]
-    assert feed["input_ids"][2].tolist() == feed["input_ids"][1].tolist() == feed["input_ids"][3].tolist()
-    assert feed["token_type_ids"][0, :5].tolist() == enc.type_ids[0].tolist()
-
-
-def test_pad_batch_feeds_only_the_model_inputs():
-    feed = pad_batch(encoded([4]), MicroBatch((0,), ShapeBucket(1, 8), False), ("input_ids", "attention_mask"), 0)
-    assert set(feed) == {"input_ids", "attention_mask"}

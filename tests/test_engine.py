@@ -1,13 +1,13 @@
-"""Tokenization and the real compiled model: served scores against the independent numpy reference."""
+"""The real compiled model: served scores against the independent numpy reference, the model directory, the
+NPU busy counter."""
 
 import openvino as ov
 import pytest
-from conftest import SCORE_TOLERANCE
+from conftest import SCORE_TOLERANCE, real_reranker
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import PairEncoder
-from openvino_reranker.engine import Engine, NpuBusyCounter
+from openvino_reranker.encoding import CrossEncoderHead
+from openvino_reranker.engine import NpuBusyCounter
 from openvino_reranker.errors import EXIT_MODEL, StartupError
 from openvino_reranker.modeldir import load_model_files
 
@@ -21,54 +21,46 @@ DOCS = [
 ]
 
 
-def make_reranker(model, buckets=None, max_length=None, batch_size=2, core=None):
-    files = load_model_files(str(model.path), max_length or 0)
-    encoder = PairEncoder.from_file(files.tokenizer, files.max_length)
-    core = core or ov.Core()
-    engine = Engine(core, core.read_model(str(files.xml)), "CPU", buckets, {"PERFORMANCE_HINT": "LATENCY"})
-    return Reranker(encoder, engine, batch_size)
+@pytest.fixture
+def make_reranker():
+    made = []
 
+    def make(model, buckets=None, max_length=None, batch_size=2, core=None):
+        made.append(real_reranker(model, buckets, max_length or 0, batch_size, core))
+        return made[-1]
 
-def test_encoder_uses_the_pair_template_and_truncates_longest_first(tiny_model):
-    enc = PairEncoder.from_file(tiny_model.path / "tokenizer.json", 16)
-    pairs = enc.encode("capital of france", ["paris", "the capital city of france is paris " * 4])
-    assert pairs.lengths.tolist() == [len(pairs.ids[0]), 16]
-    assert pairs.truncated.tolist() == [False, True]
-    tokens = [enc.tokenizer.id_to_token(i) for i in pairs.ids[0]]
-    assert tokens == ["[CLS]", "capital", "of", "france", "[SEP]", "paris", "[SEP]"]
-    assert pairs.type_ids[0].tolist() == [0, 0, 0, 0, 0, 1, 1]
-    # longest-first: the short query survives whole while the long document is cut
-    assert [enc.tokenizer.id_to_token(i) for i in pairs.ids[1][:5]] == ["[CLS]", "capital", "of", "france", "[SEP]"]
-    assert enc.pad_id == enc.tokenizer.token_to_id("[PAD]")
+    yield make
+    for reranker in made:
+        reranker.close()
 
 
 @pytest.mark.parametrize("buckets", [None, (ShapeBucket(1, 32), ShapeBucket(4, 32), ShapeBucket(2, 128))])
-def test_scores_match_the_numpy_reference(tiny_model, buckets):
+def test_scores_match_the_numpy_reference(make_reranker, tiny_model, buckets):
     scored = make_reranker(tiny_model, buckets).score_pairs(QUERY, DOCS)
     expected = tiny_model.reference_scores(QUERY, DOCS)
     assert abs(scored.scores - expected).max() < SCORE_TOLERANCE
     assert scored.batches >= 2  # micro-batched, and still in request order
 
 
-def test_truncation_matches_the_reference_at_a_short_max_length(tiny_model):
+def test_truncation_matches_the_reference_at_a_short_max_length(make_reranker, tiny_model):
     scored = make_reranker(tiny_model, max_length=12).score_pairs(QUERY, DOCS)
     assert abs(scored.scores - tiny_model.reference_scores(QUERY, DOCS, max_length=12)).max() < SCORE_TOLERANCE
     assert scored.truncated.any() and scored.lengths.max() == 12
 
 
-def test_two_label_model_scores_positive_class_probability(tiny_model_2labels):
+def test_two_label_model_scores_positive_class_probability(make_reranker, tiny_model_2labels):
     scored = make_reranker(tiny_model_2labels).score_pairs(QUERY, DOCS)
     assert abs(scored.scores - tiny_model_2labels.reference_scores(QUERY, DOCS)).max() < SCORE_TOLERANCE
 
 
-def test_model_without_token_type_ids(tiny_model_no_types):
+def test_model_without_token_type_ids(make_reranker, tiny_model_no_types):
     reranker = make_reranker(tiny_model_no_types, buckets=(ShapeBucket(2, 128),))
-    assert reranker.engine.input_names == ("input_ids", "attention_mask")
+    assert reranker.head.contract.input_names == ("input_ids", "attention_mask")
     scored = reranker.score_pairs(QUERY, DOCS)
     assert abs(scored.scores - tiny_model_no_types.reference_scores(QUERY, DOCS)).max() < SCORE_TOLERANCE
 
 
-def test_compile_cache_is_reported(tiny_model, tmp_path):
+def test_compile_cache_is_reported(make_reranker, tiny_model, tmp_path):
     def compile_once():
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(tmp_path)})
@@ -84,7 +76,7 @@ def test_model_contract_is_checked(tiny_model):
     p = ops.parameter([-1, -1], ov.Type.i64, name="input_ids")
     bad = ov.Model([ops.convert(p, ov.Type.f32)], [p])
     with pytest.raises(StartupError) as info:
-        Engine.check_model_contract(bad)
+        CrossEncoderHead.check_contract(bad)
     assert info.value.exit_code == EXIT_MODEL and "attention_mask" in str(info.value)
 
 

@@ -49,7 +49,7 @@ def test_limits_are_413_naming_the_limit_and_field(fake_server, args, body, fiel
 def test_a_huge_string_is_refused_before_tokenizing(fake_server, monkeypatch):
     fake = fake_server("--max-body-bytes", str(60 * 1024 * 1024)).start(FakeEngine())
     calls = []
-    monkeypatch.setattr(fake.state.reranker.encoder, "encode", lambda *a: calls.append(a))
+    monkeypatch.setattr(fake.service.reranker.head, "encode", lambda *a: calls.append(a))
     status, payload, _ = post(fake.port, {"query": "q", "documents": ["x" * 50_000_000]})
     assert status == 413 and payload["error"]["field"] == "documents[0]" and calls == []
 
@@ -232,7 +232,7 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(fake_server):
     thread, result = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
     time.sleep(0.3)
     started = time.monotonic()
-    drain(fake.srv, fake.state)
+    drain(fake.srv, fake.service)
     assert 0.4 < time.monotonic() - started < 5  # waited for the running request, not longer
     thread.join(5)
     assert result["value"][0] == 200
@@ -245,7 +245,7 @@ def test_drain_gives_up_after_its_timeout(fake_server):
     in_background(post, fake.port, {"query": "q", "documents": ["a"]})
     time.sleep(0.3)
     started = time.monotonic()
-    drain(fake.srv, fake.state)
+    drain(fake.srv, fake.service)
     assert time.monotonic() - started < 1.5
 
 

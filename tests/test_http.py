@@ -210,7 +210,7 @@ def test_head_has_no_body(cpu_server):
 
 def test_not_ready_is_503_with_retry_after(fake_server):
     fake = fake_server()
-    fake.state.reason = "compiling the model"
+    fake.service.readiness.reason = "compiling the model"
     status, body, resp = request(fake.port, "GET", "/readyz")
     assert status == 503 and body["ready"] is False and body["reason"] == "compiling the model"
     assert resp.getheader("Retry-After") == "1"

@@ -1,17 +1,17 @@
 """The startup guard: a compile configuration that scores differently from the f32 single-stream CPU reference is
-replaced by the safe configuration, or refused (hazards.md #1). The wrong scores are injected by a Core stand-in,
-since whether OpenVINO itself misbehaves depends on the CPU (AMX/bf16) and on chance."""
+replaced by the safe configuration, or refused (SPEC.md, "Startup parity guard"). The wrong scores are injected by
+a Core stand-in, since whether OpenVINO itself misbehaves depends on the CPU (AMX/bf16) and on chance."""
 
 import threading
 
 import numpy as np
 import openvino as ov
 import pytest
-from conftest import RunningServer, free_port, request
+from conftest import F32, F32_LATENCY, RunningServer, free_port, request
 
-from openvino_reranker.checks import REFERENCE_PROPERTIES, safe_properties, serving_properties
 from openvino_reranker.config import load_config
 from openvino_reranker.errors import EXIT_STARTUP_CHECK
+from openvino_reranker.parity import EXACT_F32_CPU, REFERENCE_PROPERTIES, safe_properties, serving_properties
 from openvino_reranker.startup import main
 
 
@@ -61,7 +61,7 @@ class _Corrupt:
 
 
 def args(model):
-    return ["--device", "CPU", "--model-dir", str(model.path), "--cache-dir", ""]
+    return ["--device", "CPU", *F32, "--model-dir", str(model.path), "--cache-dir", ""]
 
 
 def test_the_configured_compile_serves_when_it_agrees(tiny_model):
@@ -69,7 +69,7 @@ def test_the_configured_compile_serves_when_it_agrees(tiny_model):
     try:
         body = request(srv.port, "GET", "/readyz")[1]
         assert body["parity"]["fallback"] is False and body["parity"]["max_abs_diff"] < 1e-4
-        assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "LATENCY"}
+        assert body["compile"]["properties"] == F32_LATENCY
         assert body["compile"]["infer_requests"] == 2
     finally:
         srv.close()
@@ -87,7 +87,8 @@ def test_real_multi_stream_compile_serves_right_scores_either_way(tiny_model):
         if parity["fallback"]:
             assert body["compile"]["properties"] == REFERENCE_PROPERTIES and parity["failed_max_abs_diff"] > 0.02
         else:
-            assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2"}
+            assert body["compile"]["properties"] == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": "2",
+                                                     **EXACT_F32_CPU}
         docs = ["solar power is energy from the sun", "the cat", "bread and wine", "a train " * 20]
         got = {r["index"]: r["score"] for r in
                request(srv.port, "POST", "/rerank", {"query": "solar power", "documents": docs})[1]["results"]}
@@ -104,7 +105,7 @@ def test_wrong_scores_fall_back_to_the_safe_configuration(tiny_model):
         body = request(srv.port, "GET", "/readyz")[1]
         parity = body["parity"]
         assert parity["fallback"] is True and parity["failed_max_abs_diff"] > 0.02
-        assert parity["failed_properties"] == {"PERFORMANCE_HINT": "THROUGHPUT"}
+        assert parity["failed_properties"] == {"PERFORMANCE_HINT": "THROUGHPUT", **EXACT_F32_CPU}
         assert body["compile"]["properties"] == REFERENCE_PROPERTIES and parity["max_abs_diff"] < 1e-4
         docs = ["solar power is energy from the sun", "the cat", "bread and wine"]
         scores = {r["index"]: r["score"] for r in

@@ -1,0 +1,144 @@
+"""The compile-configuration guard: before serving, scores from the serving compile must match an f32
+single-stream CPU compile of the same IR; a compile that disagrees is replaced by a safe one, or refused.
+
+Why: some OpenVINO CPU configurations return wrong scores. On an AMX Xeon (OpenVINO 2026.4.1) a weight-only INT8
+IR compiled with several streams at the default bf16 precision gave logits off by 100-400 on about 2 of 3
+compiles, and upstream issue openvinotoolkit/openvino#38256 reports corrupted bf16 MatMul results on CPUs with
+AVX512-BF16 but no AMX. SPEC.md, "Startup parity guard", is the contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .batcher import Reranker
+from .config import Config, ShapeBucket
+from .encoding import CrossEncoderHead
+from .engine import Engine, NpuBusyCounter
+from .errors import EXIT_STARTUP_CHECK, ServiceError, StartupError, first_line
+
+log = logging.getLogger("openvino_reranker")
+
+PARITY_QUERY = "how do solar panels turn sunlight into electricity"
+PARITY_DOCUMENTS = (
+    "Solar panels are made of photovoltaic cells that convert sunlight directly into electricity.",
+    "The museum is closed on Mondays.",
+    "Photovoltaic modules produce direct current; an inverter turns it into the alternating current used at home, "
+    "and the output depends on the angle of the panel, the temperature of the cells and the amount of cloud.",
+    "Wind turbines generate power from moving air.",
+    "A recipe for bread: flour, water, salt and yeast, kneaded and left to rise overnight before baking.",
+    "Sunlight is made of photons. When photons strike a semiconductor such as silicon, they can knock electrons "
+    "loose; an electric field built into the cell pushes those electrons in one direction, which is a current. "
+    "Cells are wired together into modules, modules into arrays, and the array feeds a charge controller or an "
+    "inverter. Efficiency of commercial panels is around twenty percent, limited by reflection, heat and the "
+    "band gap of the material, and research cells made of several layers reach well above forty percent.",
+    "Electricity",
+    "The capital of France is Paris.",
+)
+# f32 everywhere: on CPUs with AVX-512 or AMX the plugin otherwise quantizes the activations of INT8-weight
+# MatMuls to int8 in groups of 32 (DYNAMIC_QUANTIZATION_GROUP_SIZE), which moved a tiny test model's scores by 1e-2.
+EXACT_F32_CPU = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+REFERENCE_PROPERTIES = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", **EXACT_F32_CPU}
+
+
+def serving_properties(config: Config) -> dict[str, str]:
+    """Compile properties from the configuration. `f32` on the CPU means f32 arithmetic throughout, so it also turns
+    off the dynamic quantization of activations."""
+    props = {"PERFORMANCE_HINT": config.performance_hint.upper()}
+    if config.num_streams:
+        props["NUM_STREAMS"] = str(config.num_streams)
+    if config.inference_threads:
+        props["INFERENCE_NUM_THREADS"] = str(config.inference_threads)
+    if config.inference_precision == "f32" and config.device == "CPU":
+        props.update(EXACT_F32_CPU)
+    elif config.inference_precision != "default":
+        props["INFERENCE_PRECISION_HINT"] = config.inference_precision
+    return props
+
+
+def safe_properties(device: str) -> dict[str, str]:
+    """The fallback: one stream, one request; on the CPU also f32 (the reference configuration itself)."""
+    return dict(REFERENCE_PROPERTIES) if device == "CPU" else {"PERFORMANCE_HINT": "LATENCY"}
+
+
+@dataclass(frozen=True)
+class ParityCheck:
+    max_abs_diff: float  # of the configuration now serving
+    tolerance: float
+    fallback: bool  # True: the configured compile disagreed and the safe one serves
+    failed_max_abs_diff: float | None = None
+    failed_properties: Mapping[str, str] | None = None
+
+
+def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
+    """Score the parity pairs on every infer request at once (all streams busy), twice each, and return the
+    largest score difference from `reference`."""
+    runs = max(1, getattr(reranker.engine, "num_requests", 1)) * 2
+    results: list[np.ndarray] = []
+    errors: list[str] = []
+
+    def run():
+        try:
+            results.append(reranker.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores)
+        except ServiceError as exc:
+            errors.append(exc.message)
+        except Exception as exc:  # the batcher hands engine surprises to the request; here they stop startup
+            errors.append(first_line(exc))
+
+    threads = [threading.Thread(target=run) for _ in range(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise StartupError(f"startup inference failed: {errors[0]}", EXIT_STARTUP_CHECK)
+    return float(max(np.abs(r - reference).max() for r in results))
+
+
+def compile_checked(core, model, config: Config, head: CrossEncoderHead, buckets: tuple[ShapeBucket, ...] | None,
+                    counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
+                    before_reference: Callable[[], None] = lambda: None) -> tuple[Reranker, Engine, ParityCheck]:
+    """Compile for serving, compare with the f32 single-stream CPU reference, and apply `on_parity_failure`:
+    recompile with `safe_properties` (checked again) or refuse. Returns what serves."""
+    properties = serving_properties(config)
+    engine = Engine(core, model, config.device, buckets, properties, head.contract, before_compile,
+                    config.infer_requests)
+    reranker = Reranker(head, engine, config.batch_size, counter)
+    before_reference()
+    reference_engine = Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract, infer_requests=1)
+    reference_reranker = Reranker(head, reference_engine, config.batch_size)
+    try:
+        reference = reference_reranker.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
+    finally:
+        reference_reranker.close()
+    diff = _diff_or_close(reranker, reference)
+    if diff <= config.parity_tolerance:
+        return reranker, engine, ParityCheck(diff, config.parity_tolerance, False)
+    message = (f"scores on {config.device} with {properties} differ from the f32 single-stream CPU reference "
+               f"by {diff:.4g} (tolerance {config.parity_tolerance})")
+    reranker.close()
+    if config.on_parity_failure == "refuse":
+        raise StartupError(message, EXIT_STARTUP_CHECK)
+    safe = safe_properties(config.device)
+    log.warning("%s; falling back to %s", message, safe)
+    engine = Engine(core, model, config.device, buckets, safe, head.contract, before_compile, infer_requests=1)
+    reranker = Reranker(head, engine, config.batch_size, counter)
+    safe_diff = _diff_or_close(reranker, reference)
+    if safe_diff > config.parity_tolerance:
+        reranker.close()
+        raise StartupError(f"{message}, and the safe configuration {safe} still differs by {safe_diff:.4g}",
+                           EXIT_STARTUP_CHECK)
+    return reranker, engine, ParityCheck(safe_diff, config.parity_tolerance, True, diff, properties)
+
+
+def _diff_or_close(reranker: Reranker, reference: np.ndarray) -> float:
+    try:
+        return parity_diff(reranker, reference)
+    except BaseException:
+        reranker.close()  # startup stops: nothing may keep the batcher's threads or the compiled model
+        raise
