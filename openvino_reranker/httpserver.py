@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,13 +52,22 @@ class Route:
     dialect: Dialect  # parses, renders and shapes errors (the native error shape for the non-scoring routes)
 
 
-ROUTES: dict[str, Route] = {
-    "/healthz": Route("GET", "route_healthz", False, NATIVE),
-    "/readyz": Route("GET", "route_readyz", False, NATIVE),
-    "/metrics": Route("GET", "route_metrics", True, NATIVE),
-    **{path: Route("POST", "route_score", dialect.needs_key, dialect)
-       for dialect in DIALECTS for path in dialect.paths},
-}
+def build_routes(dialects: Sequence[Dialect]) -> dict[str, Route]:
+    """The probes and /metrics, then one POST route per dialect path."""
+    routes = {
+        "/healthz": Route("GET", "route_healthz", False, NATIVE),
+        "/readyz": Route("GET", "route_readyz", False, NATIVE),
+        "/metrics": Route("GET", "route_metrics", True, NATIVE),
+    }
+    for dialect in dialects:
+        for path in dialect.paths:
+            if path in routes:
+                raise ValueError(f"two routes for {path}")
+            routes[path] = Route("POST", "route_score", dialect.needs_key, dialect)
+    return routes
+
+
+ROUTES = build_routes(DIALECTS)
 
 
 def route_label(path: str) -> str:

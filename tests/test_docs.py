@@ -1,0 +1,213 @@
+"""The docs against the code: SPEC.md's and README.md's configuration tables against `config.OPTIONS`, SPEC.md's
+error table against the classes in `errors.py`, and no citation of files outside the repository.
+
+How a documented default is read (both tables): the default cell starts with the default as a backticked value
+(`` `127.0.0.1` ``, `` `0` = the model's limit ``), or with the word `none`, which means the empty string; anything
+after that is commentary. In README.md only, a cell starting with `see` (`see SPEC.md`) shows no default.
+"""
+
+from __future__ import annotations
+
+import http.server
+import inspect
+import re
+import subprocess
+from http import HTTPStatus
+from pathlib import Path
+
+import pytest
+
+from openvino_reranker import errors
+from openvino_reranker.config import OPTIONS
+
+ROOT = Path(__file__).resolve().parent.parent
+BY_FLAG = {opt.flag: opt for opt in OPTIONS}
+BY_ENV = {opt.env: opt for opt in OPTIONS}
+
+
+# ---- markdown helpers
+
+
+def section(doc: str, title: str) -> list[str]:
+    """The lines of the level-2 section `## title`, up to the next level-2 heading."""
+    lines = (ROOT / doc).read_text(encoding="utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == f"## {title}"]
+    assert len(starts) == 1, f'{doc}: expected one "## {title}" section, found {len(starts)}'
+    rest = lines[starts[0] + 1:]
+    end = next((i for i, line in enumerate(rest) if line.startswith("## ")), len(rest))
+    return rest[:end]
+
+
+def split_row(line: str) -> list[str]:
+    """A table row's cells; a `|` inside backticks does not split."""
+    cells, cell, in_code = [], "", False
+    for ch in line.strip().strip("|"):
+        if ch == "`":
+            in_code = not in_code
+        if ch == "|" and not in_code:
+            cells.append(cell.strip())
+            cell = ""
+        else:
+            cell += ch
+    cells.append(cell.strip())
+    return cells
+
+
+def table(lines: list[str], header: list[str]) -> list[list[str]]:
+    """The rows of the table with this header: only the contiguous block of `|` lines after the header, as
+    markdown renders it (a blank line ends a table; rows after it are not part of it)."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("|") and split_row(line) == header]
+    assert len(starts) == 1, f"expected one table with header {header}, found {len(starts)}"
+    block = []
+    for line in lines[starts[0] + 1:]:
+        if not line.startswith("|"):
+            break
+        block.append(line)
+    assert block and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", block[0].strip()), f"{header}: no separator row"
+    rows = [split_row(line) for line in block[1:]]
+    for row in rows:
+        assert len(row) == len(header), f"row {row} has {len(row)} cells, the header {len(header)}"
+    return rows
+
+
+def documented_default(cell: str, allow_none_shown: bool = False) -> str | None:
+    """The default a cell states: its leading backticked value, or '' for a leading `none`; None when the cell
+    points elsewhere (`see ...`, README only)."""
+    m = re.match(r"`([^`]*)`", cell)
+    if m:
+        return m.group(1)
+    if re.match(r"none\b", cell):
+        return ""
+    if allow_none_shown and cell.lower().startswith("see "):
+        return None
+    raise AssertionError(f"default cell {cell!r} must start with a backticked value or 'none'")
+
+
+def backticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]*)`", cell)
+
+
+# ---- configuration
+
+
+def test_spec_configuration_table_matches_options():
+    lines = section("SPEC.md", "Configuration")
+    rows = table(lines, ["flag", "default", "meaning"])
+    flags = []
+    for flag_cell, default_cell, _ in rows:
+        m = re.fullmatch(r"`(--[a-z0-9-]+)`", flag_cell)
+        assert m, f"SPEC.md flag cell {flag_cell!r} must be one backticked flag"
+        flag = m.group(1)
+        assert flag in BY_FLAG, f"SPEC.md documents {flag}, which is not an option"
+        assert documented_default(default_cell) == BY_FLAG[flag].default, \
+            f"SPEC.md: {flag} default {default_cell!r}, the code's is {BY_FLAG[flag].default!r}"
+        flags.append(flag)
+    for opt in OPTIONS:
+        assert flags.count(opt.flag) == 1, f"SPEC.md lists {opt.flag} {flags.count(opt.flag)} times, not once"
+    # A row outside the table (e.g. after a blank line) is not rendered as part of it.
+    stray = [line for line in lines if line.startswith("| `--") and split_row(line) not in rows]
+    assert not stray, f"SPEC.md has option rows outside the configuration table: {stray}"
+
+
+def test_readme_configuration_table_is_true():
+    rows = table(section("README.md", "Configuration"), ["flag / variable", "default"])
+    seen: dict[str, int] = {}
+    for names_cell, default_cell in rows:
+        names = backticked(names_cell)
+        assert names, f"README.md row {names_cell!r} names no flag or variable"
+        by_flag, by_env = set(), set()
+        for name in names:
+            if name.startswith("--"):
+                assert name in BY_FLAG, f"README.md names {name}, which is not an option's flag"
+                by_flag.add(BY_FLAG[name].name)
+            else:
+                assert name in BY_ENV, f"README.md names {name!r}, which is not an option's variable"
+                by_env.add(BY_ENV[name].name)
+        assert not by_flag or by_env <= by_flag, \
+            f"README.md row {names_cell!r}: a variable whose flag is not in the same row"
+        named = by_flag | by_env
+        default = documented_default(default_cell, allow_none_shown=True)
+        if default is not None:  # a row naming several options states one default that holds for each
+            for name in sorted(named):
+                opt = next(o for o in OPTIONS if o.name == name)
+                assert default == opt.default, \
+                    f"README.md: {opt.flag} default {default_cell!r}, the code's is {opt.default!r}"
+        for name in named:
+            seen[name] = seen.get(name, 0) + 1
+    twice = [name for name, n in seen.items() if n > 1]
+    assert not twice, f"README.md's configuration table names {twice} more than once"
+
+
+# ---- errors
+
+
+def http_server_statuses() -> set[int]:
+    """The statuses http.server itself sends for a request it cannot parse (request line, headers, method)."""
+    handler = http.server.BaseHTTPRequestHandler
+    source = inspect.getsource(handler.parse_request) + inspect.getsource(handler.handle_one_request)
+    return {HTTPStatus[name].value for name in re.findall(r"HTTPStatus\.([A-Z_]+)", source)}
+
+
+def served_errors() -> set[tuple[int, str]]:
+    """(status, type) of every error a client can receive, from the classes in errors.py."""
+    pairs = {(errors.ServiceError.status, errors.ServiceError.error_type)}  # a bug: 500 internal
+    protocol = getattr(errors, "HttpProtocolError", None)
+    # Until HttpProtocolError exists, the stdlib parser's errors are known as "http_error".
+    protocol_type = protocol.error_type if protocol else "http_error"
+    pairs |= {(status, protocol_type) for status in http_server_statuses()}
+    for cls in vars(errors).values():
+        if not (isinstance(cls, type) and issubclass(cls, errors.ServiceError)):
+            continue
+        if cls in (errors.ServiceError, protocol, errors.ClientGoneError):  # 499 is logged, never sent
+            continue
+        pairs.add((cls.status, cls.error_type))
+    return pairs
+
+
+def test_spec_error_table_matches_error_classes():
+    rows = table(section("SPEC.md", "Errors"), ["status", "`type`", "when", "extra headers"])
+    documented = []
+    for status_cell, type_cell, _, _ in rows:
+        m = re.fullmatch(r"`([a-z_]+)`", type_cell)
+        assert m, f"SPEC.md error type cell {type_cell!r} must be one backticked type"
+        for status in status_cell.split(","):
+            assert status.strip().isdigit(), f"SPEC.md error status {status_cell!r}"
+            documented.append((int(status), m.group(1)))
+    assert len(documented) == len(set(documented)), f"SPEC.md documents an error twice: {documented}"
+    code = served_errors()
+    assert sorted(code - set(documented)) == [], "errors a client can receive that SPEC.md does not list"
+    assert sorted(set(documented) - code) == [], "errors SPEC.md lists that no class in errors.py gives"
+
+
+# ---- the repository stands alone
+
+
+def test_no_citation_outside_the_repository():
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    texts = [f for f in files if f.endswith((".md", ".py")) and f != "tests/test_docs.py"]
+    assert "README.md" in texts and "SPEC.md" in texts
+    found = []
+    for name in texts:
+        path = ROOT / name
+        if not path.is_file():  # tracked but deleted in the working tree
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "shared/reference" in line or "../shared" in line:
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert not found, "files outside the repository are cited:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("cell, expected", [
+    ("`127.0.0.1`", "127.0.0.1"), ("`0` = the model's limit", "0"), ("none", ""),
+    ("none (open on loopback)", ""), ("`NPU` (`CPU`, `GPU`)", "NPU"),
+])
+def test_documented_default_rule(cell, expected):
+    assert documented_default(cell) == expected
+
+
+def test_documented_default_rule_rejects_ambiguous_cells():
+    for cell in ("0 = the model's limit", "OpenVINO decides", "see SPEC.md"):
+        with pytest.raises(AssertionError):
+            documented_default(cell)
+    assert documented_default("see SPEC.md", allow_none_shown=True) is None

@@ -1,0 +1,57 @@
+"""The package's shape: imports point one way (each module imports only modules before it in MODULES), and the
+entry point stays thin."""
+
+import ast
+
+import pytest
+from conftest import ROOT
+
+from openvino_reranker import MODULES
+
+PACKAGE = ROOT / "openvino_reranker"
+
+
+def package_imports(path) -> set[str]:
+    """Modules of this package that a file imports, anywhere in it (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level == 0 and node.module and node.module.startswith("openvino_reranker."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("openvino_reranker.")}
+    return found
+
+
+def test_every_module_is_listed_once():
+    files = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert sorted(MODULES) == files and len(set(MODULES)) == len(MODULES)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_imports_point_one_way(module):
+    earlier = set(MODULES[:MODULES.index(module)])
+    imported = package_imports(PACKAGE / f"{module}.py")
+    assert imported <= earlier, f"{module} imports {sorted(imported - earlier)}, which come after it in MODULES"
+
+
+def test_no_module_shadows_a_stdlib_name():
+    import sys
+
+    assert not set(MODULES) & set(sys.stdlib_module_names)
+
+
+def test_server_py_is_only_the_entry_point():
+    tree = ast.parse((ROOT / "server.py").read_text())
+    assert package_imports(ROOT / "server.py") == {"startup"}
+    assert sum(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body) == 0
+
+
+def test_readme_maps_every_module():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Development"):]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    named = {name.strip("` ") for line in table for name in line.split("|")[1].split(",")}
+    assert named == set(MODULES)
