@@ -1,6 +1,7 @@
 """client.rerank_candidates: reranks against the real server, and falls back to vector order on each failure."""
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 from conftest import free_port
 
-from client import RerankSettings, rerank_candidates
+from client import RerankSettings, rerank_candidates, rerank_endpoint
 
 CANDIDATES = [
     {"id": "v1", "text": "the cat and the dog", "score": 0.91},
@@ -56,14 +57,17 @@ def test_connection_refused():
 
 
 class FakeService:
-    """A loopback TCP server that answers every connection with `behaviour(conn)`."""
+    """A loopback TCP server that answers every connection with `behaviour(conn, request)` and records the path of
+    each request in `paths`. With `route`, a request for any other path gets a 404, as from the real server."""
 
-    def __init__(self, behaviour):
+    def __init__(self, behaviour, route=None):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.behaviour = behaviour
+        self.route = route
+        self.paths = []
         self.closed = threading.Event()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -85,11 +89,16 @@ class FakeService:
                     return
                 data += chunk
             head, _, body = data.partition(b"\r\n\r\n")
+            path = head.split(b"\r\n")[0].split(b" ")[1].decode()
+            self.paths.append(path)
             length = int([h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")][0])
             while len(body) < length:
                 body += conn.recv(65536)
+            behaviour = self.behaviour
+            if self.route is not None and path != self.route:
+                behaviour = respond(404, {"ok": False, "error": {"type": "not_found", "message": f"no route {path}"}})
             try:
-                self.behaviour(conn, json.loads(body))
+                behaviour(conn, json.loads(body))
             except OSError:
                 pass  # the client gave up and closed: that is what the timeout tests want
 
@@ -111,8 +120,8 @@ def respond(status, payload):
 def fake_service():
     services = []
 
-    def make(behaviour):
-        services.append(FakeService(behaviour))
+    def make(behaviour, route=None):
+        services.append(FakeService(behaviour, route))
         return services[-1]
 
     yield make
@@ -154,9 +163,12 @@ def test_trickling_server_cannot_stretch_the_timeout(fake_service):
     (200, {"results": [{"index": 0, "score": "high"}, {"index": 2, "score": 0.8}, {"index": 1, "score": 0.1}]},
      "finite number"),
 ])
-def test_bad_answers_fall_back(fake_service, status, payload, needle):
+def test_bad_answers_fall_back(fake_service, status, payload, needle, caplog):
     svc = fake_service(respond(status, payload))
-    assert_fallback(rerank_candidates(QUERY, CANDIDATES, settings(svc.url)), needle=needle)
+    with caplog.at_level(logging.WARNING, logger="openvino_reranker.client"):
+        result = rerank_candidates(QUERY, CANDIDATES, settings(svc.url))
+    assert_fallback(result, needle=needle)
+    assert not result.rerank_error.startswith("configuration") and not caplog.records  # service failures: not logged
 
 
 def test_a_well_formed_fake_answer_is_used(fake_service):
@@ -186,3 +198,112 @@ def test_settings_from_env():
                 {"RAG_RERANK_URL": "localhost:18818"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RerankSettings.from_env(bad)
+
+
+GOOD_ANSWER = {"results": [{"index": 2, "score": 0.9}, {"index": 0, "score": 0.5}, {"index": 1, "score": 0.1}]}
+
+
+def from_env(url):
+    return RerankSettings.from_env({"RAG_RERANK_ENABLED": "true", "RAG_RERANK_URL": url, "RAG_RERANK_TOP_K": "3"})
+
+
+@pytest.mark.parametrize("suffix, route", [
+    ("", "/rerank"),  # the base URL
+    ("/", "/rerank"),
+    ("/rerank", "/rerank"),  # the URL of the route, as the design documents RAG_RERANK_URL
+    ("/rerank/", "/rerank"),
+    ("/reranker", "/reranker/rerank"),  # a reverse proxy's path prefix
+    ("/reranker/", "/reranker/rerank"),
+    ("/reranker/rerank", "/reranker/rerank"),
+    ("/reranker/rerank//", "/reranker/rerank"),
+])
+def test_both_url_forms_reach_the_route(fake_service, suffix, route):
+    svc = fake_service(respond(200, GOOD_ANSWER), route=route)
+    for configured in (from_env(svc.url + suffix), settings(svc.url + suffix)):  # from the environment, by hand
+        result = rerank_candidates(QUERY, CANDIDATES, configured)
+        assert result.reranked and result.rerank_error is None
+        assert [c["id"] for c in result.candidates] == ["v3", "v1", "v2"]
+    assert svc.paths == [route, route]
+
+
+def test_the_real_server_by_its_route_and_by_a_wrong_path(cpu_server):
+    assert rerank_candidates(QUERY, CANDIDATES, from_env(cpu_server.base + "/rerank")).reranked
+    result = rerank_candidates(QUERY, CANDIDATES, from_env(cpu_server.base + "/api"))
+    assert_fallback(result, needle=f"configuration: HTTP 404 from POST {cpu_server.base}/api/rerank")
+    assert "no route /api/rerank" in result.rerank_error  # the server's own message
+
+
+def test_a_404_is_a_configuration_error_logged_once(fake_service, caplog):
+    svc = fake_service(respond(200, GOOD_ANSWER), route="/rerank")
+    called = f"{svc.url}/api/rerank"
+    with caplog.at_level(logging.WARNING, logger="openvino_reranker.client"):
+        first = rerank_candidates(QUERY, CANDIDATES, settings(svc.url + "/api"))
+        second = rerank_candidates(QUERY, CANDIDATES, settings(svc.url + "/api"))
+    assert svc.paths == ["/api/rerank"] * 2
+    for result in (first, second):  # still the vector-order fallback, never an exception
+        assert_fallback(result)
+        assert result.rerank_error.startswith(f"configuration: HTTP 404 from POST {called} ")
+        assert "no route /api/rerank" in result.rerank_error
+    assert [(r.name, r.levelno) for r in caplog.records] == [("openvino_reranker.client", logging.WARNING)]
+    assert called in caplog.records[0].getMessage() and "HTTP 404" in caplog.records[0].getMessage()
+
+
+def test_a_bad_url_built_by_hand_falls_back_and_is_logged(caplog):
+    with caplog.at_level(logging.WARNING, logger="openvino_reranker.client"):
+        result = rerank_candidates(QUERY, CANDIDATES, settings("http://127.0.0.1:99999"))  # from_env rejects it
+    assert_fallback(result, needle="configuration: url 'http://127.0.0.1:99999'")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_https_speaks_tls():
+    """An https URL is accepted and the call is made over TLS: a plain-HTTP answer, which a client that ignored
+    the scheme would take, is refused by the TLS handshake."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    answer = json.dumps(GOOD_ANSWER).encode()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(answer)}\r\n\r\n".encode() + answer)
+            time.sleep(0.5)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        s = from_env(f"https://127.0.0.1:{listener.getsockname()[1]}/")
+        assert rerank_endpoint(s.url) == f"https://127.0.0.1:{listener.getsockname()[1]}/rerank"
+        assert_fallback(rerank_candidates(QUERY, CANDIDATES, s), needle="SSL")
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("url", [
+    "localhost:18818",  # no scheme
+    "ftp://127.0.0.1:18818",
+    "http://",
+    "http:///rerank",  # no host
+    "http://127.0.0.1:18818/rerank?top_k=5",
+    "http://127.0.0.1:18818/?",
+    "http://127.0.0.1:18818/rerank#results",
+    "http://127.0.0.1:99999",
+    "http://127.0.0.1:port",
+    "http://127.0.0.1:0",
+    "http://user:secret@127.0.0.1:18818",  # credentials the client would not send
+    "http://127.0.0.1:18818/v1/rerank",  # the Cohere route: another protocol
+    "http://127.0.0.1:18818/my rerank",
+])
+def test_from_env_rejects_malformed_urls(url):
+    with pytest.raises(ValueError, match="RAG_RERANK_URL"):
+        RerankSettings.from_env({"RAG_RERANK_URL": url})
+
+
+@pytest.mark.parametrize("url, endpoint", [
+    ("http://127.0.0.1:18818/", "http://127.0.0.1:18818/rerank"),
+    ("http://127.0.0.1:18818/rerank/", "http://127.0.0.1:18818/rerank"),
+    ("https://search.example/reranker", "https://search.example/reranker/rerank"),
+    ("http://[::1]:18818", "http://[::1]:18818/rerank"),
+])
+def test_from_env_accepts_both_forms(url, endpoint):
+    s = RerankSettings.from_env({"RAG_RERANK_URL": url})
+    assert s.url == url.rstrip("/") and rerank_endpoint(s.url) == endpoint
