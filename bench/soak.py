@@ -1,10 +1,12 @@
 """Soak test: N concurrent keep-alive clients for M minutes against openvino-reranker on loopback.
 
-    python bench/soak.py --model-dir DIR [--clients 8] [--minutes 10] [--documents 20] [--device CPU]
+    python bench/soak.py --model-dir DIR [--clients 8] [--minutes 10] [--documents 20] [--device CPU] [--hostile]
     python bench/soak.py --url http://127.0.0.1:18818 --pid PID ...      # an already running server
 
 Starts the server itself (on a free loopback port) unless --url is given. Every client sends valid requests and,
-every 50th request, one invalid request that must get a 400 (the error path under load). Bounded in time
+every 50th request, one invalid request that must get a 400 (the error path under load). With --hostile, one more
+client sends, in turn, the hostile requests that once wedged, dropped or 500'd the service (HOSTILE below), each on
+its own connection, and checks each answer's status; the valid clients must still see no error. Bounded in time
 (--minutes) and count (--max-requests). Reports requests, unexpected errors, latency percentiles, throughput and
 the server's RSS at start, end and peak. Loopback only; not part of CI.
 """
@@ -85,6 +87,65 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     sys.exit("server did not become ready")
 
 
+def _raw(head: str, body: bytes = b"") -> bytes:
+    return head.encode("latin-1").replace(b"\n", b"\r\n") + b"\r\n" + body
+
+
+def _post(body: bytes, extra: str = "", path: str = "/rerank") -> bytes:
+    return _raw(f"POST {path} HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: {len(body)}\n"
+                f"{extra}", body)
+
+
+_HUGE = json.dumps({"query": "q", "documents": [("xqzj" * 25 + " ") * 980] * 19, "timeout_ms": 5000}).encode()
+_TOKENS = json.dumps({"query": "q", "documents": ["solar power " * 158] * 1000}).encode()
+# (name, raw request, acceptable statuses); None means: the server closes the connection without an answer
+HOSTILE = [
+    ("timeout_ms beyond int64", _post(b'{"query":"q","documents":["a"],"timeout_ms":9223372036854775807}'), {400}),
+    ("19 documents of 99k characters", _post(_HUGE), {200}),
+    ("token limit with 1000 x 1900 characters", _post(_TOKENS), {413}),
+    ("Content-Length in superscript digits", _raw("POST /rerank HTTP/1.1\nHost: x\nContent-Length: \u00b2\n"), {400}),
+    ("Content-Length with \\x1c", _raw("POST /rerank HTTP/1.1\nHost: x\nContent-Length: \x1c31\x1c\n"), {400}),
+    ("lone surrogate as a JSON key", _post(b'{"query":"q","documents":["a"],"\\ud800":1}'), {400}),
+    ("JSON nested 100000 deep", _post(b"[" * 100_000), {400}),
+    ("timeout_ms 10**400", _post(b'{"query":"q","documents":["a"],"timeout_ms":1' + b"0" * 400 + b"}"), {400}),
+    ("X-Request-Timeout-Ms in superscripts", _post(b'{"query":"q","documents":["a"]}',
+                                                   "X-Request-Timeout-Ms: \u00b9\u00b2\n"), {400}),
+    ("duplicate Content-Length", _raw("POST /rerank HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+                                      "Content-Length: 2\nContent-Length: 31\n", b"{}"), {400}),
+    ("header line without a colon", _post(b'{"query":"q","documents":["a"]}', "NoColonHere\n"), {400}),
+    ("100 header lines of 64 KB", _raw("GET /healthz HTTP/1.1\nHost: x\n" +
+                                       "".join(f"X-Pad-{i}: {'a' * 65000}\n" for i in range(100))), {431}),
+    ("body over max_body_bytes", _post(b"x" * (3 * 1024 * 1024)), {413}),
+    ("echoed document with a lone surrogate", _post(b'{"query":"q","documents":[{"text":"a","x":"\\ud800"}],'
+                                                    b'"return_documents":true}', path="/v1/rerank"), {200}),
+]
+
+
+def hostile_loop(url, stop_at, stats, lock):
+    """Send HOSTILE in turn, each on a fresh connection, until stop_at; record answers that are not acceptable."""
+    parts = urlsplit(url)
+    i = 0
+    while time.monotonic() < stop_at:
+        name, raw, acceptable = HOSTILE[i % len(HOSTILE)]
+        i += 1
+        try:
+            with socket.create_connection((parts.hostname, parts.port), timeout=60) as s:
+                s.sendall(raw)
+                resp = http.client.HTTPResponse(s)
+                resp.begin()
+                body = resp.read()
+                status = resp.status
+                if status >= 400:
+                    json.loads(body)  # every error is JSON
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            status = f"{type(exc).__name__}: {exc}"
+        with lock:
+            stats["hostile"] += 1
+            if status not in acceptable:
+                stats["hostile_unexpected"].append(f"{name}: {status}")
+        time.sleep(0.5)
+
+
 def client_loop(url, workload, stop_at, max_requests, counter, lock, stats, offset):
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
@@ -133,6 +194,7 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=1_000_000)
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--hostile", action="store_true", help="also send the hostile requests (HOSTILE) in turn")
     args = parser.parse_args()
     if bool(args.model_dir) == bool(args.url):
         parser.error("give exactly one of --model-dir and --url")
@@ -143,7 +205,7 @@ def main() -> int:
     proc, url = start_server(args) if args.model_dir else (None, args.url)
     pid = proc.pid if proc else args.pid
     workload = make_requests(64, args.documents, args.seed)
-    stats = {"latencies": [], "errors": [], "pairs": 0, "expected_4xx": 0}
+    stats = {"latencies": [], "errors": [], "pairs": 0, "expected_4xx": 0, "hostile": 0, "hostile_unexpected": []}
     lock, counter = threading.Lock(), [0]
     rss_samples = []
     # one warm-up pass so that the start RSS is taken in steady state
@@ -154,6 +216,8 @@ def main() -> int:
     stop_at = started + args.minutes * 60
     threads = [threading.Thread(target=client_loop, args=(url, workload, stop_at, args.max_requests, counter, lock,
                                                           stats, k * 8), daemon=True) for k in range(args.clients)]
+    if args.hostile:
+        threads.append(threading.Thread(target=hostile_loop, args=(url, stop_at, stats, lock), daemon=True))
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
@@ -170,6 +234,8 @@ def main() -> int:
         "clients": args.clients, "minutes": round(duration / 60, 2), "documents_per_request": args.documents,
         "requests_ok": len(lat), "expected_400s": stats["expected_4xx"], "errors": len(stats["errors"]),
         "first_errors": stats["errors"][:5],
+        "hostile_requests": stats["hostile"], "hostile_unexpected": len(stats["hostile_unexpected"]),
+        "first_hostile_unexpected": stats["hostile_unexpected"][:10],
         "requests_per_s": round(len(lat) / duration, 2), "pairs_per_s": round(stats["pairs"] / duration, 1),
         "latency_ms": {q: round(percentile(lat, p) * 1000, 1) for q, p in
                        (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))},
@@ -185,7 +251,7 @@ def main() -> int:
             proc.kill()
             report_exit = "killed"
         print(f"server exit status after SIGTERM: {report_exit}")
-    return 0 if not stats["errors"] else 1
+    return 0 if not stats["errors"] and not stats["hostile_unexpected"] else 1
 
 
 if __name__ == "__main__":

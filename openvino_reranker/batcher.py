@@ -3,6 +3,7 @@ scores out."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -24,8 +25,13 @@ from .errors import (
     NotReadyError,
     PayloadTooLargeError,
     ServiceError,
+    error_reason,
 )
 from .scoring import ScoredPairs
+
+log = logging.getLogger("openvino_reranker")
+
+ENCODE_SLICE = 64  # documents tokenized at a time between deadline and token-budget checks
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,12 @@ class WorkLimits:
     def check(self) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise DeadlineExceededError("the request's deadline passed before its work ran")
-        if self.client_gone():
+        try:
+            gone = self.client_gone()
+        except Exception:  # a probe that breaks must not break scoring: the request keeps its answer
+            log.debug("client-gone probe failed", exc_info=True)
+            gone = False
+        if gone:
             raise ClientGoneError("the client closed the connection")
 
 
@@ -75,31 +86,52 @@ class Batcher:
     large one), sorts the round's pairs by length, plans micro-batches (per static bucket when the engine has them)
     and hands them to one worker thread per infer request. Workers call the engine's blocking `infer`, which
     releases the GIL, so the device runs `workers` batches at once while the owner prepares the next. Each request
-    waits on its own Future."""
+    waits on its own Future.
+
+    No request can wedge it: an unexpected exception while planning a round or running a batch fails the requests
+    involved (the HTTP layer answers 500) and the thread goes on. Should a thread end anyway, every waiting and
+    later request fails at once with 503 and `stopped_reason` says which thread ended and why (/readyz shows it,
+    and the process exits so that systemd restarts it)."""
 
     def __init__(self, engine, head: CrossEncoderHead, batch_size: int, round_pairs: int = 64):
         self.engine, self.head = engine, head
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
         self.workers = max(1, getattr(engine, "num_requests", 1))
+        self.stopped_reason: str | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._jobs: set[_Job] = set()  # submitted and not done: failed at once if a thread ends
+        self._jobs_lock = threading.Lock()  # not self._lock: futures complete (and call _forget) under that one
         self._idle_changed = threading.Condition()
         self._idle_workers = 0
         self._closed = False
-        self._threads = [threading.Thread(target=self._own, daemon=True, name="batcher")]
-        self._threads += [threading.Thread(target=self._work_loop, daemon=True, name=f"infer-{i}")
-                          for i in range(self.workers)]
+        self._threads = [threading.Thread(target=self._guarded, args=(self._own,), daemon=True, name="batcher")]
+        self._threads += [threading.Thread(target=self._guarded, args=(self._work_loop,), daemon=True,
+                                           name=f"infer-{i}") for i in range(self.workers)]
         for thread in self._threads:
             thread.start()
 
     def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> _Job:
         job = _Job(encoded, limits, self.head.contract.num_labels)
-        if self._closed:
-            job.future.set_exception(NotReadyError("the server is shutting down"))
-        else:
-            self._inbox.put(job)
+        with self._jobs_lock:
+            if self._closed:
+                job.future.set_exception(self._refusal())
+                return job
+            self._jobs.add(job)
+        job.future.add_done_callback(lambda _, job=job: self._forget(job))
+        self._inbox.put(job)
         return job
+
+    def _forget(self, job: _Job) -> None:
+        with self._jobs_lock:
+            self._jobs.discard(job)
+
+    def _refusal(self) -> NotReadyError:
+        if self.stopped_reason:
+            return NotReadyError(f"scoring has stopped ({self.stopped_reason}); the server must be restarted",
+                                 headers={"Retry-After": "1"})
+        return NotReadyError("the server is shutting down")
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the owner and the workers and wait for them, so that nothing holds the engine afterwards."""
@@ -111,7 +143,22 @@ class Batcher:
             self._idle_changed.notify_all()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _guarded(self, loop: Callable[[], None]) -> None:
+        """Run a thread's loop; if it ends by an exception, stop the batcher loudly instead of silently."""
+        try:
+            loop()
+        except BaseException as exc:
+            name = threading.current_thread().name
+            self.stopped_reason = f"thread {name} ended: {type(exc).__name__}: {error_reason(exc)}"
+            log.critical("scoring stopped: %s", self.stopped_reason, exc_info=True)
+            with self._jobs_lock:
+                self._closed = True
+                jobs = list(self._jobs)
+            self._fail(jobs, self._refusal())
+            self.close(timeout_s=1.0)
 
     # ---- owner: rounds of micro-batches
 
@@ -129,7 +176,14 @@ class Batcher:
                 self._idle_changed.wait_for(lambda: self._closed or (self._idle_workers > 0 and self._work.empty()))
             if not self._take_arrivals(waiting):
                 return
-            for batch in self._plan_round(waiting):
+            try:
+                batches = self._plan_round(waiting)
+            except Exception as exc:  # a bug while planning: fail this round's requests, keep the owner alive
+                log.exception("planning a round failed")
+                self._fail(list(waiting), exc)
+                waiting.clear()
+                continue
+            for batch in batches:
                 self._work.put(batch)
 
     def _take_arrivals(self, waiting: deque) -> bool:
@@ -163,15 +217,20 @@ class Batcher:
         if not taken:
             return []
         owners = [(job, i) for job, part in taken for i in part]
-        merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
-                              type_ids=[job.encoded.type_ids[i] for job, i in owners],
-                              lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
-                              truncated=np.zeros(len(owners), bool))
-        batches = []
-        for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.head.max_length):
-            feed = self.head.feed(merged, batch.indices, batch.shape)
-            batches.append((feed, batch.shape, [owners[k] for k in batch.indices]))
-        return batches
+        try:
+            merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
+                                  type_ids=[job.encoded.type_ids[i] for job, i in owners],
+                                  lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
+                                  truncated=np.zeros(len(owners), bool))
+            batches = []
+            for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.head.max_length):
+                feed = self.head.feed(merged, batch.indices, batch.shape)
+                batches.append((feed, batch.shape, [owners[k] for k in batch.indices]))
+            return batches
+        except Exception as exc:  # fail the requests whose pairs were taken; the others stay queued
+            log.exception("planning micro-batches failed")
+            self._fail([job for job, _ in taken], exc)
+            return []
 
     # ---- workers: run batches, hand out logits
 
@@ -186,43 +245,50 @@ class Batcher:
             if item is None:
                 return
             feed, shape, rows = item
-            live = []
-            for job in {id(job): job for job, _ in rows}.values():
-                problem = job.dead()
-                if problem is None:
-                    live.append(job)
-                else:
-                    self._fail([job], problem)
-            if not live:
-                continue
-            started = time.perf_counter()
-            for job in live:
-                job.first_started = job.first_started or started
             try:
-                logits = self.engine.infer(feed, shape, min((j.limits.deadline for j in live
-                                                                if j.limits.deadline is not None), default=None))
-                if logits.ndim != 2 or logits.shape[0] != shape.rows:
-                    raise InferenceError(f"the model returned logits of shape {list(logits.shape)} for a batch of "
-                                         f"{shape.rows}")
-            except Exception as exc:  # handed to the waiting requests (a bug there becomes a logged 500)
-                self._fail(live, exc)
-                continue
-            with self._lock:
-                for (job, i), row in zip(rows, logits[:len(rows)], strict=True):
-                    if job.future.done():
-                        continue
-                    job.logits[i] = row
-                    job.remaining -= 1
-                for job in live:
-                    job.batches += 1
-                    if job.remaining == 0 and not job.future.done():
-                        job.future.set_result(job.logits)
+                self._run_batch(feed, shape, rows)
+            except Exception as exc:  # a bug here fails this batch's requests (a logged 500), not the worker
+                log.exception("running a batch failed")
+                self._fail({id(job): job for job, _ in rows}.values(), exc)
+
+    def _run_batch(self, feed, shape, rows) -> None:
+        live = []
+        for job in {id(job): job for job, _ in rows}.values():
+            problem = job.dead()
+            if problem is None:
+                live.append(job)
+            else:
+                self._fail([job], problem)
+        if not live:
+            return
+        started = time.perf_counter()
+        for job in live:
+            job.first_started = job.first_started or started
+        try:
+            logits = self.engine.infer(feed, shape, min((j.limits.deadline for j in live
+                                                            if j.limits.deadline is not None), default=None))
+            if logits.ndim != 2 or logits.shape[0] != shape.rows:
+                raise InferenceError(f"the model returned logits of shape {list(logits.shape)} for a batch of "
+                                     f"{shape.rows}")
+        except Exception as exc:  # handed to the waiting requests (a bug there becomes a logged 500)
+            self._fail(live, exc)
+            return
+        with self._lock:
+            for (job, i), row in zip(rows, logits[:len(rows)], strict=True):
+                if job.future.done():
+                    continue
+                job.logits[i] = row
+                job.remaining -= 1
+            for job in live:
+                job.batches += 1
+                if job.remaining == 0 and not job.future.done():
+                    job.future.set_result(job.logits)
 
     def cancel(self, job: _Job) -> None:
         with self._lock:
             job.future.cancel()
 
-    def _fail(self, jobs: Sequence[_Job], error: BaseException) -> None:
+    def _fail(self, jobs, error: BaseException) -> None:
         with self._lock:
             for job in jobs:
                 if not job.future.done():
@@ -241,15 +307,16 @@ class Reranker:
         self.busy_counter = busy_counter
         self.batcher = Batcher(engine, head, batch_size, round_pairs)
 
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why scoring has stopped for good (a batcher thread ended), or None."""
+        return self.batcher.stopped_reason
+
     def score_pairs(self, query: str, texts: Sequence[str], limits: WorkLimits = WorkLimits()) -> ScoredPairs:
-        limits.check()
         t0 = time.perf_counter()
-        encoded = self.head.encode(query, texts)
+        encoded = self._encode(query, texts, limits)
         t1 = time.perf_counter()
-        total = int(encoded.lengths.sum())
-        if limits.max_total_tokens is not None and total > limits.max_total_tokens:
-            raise PayloadTooLargeError(f"the request has {total} tokens after truncation; the limit "
-                                       f"(max_total_tokens) is {limits.max_total_tokens}", "documents")
+        limits.check()
         busy_before = self.busy_counter.read() if self.busy_counter else None
         job = self.batcher.submit(encoded, limits)
         timeout = None if limits.deadline is None else max(0.0, limits.deadline - time.monotonic())
@@ -269,6 +336,23 @@ class Reranker:
         return ScoredPairs(scores, logits, encoded.lengths, encoded.truncated, (t1 - t0) * 1000,
                            (t2 - t1 - queued) * 1000,
                            job.batches, delta, queued * 1000)
+
+    def _encode(self, query: str, texts: Sequence[str], limits: WorkLimits) -> EncodedPairs:
+        """Tokenize in slices, checking the deadline and the client before each and the token budget after each,
+        so that a request over max_total_tokens costs about the budget, not its whole body."""
+        parts, total = [], 0
+        for start in range(0, len(texts), ENCODE_SLICE):
+            limits.check()
+            part = self.head.encode(query, texts[start:start + ENCODE_SLICE])
+            total += int(part.lengths.sum())
+            if limits.max_total_tokens is not None and total > limits.max_total_tokens:
+                counted = start + len(part.lengths)
+                raise PayloadTooLargeError(
+                    f"the request has {'at least ' if counted < len(texts) else ''}{total} tokens after truncation "
+                    f"(in its first {counted} of {len(texts)} documents); the limit (max_total_tokens) is "
+                    f"{limits.max_total_tokens}", "documents")
+            parts.append(part)
+        return EncodedPairs.concat(parts)
 
     def close(self) -> None:
         self.batcher.close()

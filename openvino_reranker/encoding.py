@@ -8,6 +8,7 @@ and the activation. The engine and the batcher only move arrays; they never look
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ShapeBucket
-from .errors import EXIT_MODEL, StartupError, first_line
+from .errors import EXIT_MODEL, StartupError, error_reason
 from .scoring import logits_to_scores
 
 
@@ -28,6 +29,14 @@ class EncodedPairs:
     lengths: np.ndarray  # tokens per pair, special tokens included
     truncated: np.ndarray  # bool per pair: truncation removed tokens
 
+    @staticmethod
+    def concat(parts: Sequence[EncodedPairs]) -> EncodedPairs:
+        if len(parts) == 1:
+            return parts[0]
+        return EncodedPairs([i for p in parts for i in p.ids], [t for p in parts for t in p.type_ids],
+                            np.concatenate([p.lengths for p in parts]).astype(np.int64),
+                            np.concatenate([p.truncated for p in parts]).astype(bool))
+
 
 @dataclass(frozen=True)
 class ModelContract:
@@ -39,6 +48,26 @@ class ModelContract:
     output_name: str = "logits"
     output_index: int = 0  # the logits' position among the model's outputs (picked by name when checked)
     input_dtype: type = np.int64
+
+
+_WORD = re.compile(r"[^ ]+")
+
+
+def cut_to_words(text: str, words: int) -> str:
+    """`text` up to the end of its `words`-th space-separated word that holds a letter or a digit; the whole text if
+    it has fewer. Truncation keeps at most max_length tokens of a text, and tokenizers that split at spaces
+    (WordPiece, byte-level BPE, Metaspace) give at least one token per such word and never join tokens across a
+    space, so cutting a text after max_length such words changes none of the tokens kept: the scores are the same
+    as with the whole text (tests/test_encoding.py checks this against untruncated tokenization). Its cost is
+    proportional to `words`, not to the text, and it is what keeps a 100,000-character document from costing
+    seconds of tokenizing."""
+    count = 0
+    for match in _WORD.finditer(text):
+        if any(c.isalnum() for c in match.group()):
+            count += 1
+            if count == words:
+                return text[:match.end()]
+    return text
 
 
 def pad_pairs(encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket, input_names: Sequence[str],
@@ -87,7 +116,7 @@ class CrossEncoderHead:
         try:
             return Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:  # tokenizers raises its own exception type for a malformed file
-            raise StartupError(f"cannot load {tokenizer_path}: {first_line(exc)}", EXIT_MODEL) from None
+            raise StartupError(f"cannot load {tokenizer_path}: {error_reason(exc)}", EXIT_MODEL) from None
 
     @classmethod
     def from_file(cls, tokenizer_path: Path, max_length: int, contract: ModelContract) -> CrossEncoderHead:
@@ -130,7 +159,10 @@ class CrossEncoderHead:
     # ---- pairs -> inputs
 
     def encode(self, query: str, texts: Sequence[str]) -> EncodedPairs:
-        encodings = self.tokenizer.encode_batch([(query, text) for text in texts])
+        """Pairs as the tokenizer's pair template makes them, truncated longest-first to max_length (each text is
+        first cut to what that truncation can keep, see `cut_to_words`)."""
+        query = cut_to_words(query, self.max_length)
+        encodings = self.tokenizer.encode_batch([(query, cut_to_words(text, self.max_length)) for text in texts])
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         return EncodedPairs(
             ids=ids,

@@ -20,7 +20,7 @@ from .errors import (
     DeadlineExceededError,
     InferenceError,
     StartupError,
-    first_line,
+    error_reason,
 )
 
 
@@ -94,7 +94,7 @@ class Engine:
                 compiled = core.compile_model(variant, device, dict(properties))
             except RuntimeError as exc:
                 where = f" for shape {shape}" if shape else ""
-                raise StartupError(f"compiling the model on {device}{where} failed: {first_line(exc)}",
+                raise StartupError(f"compiling the model on {device}{where} failed: {error_reason(exc)}",
                                    EXIT_DEVICE) from None
             self._compiled[shape] = compiled
             pool: queue.Queue = queue.Queue()
@@ -132,7 +132,7 @@ class Engine:
             result = request.infer(feed)
             return np.array(result[self.contract.output_index], dtype=np.float32, copy=True)
         except RuntimeError as exc:
-            raise InferenceError(f"inference failed: {first_line(exc)}") from None
+            raise InferenceError(f"inference failed: {error_reason(exc)}") from None
         finally:
             pool.put(request)
 
@@ -157,4 +157,4 @@ def read_model(core, xml_path):
     try:
         return core.read_model(str(xml_path))
     except RuntimeError as exc:
-        raise StartupError(f"cannot read {xml_path}: {first_line(exc)}", EXIT_MODEL) from None
+        raise StartupError(f"cannot read {xml_path}: {error_reason(exc)}", EXIT_MODEL) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 
@@ -90,10 +91,25 @@ class StartupError(Exception):
         self.exit_code = exit_code
 
 
+class StartupCancelled(StartupError):
+    """SIGTERM or SIGINT arrived while starting: stop before the next slow step, without READY=1, exit 0."""
+
+    def __init__(self, step: str):
+        super().__init__(f"stopped by a signal before {step}", 0)
+
+
 EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
+EXIT_SCORING_STOPPED = 7  # a scoring thread ended while serving: exit so that systemd restarts the service
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's text (OpenVINO's messages run to many lines)."""
+_SOURCE_LOCATION = re.compile(r"(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)")
+
+
+def error_reason(exc: BaseException) -> str:
+    """One line saying why: OpenVINO's messages start with source locations ("Exception from
+    src/inference/src/cpp/core.cpp:84:", "Check '...' failed at ...:900:") and put the reason after them
+    ("Incorrect weights in bin file!"), so those lines are skipped."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    reasons = [line for line in lines if not _SOURCE_LOCATION.fullmatch(line)]
+    text = " ".join(reasons or lines[:1]) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +27,29 @@ def load_model_files(model_dir: str, requested_max_length: int) -> ModelFiles:
            "--task text-classification --weight-format int8 DIR (see README)"
     if not root.is_dir():
         raise StartupError(f"model dir {root} does not exist; {hint}", EXIT_MODEL)
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise StartupError(f"model dir {root}: permission denied (the service's user must be able to read it)",
+                           EXIT_MODEL)
     xml, tok = root / "openvino_model.xml", root / "tokenizer.json"
     for path in (xml, xml.with_suffix(".bin"), tok):
         if not path.is_file():
             raise StartupError(f"model dir {root} has no {path.name}; {hint}", EXIT_MODEL)
+        if not os.access(path, os.R_OK):
+            raise StartupError(f"cannot read {path}: permission denied", EXIT_MODEL)
     limits, name = [MAX_SUPPORTED_LENGTH], root.name
     for filename, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
         path = root / filename
-        if not path.is_file():
-            continue
+        if not path.exists():
+            continue  # optional; but one that exists and cannot be read is a broken directory
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise StartupError(f"cannot read {path}: {exc.strerror or exc}", EXIT_MODEL) from None
+        except UnicodeDecodeError as exc:
+            raise StartupError(f"{path} is not UTF-8 text (byte {exc.start})", EXIT_MODEL) from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
             raise StartupError(f"{path} is not valid JSON: {exc}", EXIT_MODEL) from None
         if not isinstance(data, dict):
             raise StartupError(f"{path} is not a JSON object", EXIT_MODEL)

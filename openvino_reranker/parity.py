@@ -20,7 +20,7 @@ from .batcher import Reranker
 from .config import Config, ShapeBucket
 from .encoding import CrossEncoderHead
 from .engine import Engine, NpuBusyCounter
-from .errors import EXIT_STARTUP_CHECK, ServiceError, StartupError, first_line
+from .errors import EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
 
 log = logging.getLogger("openvino_reranker")
 
@@ -88,7 +88,7 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
         except ServiceError as exc:
             errors.append(exc.message)
         except Exception as exc:  # the batcher hands engine surprises to the request; here they stop startup
-            errors.append(first_line(exc))
+            errors.append(error_reason(exc))
 
     threads = [threading.Thread(target=run) for _ in range(runs)]
     for t in threads:
@@ -104,31 +104,36 @@ def compile_checked(core, model, config: Config, head: CrossEncoderHead, buckets
                     counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
                     before_reference: Callable[[], None] = lambda: None) -> tuple[Reranker, Engine, ParityCheck]:
     """Compile for serving, compare with the f32 single-stream CPU reference, and apply `on_parity_failure`:
-    recompile with `safe_properties` (checked again) or refuse. Returns what serves."""
+    recompile with `safe_properties` (checked again) or refuse. Returns what serves; on any failure (including a
+    cancelled startup) nothing is left running."""
+    reference = None
+
+    def serve(properties: Mapping[str, str], infer_requests: int) -> tuple[Reranker, Engine, float]:
+        nonlocal reference
+        engine = Engine(core, model, config.device, buckets, properties, head.contract, before_compile,
+                        infer_requests)
+        reranker = Reranker(head, engine, config.batch_size, counter)
+        try:
+            if reference is None:
+                before_reference()
+                reference = _reference_scores(core, model, head, config.batch_size)
+            return reranker, engine, parity_diff(reranker, reference)
+        except BaseException:
+            reranker.close()  # startup stops: nothing may keep the batcher's threads or the compiled model
+            raise
+
     properties = serving_properties(config)
-    engine = Engine(core, model, config.device, buckets, properties, head.contract, before_compile,
-                    config.infer_requests)
-    reranker = Reranker(head, engine, config.batch_size, counter)
-    before_reference()
-    reference_engine = Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract, infer_requests=1)
-    reference_reranker = Reranker(head, reference_engine, config.batch_size)
-    try:
-        reference = reference_reranker.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
-    finally:
-        reference_reranker.close()
-    diff = _diff_or_close(reranker, reference)
+    reranker, engine, diff = serve(properties, config.infer_requests)
     if diff <= config.parity_tolerance:
         return reranker, engine, ParityCheck(diff, config.parity_tolerance, False)
+    reranker.close()
     message = (f"scores on {config.device} with {properties} differ from the f32 single-stream CPU reference "
                f"by {diff:.4g} (tolerance {config.parity_tolerance})")
-    reranker.close()
     if config.on_parity_failure == "refuse":
         raise StartupError(message, EXIT_STARTUP_CHECK)
     safe = safe_properties(config.device)
     log.warning("%s; falling back to %s", message, safe)
-    engine = Engine(core, model, config.device, buckets, safe, head.contract, before_compile, infer_requests=1)
-    reranker = Reranker(head, engine, config.batch_size, counter)
-    safe_diff = _diff_or_close(reranker, reference)
+    reranker, engine, safe_diff = serve(safe, 1)
     if safe_diff > config.parity_tolerance:
         reranker.close()
         raise StartupError(f"{message}, and the safe configuration {safe} still differs by {safe_diff:.4g}",
@@ -136,9 +141,13 @@ def compile_checked(core, model, config: Config, head: CrossEncoderHead, buckets
     return reranker, engine, ParityCheck(safe_diff, config.parity_tolerance, True, diff, properties)
 
 
-def _diff_or_close(reranker: Reranker, reference: np.ndarray) -> float:
+def _reference_scores(core, model, head: CrossEncoderHead, batch_size: int) -> np.ndarray:
+    reference = Reranker(head, Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract,
+                                      infer_requests=1), batch_size)
     try:
-        return parity_diff(reranker, reference)
-    except BaseException:
-        reranker.close()  # startup stops: nothing may keep the batcher's threads or the compiled model
-        raise
+        return reference.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
+    except ServiceError as exc:  # e.g. weights that give NaN: no compile of this IR can be trusted
+        raise StartupError(f"startup inference failed on the f32 CPU reference: {exc.message}",
+                           EXIT_STARTUP_CHECK) from None
+    finally:
+        reference.close()

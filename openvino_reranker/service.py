@@ -176,15 +176,24 @@ class RerankService:
 
     # ---- what the probes and /metrics read
 
+    def scoring_stopped(self) -> str | None:
+        """Why scoring has stopped for good (a batcher thread ended), or None."""
+        return self.reranker.stopped_reason if self.reranker is not None else None
+
+    def is_ready(self) -> bool:
+        return self.readiness.is_ready() and not self.scoring_stopped()
+
     def readyz(self) -> tuple[bool, dict]:
-        ready = self.readiness.is_ready()
-        return ready, render_readyz(ready, self.readiness.current_reason(), self.served)
+        stopped = self.scoring_stopped()
+        ready = self.is_ready()
+        reason = f"scoring stopped: {stopped}" if stopped else self.readiness.current_reason()
+        return ready, render_readyz(ready, reason, self.served)
 
     def render_metrics(self) -> str:
         gauges = {
             "queue_depth": ("Scoring requests admitted (running or waiting for the device).", self.admission.admitted),
             "in_flight_requests": ("HTTP requests being handled.", self.in_flight.count),
-            "ready": ("1 when /readyz answers 200.", int(self.readiness.is_ready())),
+            "ready": ("1 when /readyz answers 200.", int(self.is_ready())),
         }
         served = self.served
         info = {"device": self.config.device,

@@ -14,7 +14,7 @@ from .checks import check_startup
 from .config import ENV_PREFIX, Config, is_loopback, load_api_key, load_config
 from .encoding import CrossEncoderHead
 from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
-from .errors import EXIT_CONFIG, EXIT_PORT, StartupError
+from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
 from .httpserver import RerankServer
 from .modeldir import ModelFiles, load_model_files, static_buckets_for
 from .parity import ParityCheck, compile_checked
@@ -42,10 +42,10 @@ def bind_server(service: RerankService) -> RerankServer:
     return server
 
 
-def build_reranker(config: Config, counter: NpuBusyCounter | None,
-                   core=None) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
+def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None,
+                   stop: threading.Event | None = None) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
     """Model files -> tokenizer -> Core (device, cache) -> the IR and its head -> a compile that passed the parity
-    guard. Each step raises StartupError with its own exit code."""
+    guard. Each step raises StartupError with its own exit code; a set `stop` cancels before the next compile."""
     model_files = load_model_files(config.model_dir, config.max_length)
     buckets = static_buckets_for(config, model_files.max_length)
     tokenizer = CrossEncoderHead.load_tokenizer(model_files.tokenizer)
@@ -56,10 +56,14 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None,
              f"buckets {','.join(map(str, buckets))}" if buckets else "dynamic shapes")
 
     def before_compile(shape):
+        if stop is not None and stop.is_set():
+            raise StartupCancelled("compiling" + (f" shape {shape}" if shape else ""))
         sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=compiling for {config.device}"
                   + (f" shape {shape}" if shape else ""))
 
     def before_reference():
+        if stop is not None and stop.is_set():
+            raise StartupCancelled("the parity check")
         sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=checking scores against the f32 CPU reference")
 
     reranker, engine, parity = compile_checked(core, model, config, head, buckets, counter, before_compile,
@@ -78,6 +82,25 @@ def drain(server: RerankServer, service: RerankService) -> None:
     server.server_close()
     if not service.in_flight.wait_idle(service.config.drain_timeout_s):
         log.warning("drain time over with requests still in flight; exiting anyway")
+
+
+WATCH_INTERVAL_S = 0.5  # how often the main thread looks for a scoring thread that ended
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT drain and exit 0 (also during startup, before READY=1). SIGHUP is ignored with a log
+    line: the configuration is read only at startup, and exiting on a hangup would stop a service that systemd
+    does not restart after a clean exit."""
+
+    def on_stop(signum, frame):
+        stop.set()
+
+    def on_hangup(signum, frame):
+        log.warning("SIGHUP ignored: the configuration is read only at startup; restart the service to change it")
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hangup)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, core=None,
@@ -105,13 +128,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                          name="http").start()
         log.info("listening on http://%s:%d (not ready until the model is compiled)", host, port)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
+            install_signal_handlers(stop)
         service.readiness.reason = "loading and compiling the model"
-        reranker, model_files, engine_info, parity = build_reranker(config, counter, core)
+        reranker, model_files, engine_info, parity = build_reranker(config, counter, core, stop)
         service.readiness.reason = "running the startup check"
         try:
+            if stop.is_set():
+                raise StartupCancelled("the startup check")
             check = check_startup(reranker, engine_info, config, counter)
+            if stop.is_set():
+                raise StartupCancelled("becoming ready")
         except BaseException:
             reranker.close()
             raise
@@ -122,9 +148,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}, device {config.device} "
                   f"({','.join(engine_info.execution_devices)})")
         del reranker
-        stop.wait()
+        exit_code = 0
+        while not stop.wait(WATCH_INTERVAL_S):
+            if service.scoring_stopped():
+                log.critical("exiting with status %d so that the service is restarted: %s", EXIT_SCORING_STOPPED,
+                             service.scoring_stopped())
+                exit_code = EXIT_SCORING_STOPPED
+                break
         drain(server, service)
         service.release_model()
+        return exit_code
+    except StartupCancelled as exc:
+        log.info("%s; exiting", exc)
         return 0
     except StartupError as exc:
         print(f"openvino-reranker: error: {exc}", file=sys.stderr, flush=True)

@@ -1,0 +1,259 @@
+"""No request may wedge the service: scoring threads survive bugs (or stop loudly), huge documents and token-limit
+refusals cost what the limits allow, and startup failures are one line with their exit code."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tinymodel
+from conftest import ROOT, FakeEngine, fake_head, free_port, request
+
+from openvino_reranker.batcher import ENCODE_SLICE, Reranker, WorkLimits
+from openvino_reranker.errors import (
+    EXIT_CONFIG,
+    EXIT_MODEL,
+    EXIT_STARTUP_CHECK,
+    NotReadyError,
+    PayloadTooLargeError,
+)
+
+
+class Crash(BaseException):
+    """Escapes every `except Exception`: what a scoring thread cannot survive."""
+
+
+class CrashingEngine(FakeEngine):
+    def __init__(self):
+        super().__init__()
+        self.crash = threading.Event()
+
+    def infer(self, feed, shape, deadline=None):
+        if self.crash.is_set():
+            raise Crash("the worker is gone")
+        return super().infer(feed, shape, deadline)
+
+
+# ---------------------------------------------------------------------------------------------- scoring threads
+
+
+def test_a_bug_while_planning_fails_that_request_and_the_batcher_goes_on(fake_server, monkeypatch):
+    fake = fake_server().start(FakeEngine())
+    head = fake.service.reranker.head
+    real_feed, calls = head.feed, []
+
+    def feed_once_broken(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug in padding")
+        return real_feed(*args)
+
+    monkeypatch.setattr(head, "feed", feed_once_broken)
+    status, body, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert status == 500 and body["error"]["type"] == "internal"
+    status, body, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert status == 200 and len(body["results"]) == 2
+    assert request(fake.port, "GET", "/readyz")[0] == 200
+
+
+def test_a_bug_while_running_a_batch_fails_that_request_and_the_worker_goes_on(fake_server):
+    fake = fake_server().start(FakeEngine(["bug", "ok"]))
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 500
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 200
+
+
+def test_a_scoring_thread_that_ends_turns_readyz_503_and_fails_requests_at_once(fake_server):
+    engine = CrashingEngine()
+    fake = fake_server().start(engine)
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 200
+    engine.crash.set()
+    started = time.monotonic()
+    status, body, resp = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"], "timeout_ms": 20000})
+    assert status == 503 and body["error"]["type"] == "not_ready" and "infer-0" in body["error"]["message"]
+    assert time.monotonic() - started < 10  # answered when the thread ended, not at the 20 s deadline
+    status, ready, _ = request(fake.port, "GET", "/readyz")
+    assert status == 503 and "scoring stopped" in ready["reason"] and "infer-0" in ready["reason"]
+    assert fake.service.scoring_stopped()
+    status, body, _ = request(fake.port, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 503 and "must be restarted" in body["message"]
+
+
+def test_a_client_gone_probe_that_raises_does_not_break_scoring(tiny_model):
+    reranker = Reranker(fake_head(tiny_model.path / "tokenizer.json", 64), FakeEngine(), 8)
+    try:
+        def broken_probe():
+            raise ValueError("file descriptor cannot be a negative integer")
+
+        scored = reranker.score_pairs("q", ["a", "b"], WorkLimits(time.monotonic() + 30, None, broken_probe))
+        assert np.isfinite(scored.scores).all() and len(scored.scores) == 2
+    finally:
+        reranker.close()
+
+
+def test_a_closed_batcher_names_why(tiny_model):
+    engine = CrashingEngine()
+    engine.crash.set()
+    reranker = Reranker(fake_head(tiny_model.path / "tokenizer.json", 64), engine, 8)
+    try:
+        with pytest.raises(NotReadyError):
+            reranker.score_pairs("q", ["a"])
+        assert "infer-0" in reranker.stopped_reason
+        with pytest.raises(NotReadyError, match="must be restarted"):
+            reranker.score_pairs("q", ["a"])
+    finally:
+        reranker.close()
+
+
+# ---------------------------------------------------------------------------------------------- costly requests
+
+
+def test_huge_documents_are_scored_within_their_deadline(fake_server):
+    """19 documents of 99k characters inside every limit answered 504 after 20.8 s before they were cut."""
+    fake = fake_server().start(FakeEngine())
+    text = ("xqzj" * 25 + " ") * 980
+    status, body, _ = request(fake.port, "POST", "/rerank",
+                              {"query": "q", "documents": [text] * 19, "timeout_ms": 5000})
+    assert status == 200 and all(r["truncated"] for r in body["results"])
+
+
+def test_a_token_limit_refusal_tokenizes_about_the_limit_not_the_body(tiny_model):
+    head = fake_head(tiny_model.path / "tokenizer.json", 128)
+    tokenized = []
+    real_encode = head.encode
+
+    def counting_encode(query, texts):
+        tokenized.extend(texts)
+        return real_encode(query, texts)
+
+    head.encode = counting_encode
+    reranker = Reranker(head, FakeEngine(), 8)
+    try:
+        with pytest.raises(PayloadTooLargeError, match="at least .*max_total_tokens"):
+            reranker.score_pairs("q", ["solar power " * 150] * 1000, WorkLimits(max_total_tokens=2000))
+        assert len(tokenized) <= 2 * ENCODE_SLICE  # 1000 documents were sent
+    finally:
+        reranker.close()
+
+
+# ---------------------------------------------------------------------------------------------- startup
+
+
+def run_server(args, env_extra=None, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVINO_RERANKER_")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(ROOT / "server.py"), "--port", "0", "--device", "CPU",
+                           "--cache-dir", "", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_error_line(result) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("openvino-reranker: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_weights_that_give_nan_stop_startup_with_exit_6(tmp_path):
+    tokenizer = tinymodel.build_tokenizer()
+    shape = tinymodel.BertShape(vocab_size=tokenizer.get_vocab_size())
+    weights = tinymodel.random_weights(shape)
+    weights["classifier.bias"] = np.full_like(weights["classifier.bias"], np.nan)
+    path = tinymodel.write_model_dir(tmp_path / "nan", weights, shape, tokenizer)
+    result = run_server(["--model-dir", str(path)])
+    assert result.returncode == EXIT_STARTUP_CHECK and "non-finite" in one_error_line(result)
+
+
+def test_a_corrupt_weights_file_names_the_reason(tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_model.path, broken)
+    data = (broken / "openvino_model.bin").read_bytes()
+    (broken / "openvino_model.bin").write_bytes(data[:1000])
+    result = run_server(["--model-dir", str(broken)])
+    line = one_error_line(result)
+    assert result.returncode == EXIT_MODEL and "Incorrect weights in bin file" in line
+    assert "core.cpp" not in line
+
+
+def test_an_unreadable_config_json_is_not_called_invalid_json(tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_model.path, broken)
+    (broken / "config.json").unlink()
+    (broken / "config.json").mkdir()  # readable by nobody as a file, even as root
+    result = run_server(["--model-dir", str(broken)])
+    line = one_error_line(result)
+    assert result.returncode == EXIT_MODEL and "cannot read" in line and "not valid JSON" not in line
+
+
+@pytest.mark.parametrize("key", ["cl\u00e9", "two words", "tab\tkey"])
+def test_an_api_key_that_can_never_match_is_refused(key, tmp_path):
+    result = run_server(["--api-key", key, "--model-dir", str(tmp_path / "none")])
+    assert result.returncode == EXIT_CONFIG and "printable ASCII" in one_error_line(result)
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    result = run_server(["--api-key-file", str(key_file), "--model-dir", str(tmp_path / "none")])
+    assert result.returncode == EXIT_CONFIG and "printable ASCII" in one_error_line(result)
+
+
+def notify_socket(tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(60)
+    return sock
+
+
+def test_sigterm_during_startup_exits_0_without_ready(tiny_model, tmp_path):
+    with notify_socket(tmp_path) as sock:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVINO_RERANKER_")}
+        env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
+        proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(free_port()), "--device",
+                                 "CPU", "--model-dir", str(tiny_model.path), "--cache-dir", ""], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = sock.recv(4096).decode()
+            assert first.startswith("EXTEND_TIMEOUT_USEC=") and "compiling" in first  # startup has begun
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            sock.settimeout(0.2)
+            later = []
+            while True:
+                try:
+                    later.append(sock.recv(4096).decode())
+                except TimeoutError:
+                    break
+            assert not any("READY=1" in m for m in later), later
+            assert "stopped by a signal before" in proc.stderr.read()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_sighup_is_logged_and_ignored(tiny_model):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", "CPU",
+                             "--model-dir", str(tiny_model.path), "--cache-dir", ""],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if request(port, "GET", "/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # the handler runs on the main thread between its waits
+        assert proc.poll() is None and request(port, "GET", "/readyz")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert "SIGHUP ignored" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
