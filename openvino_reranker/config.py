@@ -174,6 +174,10 @@ OPTIONS = (
            "default per-request deadline; a request may ask for less or more (X-Request-Timeout-Ms, timeout_ms)"),
     Option("read_timeout_s", _int(1, 3600), "10", "seconds to receive a whole request once it has begun"),
     Option("idle_timeout_s", _int(1, 3600), "30", "seconds a keep-alive connection may sit idle"),
+    Option("first_byte_timeout_s", _int(1, 3600), "5",
+           "seconds a new connection may wait before sending its first byte (idle_timeout_s applies after a request)"),
+    Option("max_header_bytes", _int(1024, 1 << 20), "65536",
+           "largest request line plus headers, read before the API key is checked; beyond it 414 or 431"),
     Option("max_connections", _int(1, 100_000), "128", "open client connections; beyond it 503 at once"),
     Option("drain_timeout_s", _int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
     Option("failures_before_unready", _int(1, 1000), "3",
@@ -214,6 +218,8 @@ class Config:
     request_timeout_ms: int
     read_timeout_s: int
     idle_timeout_s: int
+    first_byte_timeout_s: int
+    max_header_bytes: int
     max_connections: int
     drain_timeout_s: int
     failures_before_unready: int
@@ -274,14 +280,24 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 def load_api_key(config: Config) -> str:
     """The API key from api_key or the first line of api_key_file; '' when none is set."""
     if not config.api_key_file:
-        return config.api_key
+        return _check_api_key(config.api_key, "api_key") if config.api_key else ""
     try:
         with open(config.api_key_file, encoding="utf-8") as f:
             key = f.readline().strip()
     except OSError as exc:
         raise StartupError(f"cannot read api_key_file {config.api_key_file}: {exc.strerror}", EXIT_CONFIG) from None
+    except UnicodeDecodeError:
+        raise StartupError(f"api_key_file {config.api_key_file} is not UTF-8 text", EXIT_CONFIG) from None
     if not key:
         raise StartupError(f"api_key_file {config.api_key_file} is empty", EXIT_CONFIG)
+    return _check_api_key(key, f"the key in {config.api_key_file}")
+
+
+def _check_api_key(key: str, source: str) -> str:
+    """HTTP header values are Latin-1 on the wire and clients send keys as ASCII: a key with other characters
+    could never match, so it stops startup instead of locking every client out."""
+    if not all(33 <= ord(c) <= 126 for c in key):
+        raise StartupError(f"{source} must be printable ASCII without spaces", EXIT_CONFIG)
     return key
 
 

@@ -1,5 +1,10 @@
 """HTTP: the routes (derived from the dialect table), the request handler and the server (connection bound,
-slow-client reaper). Parsing, scoring and rendering are called from here, never done here."""
+slow-client reaper). Parsing, scoring and rendering are called from here, never done here.
+
+The request line and the header block are read and checked here, not left to http.server alone: http.client's
+header parser drops a line without a colon (and every header after it), folds obs-fold lines, takes EOF for the end
+of the headers and has no bound on their total size, and `str.isdigit()` accepts lengths `int()` refuses. A proxy in
+front may frame such a request differently from us (request smuggling), so each is refused with 400 and a close."""
 
 from __future__ import annotations
 
@@ -19,7 +24,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from . import __version__
-from .api import DIALECTS, NATIVE, Dialect, ResponseContext, decode_json, encode_json, render_healthz
+from .api import (
+    DIALECTS,
+    NATIVE,
+    Dialect,
+    ResponseContext,
+    decode_json,
+    dialect_for,
+    encode_json,
+    render_healthz,
+)
 from .config import TIMEOUT_MS
 from .errors import (
     BadRequestError,
@@ -40,8 +54,30 @@ from .service import RerankService
 log = logging.getLogger("openvino_reranker")
 
 
-
 JSON_TYPES = ("application/json",)
+
+# RFC 9110/9112 grammar, on the raw bytes. A token is a method or a header name; a header value is visible ASCII,
+# obs-text (0x80-0xff), space and tab: any other control character (a bare CR, NUL, \x1c) is refused. The target
+# is visible ASCII: http.server splits the line with str.split(), which also splits at \x1c-\x1f, \x85 and \xa0.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") [\x21-\x7e]+ HTTP/([0-9])\.[0-9]\r?\n")  # an ASCII target
+HEADER_LINE_RE = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)\r?\n")
+TOKEN_RE = re.compile(_TOKEN)
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' passes str.isdigit() and fails int()
+
+EVICTABLE_AFTER_S = 1.0  # at the bound, a connection that has waited this long for a request may make room
+LINGER_S = 2.0  # after a closing answer, how long the client's remaining bytes are read and discarded
+LINGER_BYTES = 64 * 1024 * 1024  # ... and at most how many
+SHOWN_CHARS = 200  # client-sent text (a path) shown in a log line or an error message
+
+
+def printable(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Client-sent text as logs and messages show it: control and non-ASCII characters escaped (a terminal escape
+    or a forged log line does not get through), at most about `limit` characters."""
+    shown = "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text[:limit])
+    if len(shown) > limit or len(text) > limit:
+        return f"{shown[:limit]}...({len(text)} characters)"
+    return shown
 
 
 @dataclass(frozen=True)
@@ -49,21 +85,31 @@ class Route:
     method: str
     handler: str  # RerankHandler method, called with the route
     needs_key: bool  # with an API key set
-    dialect: Dialect  # parses, renders and shapes errors (the native error shape for the non-scoring routes)
+    dialect: Dialect  # the default: shapes errors before a body is decoded (native for the non-scoring routes)
+    dialects: tuple[Dialect, ...] = ()  # a scoring route's dialects, tried in order on the decoded body
 
 
 def build_routes(dialects: Sequence[Dialect]) -> dict[str, Route]:
-    """The probes and /metrics, then one POST route per dialect path."""
+    """The probes and /metrics, then one POST route per dialect path; dialects that share a path are tried in
+    table order (Dialect.matches), and the one that matches any body is the path's default and comes last."""
     routes = {
         "/healthz": Route("GET", "route_healthz", False, NATIVE),
         "/readyz": Route("GET", "route_readyz", False, NATIVE),
         "/metrics": Route("GET", "route_metrics", True, NATIVE),
     }
+    shared: dict[str, list[Dialect]] = {}
     for dialect in dialects:
         for path in dialect.paths:
             if path in routes:
-                raise ValueError(f"two routes for {path}")
-            routes[path] = Route("POST", "route_score", dialect.needs_key, dialect)
+                raise ValueError(f"{path} is not a scoring route")
+            shared.setdefault(path, []).append(dialect)
+    for path, group in shared.items():
+        defaults = [d for d in group if d.matches is None]
+        if len(defaults) != 1 or group[-1].matches is not None:
+            raise ValueError(f"{path} needs exactly one default dialect (matches=None), listed last")
+        if len({d.needs_key for d in group}) != 1:
+            raise ValueError(f"the dialects of {path} disagree on needs_key")
+        routes[path] = Route("POST", "route_score", group[-1].needs_key, group[-1], tuple(group))
     return routes
 
 
@@ -73,6 +119,92 @@ ROUTES = build_routes(DIALECTS)
 def route_label(path: str) -> str:
     """The metrics' and logs' name for a path: the route, or "other" (a client's path never becomes a label)."""
     return path if path in ROUTES else "other"
+
+
+# ---- the request head
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the body is delimited, from the raw header lines."""
+
+    content_length: int | None
+    chunked: bool  # a Transfer-Encoding was sent (refused with 411 where a body is read)
+
+
+def read_framing(lines: Sequence[bytes], http11: bool) -> Framing:
+    """The body's framing, refusing (400) every header block a proxy in front could read differently (RFC 9112,
+    sections 3.2, 5 and 6.3): a line that is not `name: value`, a control character in a value, Content-Length
+    given more than once (even with the same value: one rule, no guessing which copy a proxy used) or not plain
+    ASCII digits, an empty Transfer-Encoding, and on HTTP/1.1 a missing or repeated Host."""
+    fields: dict[str, list[str]] = {}
+    for number, line in enumerate(lines, 1):
+        m = HEADER_LINE_RE.fullmatch(line)
+        if m is None:
+            raise HttpProtocolError(400, f"header line {number} {_line_fault(line)}")
+        fields.setdefault(m.group(1).decode("ascii").lower(), []).append(m.group(2).decode("latin-1").strip(" \t"))
+    lengths = fields.get("content-length", [])
+    if len(lengths) > 1:
+        raise HttpProtocolError(400, "Content-Length is given more than once")
+    if lengths and not CONTENT_LENGTH_RE.fullmatch(lengths[0]):
+        raise HttpProtocolError(400, f"Content-Length {printable(lengths[0], 40)!r} is not a number of bytes "
+                                     f"(1 to 18 ASCII digits)")
+    encodings = fields.get("transfer-encoding", [])
+    if any(not value for value in encodings):
+        raise HttpProtocolError(400, "an empty Transfer-Encoding header")
+    hosts = len(fields.get("host", []))
+    if hosts > 1 or (http11 and hosts == 0):
+        raise HttpProtocolError(400, f"an HTTP/1.1 request needs exactly one Host header, not {hosts}")
+    return Framing(int(lengths[0]) if lengths else None, bool(encodings))
+
+
+def _line_fault(line: bytes) -> str:
+    """What is wrong with a header line HEADER_LINE_RE refused."""
+    if line[:1] in (b" ", b"\t"):
+        return "starts with whitespace (obs-fold line folding is not accepted)"
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return "has no colon"
+    if not TOKEN_RE.fullmatch(name):
+        return "has a malformed name (whitespace before the colon?)"
+    return "contains a control character (a bare CR, NUL, ...)"
+
+
+class HeadReader:
+    """Stands in for rfile while the request line and headers are read (http.server reads the headers from
+    `self.rfile`). Keeps each raw line for read_framing, reads at most `budget` bytes in all (a line is not
+    buffered past it), and turns EOF, a timeout or a reset before the blank line into `problem` and an empty
+    line, where http.client would take EOF for the end of a complete head."""
+
+    def __init__(self, rfile, budget: int):
+        self.rfile = rfile
+        self.budget = budget
+        self.lines: list[bytes] = []
+        self.problem = ""  # "too_large", "ended" (EOF mid-line), "timeout" or "reset"
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.problem:
+            return b""
+        want = self.budget + 1 if limit < 0 else min(limit, self.budget + 1)
+        try:
+            line = self.rfile.readline(want)
+        except TimeoutError:
+            self.problem = "timeout"
+            return b""
+        except OSError:
+            self.problem = "reset"
+            return b""
+        self.budget -= len(line)
+        if self.budget < 0:
+            self.problem = "too_large"
+            return b""
+        if len(line) == limit:  # over http.client's own line limit: it raises LineTooLong (431)
+            return line
+        if not line.endswith(b"\n"):
+            self.problem = "ended"
+            return b""
+        self.lines.append(line)
+        return line
 
 
 class RerankHandler(BaseHTTPRequestHandler):
@@ -85,26 +217,151 @@ class RerankHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body are separate writes: avoid the 40 ms delayed-ACK stall
     server: RerankServer
 
-    # ---- connection: idle and slow-client timeouts
+    # ---- connection: first-byte, idle and slow-client timeouts
+
+    def setup(self):
+        super().setup()
+        self.requests_begun = 0
+        self.reaped = False  # set by the server's reaper when this request overran read_timeout_s
+        self._linger = False  # a closing answer was sent: read what the client still sends before closing
 
     def handle_one_request(self):
-        """Wait for a request's first byte for up to idle_timeout_s, then give the whole request (line, headers,
-        body) read_timeout_s: past it the server's reaper shuts the socket, so a slow client cannot hold a thread."""
+        """Wait for a request's first byte (first_byte_timeout_s on a new connection, idle_timeout_s between
+        keep-alive requests), then give the whole request (line, headers, body) read_timeout_s: past it the
+        server's reaper shuts the socket's read side, the read in progress ends, and the request is answered 408."""
         config = self.server.config
-        self.connection.settimeout(config.idle_timeout_s)
-        try:
-            if not self.rfile.peek(1):
-                self.close_connection = True
-                return
-        except OSError:  # idle timeout, reset
+        wait_s = config.idle_timeout_s if self.requests_begun else config.first_byte_timeout_s
+        if not self._await_first_byte(wait_s):
             self.close_connection = True
             return
+        self.requests_begun += 1
+        self._begin_request()
         self.connection.settimeout(config.read_timeout_s)
         self.server.watch_read(self, time.monotonic() + config.read_timeout_s)
         try:
-            super().handle_one_request()
+            self._handle_request()
+        except TimeoutError:  # a write timed out: the client stopped reading
+            self.close_connection = True
         finally:
             self.server.unwatch_read(self)
+
+    def _await_first_byte(self, timeout_s: float) -> bool:
+        """True when a byte has arrived; False on timeout, EOF, a reset, or when the server closed this waiting
+        connection to make room for a new one (RerankServer.make_room)."""
+        self.server.start_waiting(self, used=self.requests_begun > 0)
+        arrived = False
+        try:
+            self.connection.settimeout(timeout_s)
+            arrived = bool(self.rfile.peek(1))
+        except OSError:  # timeout, reset, or shut down by make_room
+            pass
+        finally:
+            still_ours = self.server.stop_waiting(self)
+        return arrived and still_ours
+
+    def _begin_request(self) -> None:
+        """Per-request state: the handler object serves every request of its connection."""
+        self._began = time.perf_counter()
+        self.request_id = uuid.uuid4().hex
+        self.command, self.path, self.requestline = None, "", ""
+        self.request_version = self.default_request_version
+        self.headers = self.MessageClass()
+        self._framing = Framing(None, False)
+        self._body_read = False
+        self._expect_continue = False
+        self._status = 0
+        self.reaped = False
+
+    def _handle_request(self) -> None:
+        """http.server's handle_one_request, with the request line and headers read through a HeadReader."""
+        head = self._head = HeadReader(self.rfile, self.server.config.max_header_bytes)
+        line = head.readline()
+        if head.problem:
+            self._refuse_head(head, in_request_line=True)
+            return
+        if line in (b"\r\n", b"\n"):
+            # RFC 9112 2.2: an empty line where a request line belongs is ignored (some clients end a body with
+            # CRLF); the next request gets its own wait
+            self.close_connection = False
+            return
+        head.lines.clear()  # from here on, the header lines only
+        self.raw_requestline = line
+        if not self.parse_request():
+            return
+        method = getattr(self, f"do_{self.command}", None)
+        if method is None:
+            self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command}")
+            return
+        method()
+        self.wfile.flush()
+
+    def parse_request(self) -> bool:
+        """A strict request line, then http.server's parser with the header lines read through the HeadReader,
+        then what that parser cannot see (read_framing)."""
+        line = REQUEST_LINE_RE.fullmatch(self.raw_requestline)
+        if line is None:
+            self.send_error(HTTPStatus.BAD_REQUEST, "malformed request line (expected: METHOD /path HTTP/1.1, single "
+                                                    "spaces, an ASCII path)")
+            return False
+        if line.group(2) == b"0":  # http.server would answer HTTP/0.9 with a bare body: no status line, no headers
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.0 and HTTP/1.1 only")
+            return False
+        real_rfile, self.rfile = self.rfile, self._head
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = real_rfile
+        if self._head.problem:
+            self._refuse_head(self._head, in_request_line=False)
+            return False
+        try:
+            self._framing = read_framing(self._head.lines[:-1], self.request_version >= "HTTP/1.1")
+        except HttpProtocolError as exc:
+            self._refuse(exc)
+            return False
+        return True
+
+    def handle_expect_100(self):
+        """Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its
+        headers (401, 411, 413, ...) gets its final answer instead, and its client need not send the body."""
+        self._expect_continue = True
+        return True
+
+    def _refuse_head(self, head: HeadReader, in_request_line: bool) -> None:
+        limit = self.server.config.max_header_bytes
+        if head.problem == "reset":  # nobody left to answer
+            self.close_connection = True
+        elif head.problem == "too_large" and in_request_line:
+            self._refuse(HttpProtocolError(414, f"the request line is longer than max_header_bytes ({limit})"))
+        elif head.problem == "too_large":
+            self._refuse(HttpProtocolError(431, f"the request line and headers exceed max_header_bytes ({limit} "
+                                                f"bytes)"))
+        elif head.problem == "timeout" or self.reaped:
+            self._refuse(RequestTimeoutError(f"the request line and headers did not arrive within read_timeout_s "
+                                             f"({self.server.config.read_timeout_s})"))
+        else:
+            self._refuse(HttpProtocolError(400, "the connection ended before the request headers did"))
+
+    def _refuse(self, error: ServiceError) -> None:
+        """Answer a request refused before it reached a route with Connection: close (what follows on the
+        connection cannot be framed): in the error shape of the route its request line named (a Cohere client still
+        finds `message`), else the native one. Logged like a request and counted as route "other"."""
+        path = self.path.split("?", 1)[0]  # "" until http.server has parsed the request line
+        route = ROUTES.get(path)
+        render_error = route.dialect.render_error if route else NATIVE.render_error
+        self.close_connection = True
+        self._send_json(error.status, render_error(error), {**error.headers, "Connection": "close"})
+        elapsed = time.perf_counter() - self._began
+        self.server.service.metrics.observe_request("other", error.status, elapsed)
+        log.info("request id=%s method=%s route=%s status=%s ms=%.1f error=%s", self.request_id,
+                 self.command or "-", printable(path) or "-", error.status, elapsed * 1000,
+                 printable(error.message, 2 * SHOWN_CHARS))
+
+    def finish(self):
+        super().finish()
+        if self._linger:
+            _linger_close(self.connection)
 
     # ---- dispatch
 
@@ -117,17 +374,15 @@ class RerankHandler(BaseHTTPRequestHandler):
         service = self.server.service
         started = self._started = time.perf_counter()
         self._arrived = time.monotonic()  # deadlines count from here
-        self._body_read = False
-        self._status = 0
         self._log: dict[str, Any] = {}
         self.request_id = self._request_id()
         path = self.path.split("?", 1)[0]
         route = ROUTES.get(path)
-        render_error = route.dialect.render_error if route else NATIVE.render_error
+        self._dialect = route.dialect if route else NATIVE  # route_score narrows it once the body is decoded
         service.in_flight.enter()
         try:
             if route is None:
-                raise NotFoundError(f"no route {path}; routes: {', '.join(ROUTES)}")
+                raise NotFoundError(f"no route {printable(path)}; routes: {', '.join(ROUTES)}")
             if self.command != route.method:
                 raise MethodNotAllowedError(f"{self.command} is not allowed on {path}; use {route.method}",
                                             headers={"Allow": route.method})
@@ -140,18 +395,18 @@ class RerankHandler(BaseHTTPRequestHandler):
             self._status = 499
             self.close_connection = True
         except ServiceError as exc:
-            self._send_json(exc.status, render_error(exc), exc.headers)
+            self._send_json(exc.status, self._dialect.render_error(exc), exc.headers)
         except Exception:  # a bug: log it, answer 500, keep serving
-            log.exception("unhandled error on %s %s (request %s)", self.command, path, self.request_id)
+            log.exception("unhandled error on %s %s (request %s)", self.command, printable(path), self.request_id)
             error = ServiceError("internal error; the server log has the details")
-            self._send_json(error.status, render_error(error))
+            self._send_json(error.status, self._dialect.render_error(error))
         finally:
             service.in_flight.leave()
             elapsed = time.perf_counter() - started
             service.metrics.observe_request(route_label(path), self._status, elapsed)
             extra = "".join(f" {k}={v}" for k, v in self._log.items())
-            log.info("request id=%s method=%s route=%s status=%s ms=%.1f%s", self.request_id, self.command, path,
-                     self._status, elapsed * 1000, extra)
+            log.info("request id=%s method=%s route=%s status=%s ms=%.1f%s", self.request_id, self.command,
+                     printable(path), self._status, elapsed * 1000, extra)
 
     def _request_id(self) -> str:
         given = self.headers.get("X-Request-ID", "")
@@ -169,28 +424,26 @@ class RerankHandler(BaseHTTPRequestHandler):
     # ---- reading
 
     def _read_json(self) -> Any:
-        if self.headers.get("Transfer-Encoding"):
+        if self._framing.chunked:
             raise LengthRequiredError("chunked request bodies are not supported: send Content-Length",
                                       headers={"Connection": "close"})
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
+        length = self._framing.content_length
+        if length is None:
             raise LengthRequiredError("Content-Length is required", headers={"Connection": "close"})
-        if not raw_length.strip().isdigit():
-            raise BadRequestError(f"Content-Length {raw_length!r} is not a number", headers={"Connection": "close"})
-        length = int(raw_length)
         limit = self.server.config.max_body_bytes
         if length > limit:
             raise PayloadTooLargeError(f"the body has {length} bytes; the limit (max_body_bytes) is {limit}",
                                        headers={"Connection": "close"})
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         try:
+            self._send_continue()
             body = self.rfile.read(length)
         except TimeoutError:
             raise RequestTimeoutError("timed out reading the request body",
                                       headers={"Connection": "close"}) from None
         except OSError:
             raise ClientGoneError("the connection closed while the body was read") from None
-        if len(body) != length:
+        if len(body) != length:  # EOF: the reaper ended the read at read_timeout_s, or the client stopped short
             raise RequestTimeoutError(f"the body ended after {len(body)} of {length} bytes (read_timeout_s is "
                                       f"{self.server.config.read_timeout_s})", headers={"Connection": "close"})
         self._body_read = True
@@ -199,6 +452,12 @@ class RerankHandler(BaseHTTPRequestHandler):
             raise UnsupportedMediaTypeError(
                 f"Content-Type must be application/json, not {content_type or 'missing'}")
         return decode_json(body)
+
+    def _send_continue(self) -> None:
+        if self._expect_continue:
+            self._expect_continue = False
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
 
     def _header_timeout_ms(self) -> int | None:
         """X-Request-Timeout-Ms, parsed by the same bound as the body's timeout_ms (a bad one is a 400 even when
@@ -210,23 +469,40 @@ class RerankHandler(BaseHTTPRequestHandler):
             return TIMEOUT_MS.parse_text(raw)
         except ValueError:
             raise BadRequestError(f"X-Request-Timeout-Ms must be an integer {TIMEOUT_MS.lo}..{TIMEOUT_MS.hi}, not "
-                                  f"{raw[:40]!r}", "X-Request-Timeout-Ms") from None
+                                  f"{printable(raw, 40)!r}", "X-Request-Timeout-Ms") from None
 
     def _client_gone(self) -> bool:
-        """True when the peer has closed: the socket is readable but holds no data."""
+        """True when the peer has closed: its end is readable but holds no data. poll, not select.select, which
+        fails for descriptors above 1024. Never raises: our own end closed (fileno -1) or an error on the socket
+        (a reset) means gone; anything else unexpected means not gone, so the request runs on to its answer (at
+        worst wasted work), where a wrong "gone" would drop a live client's request with no answer at all."""
+        if self.reaped:  # our own SHUT_RD reads as the peer's EOF: no telling, so the request is answered
+            return False
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            fd = self.connection.fileno()
+            if fd < 0:
+                return True
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                return True
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
             return True
+        except Exception:
+            log.debug("client-gone probe failed; assuming the client is still there", exc_info=True)
+            return False
 
     # ---- writing
 
     def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         headers = dict(headers or {})
-        if self._body_pending() or self.server.service.draining:
+        if self._body_pending() or self.server.service.draining or self.reaped:
             headers["Connection"] = "close"  # an unread body would be parsed as the next request
         self._status = status
         try:
@@ -238,36 +514,34 @@ class RerankHandler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             if headers.get("Connection", "").lower() == "close":
                 self.close_connection = True
+                self._linger = True
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
         except OSError:  # the client went away while we answered
             self.close_connection = True
+            self._linger = False
 
     def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
         body = encode_json(payload)
         self._send(status, body, "application/json", headers)
 
     def _body_pending(self) -> bool:
-        if self._body_read:
-            return False
-        length = (self.headers.get("Content-Length") or "0").strip()
-        return bool(self.headers.get("Transfer-Encoding")) or not length.isdigit() or int(length) > 0
-
+        """Body bytes may follow the head unread: the connection must close after the answer."""
+        return not self._body_read and (self._framing.chunked or bool(self._framing.content_length))
 
     def send_error(self, code, message=None, explain=None):
-        """Errors raised by http.server before a route runs (bad request line, header limits, ...) as JSON."""
-        self.request_id = getattr(self, "request_id", None) or uuid.uuid4().hex
-        self._body_read = True  # nothing more is read: the connection closes after this answer
-        error = HttpProtocolError(code, message or HTTPStatus(code).phrase)
-        self.close_connection = True
-        self._send_json(error.status, NATIVE.render_error(error), error.headers)
+        """http.server's own refusals (malformed request line 400, 414, 431, 501, 505) as JSON."""
+        text = message or HTTPStatus(code).phrase
+        if explain:
+            text = f"{text}: {explain}"
+        self._refuse(HttpProtocolError(int(code), printable(text, 2 * SHOWN_CHARS)))
 
     def log_request(self, code="-", size="-"):
-        pass  # one line per request is written by _dispatch
+        pass  # one line per request is written by _dispatch (or _refuse)
 
     def log_message(self, format, *args):
-        log.debug("http: %s", (format % args).translate({c: None for c in range(32)}))
+        log.debug("http: %s", printable(format % args, 2 * SHOWN_CHARS))
 
     # ---- routes
 
@@ -285,7 +559,9 @@ class RerankHandler(BaseHTTPRequestHandler):
     def route_score(self, route: Route) -> None:
         """parse -> score (the service owns readiness, admission, deadline and bookkeeping) -> render."""
         service = self.server.service
-        request = route.dialect.parse(self._read_json(), service.limits)
+        body = self._read_json()
+        dialect = self._dialect = dialect_for(route.dialects, body)
+        request = dialect.parse(body, service.limits)
         deadline = service.deadline(self._arrived, request.timeout_ms, self._header_timeout_ms())
         self._log["documents"] = len(request.documents)
         scored = service.score(request, deadline, self._client_gone)
@@ -293,11 +569,13 @@ class RerankHandler(BaseHTTPRequestHandler):
                          tokenize_ms=f"{scored.tokenize_ms:.1f}", infer_ms=f"{scored.infer_ms:.1f}")
         context = ResponseContext(self.request_id, service.model_name, service.config.device,
                                   (time.perf_counter() - self._started) * 1000)
-        self._send_json(200, route.dialect.render(request, scored, context))
+        self._send_json(200, dialect.render(request, scored, context))
+
 
 class RerankServer(ThreadingHTTPServer):
-    """The HTTP server plus two guards: a bound on open connections (beyond it: an immediate 503, no thread) and a
-    reaper that shuts the socket of a request still being received after read_timeout_s (slow clients)."""
+    """The HTTP server plus its connection guards: a bound on open connections (beyond it a connection idle for
+    EVICTABLE_AFTER_S is closed to make room, else an immediate 503 and no thread), and a reaper that ends a
+    request still being received after read_timeout_s (slow clients)."""
 
     daemon_threads = True  # idle keep-alive connections must not block shutdown
     request_queue_size = 128
@@ -307,16 +585,17 @@ class RerankServer(ThreadingHTTPServer):
         self.config = service.config
         super().__init__(address, RerankHandler, bind_and_activate=False)
         self._slots = threading.BoundedSemaphore(service.config.max_connections)
-        self._reading: dict[RerankHandler, float] = {}
-        self._reading_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards both tables
+        self._reading: dict[RerankHandler, float] = {}  # a request being received -> its deadline
+        self._waiting: dict[RerankHandler, tuple[bool, float]] = {}  # waiting for a request -> (used, since)
         self._closed = threading.Event()
         threading.Thread(target=self._reap_slow_reads, daemon=True, name="slow-client-reaper").start()
 
     # ---- connection bound
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            _refuse_connection(request)
+        if not self._slots.acquire(blocking=False) and not (self.make_room() and self._slots.acquire(timeout=1.0)):
+            self._refuse_connection(request, client_address)
             self.shutdown_request(request)
             return
         try:
@@ -331,30 +610,65 @@ class RerankServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def start_waiting(self, handler: RerankHandler, used: bool) -> None:
+        with self._lock:
+            self._waiting[handler] = (used, time.monotonic())
+
+    def stop_waiting(self, handler: RerankHandler) -> bool:
+        """False when make_room closed the connection meanwhile."""
+        with self._lock:
+            return self._waiting.pop(handler, None) is not None
+
+    def make_room(self) -> bool:
+        """At the bound: close the connection that has waited longest for a request, if it has waited at least
+        EVICTABLE_AFTER_S (never-used connections first, then idle keep-alive ones), so that idle connections cannot
+        lock out a client with a request to send. A connection in the middle of a request is never closed; a
+        client whose idle keep-alive connection is closed retries on a new one, as after idle_timeout_s."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [(used, since, handler) for handler, (used, since) in self._waiting.items()
+                    if now - since >= EVICTABLE_AFTER_S]
+            if not idle:
+                return False
+            _, _, handler = min(idle, key=lambda entry: entry[:2])
+            del self._waiting[handler]
+            _shutdown(handler.connection, socket.SHUT_RDWR)
+        log.debug("closed an idle connection from %s to make room (max_connections)", handler.client_address[0])
+        return True
+
+    def _refuse_connection(self, sock: socket.socket, client_address) -> None:
+        """Logged and counted (route "other", 503) before the answer goes out, so that they are never behind it."""
+        request_id = uuid.uuid4().hex
+        self.service.metrics.observe_request("other", 503, 0.0)
+        log.info("request id=%s method=- route=- status=503 ms=0.0 error=connection from %s refused: "
+                 "max_connections (%s) open and none idle", request_id,
+                 client_address[0] if client_address else "?", self.config.max_connections)
+        _refuse_connection(sock, request_id)
+
     # ---- slow clients
 
     def watch_read(self, handler: RerankHandler, deadline: float) -> None:
-        with self._reading_lock:
+        with self._lock:
             self._reading[handler] = deadline
 
     def unwatch_read(self, handler: RerankHandler) -> None:
-        with self._reading_lock:
+        with self._lock:
             self._reading.pop(handler, None)
 
     def _reap_slow_reads(self) -> None:
+        """Past its deadline, a request's socket is shut for reading only: the blocked read returns EOF and the
+        handler still answers 408 (with Connection: close) on the open write side."""
         while not self._closed.wait(0.25):
             now = time.monotonic()
-            with self._reading_lock:
+            with self._lock:  # under the lock: once unwatch_read returns, the handler's next request is safe
                 expired = [h for h, deadline in self._reading.items() if deadline <= now]
                 for handler in expired:
                     del self._reading[handler]
+                    handler.reaped = True
+                    _shutdown(handler.connection, socket.SHUT_RD)
             for handler in expired:
-                log.info("closing a connection from %s: request not received within %ss",
+                log.info("ending a request from %s: not received within read_timeout_s (%ss)",
                          handler.client_address[0], self.config.read_timeout_s)
-                try:
-                    handler.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def server_close(self):
         self._closed.set()
@@ -368,15 +682,49 @@ class RerankServer(ThreadingHTTPServer):
         log.exception("connection error from %s", client_address[0] if client_address else "?")
 
 
+def _shutdown(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:  # already closed or reset
+        pass
+
+
+def _linger_close(sock: socket.socket) -> None:
+    """Half-close, then read and discard what the client still sends for up to LINGER_S or LINGER_BYTES (the
+    lingering close of Apache and nginx). Closing over unread input makes the kernel answer the client's next
+    bytes with a reset: a client still writing a refused body (413, or 401 before the body) then fails on the
+    reset instead of reading the answer."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        left = LINGER_BYTES
+        buffer = bytearray(64 * 1024)
+        while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            received = sock.recv_into(buffer)
+            if not received:
+                break
+            left -= received
+    except OSError:
+        pass
+
+
 _REFUSAL = encode_json(NATIVE.render_error(OverloadedError("too many open connections (max_connections); retry "
                                                            "shortly")))
 
 
-def _refuse_connection(sock: socket.socket) -> None:
-    """Answer a connection over max_connections without reading it or giving it a thread."""
+def _refuse_connection(sock: socket.socket, request_id: str) -> None:
+    """Answer a connection over max_connections without giving it a thread: the answer, a half-close, and what
+    has already arrived discarded without waiting (a close over unread input sends a reset)."""
     try:
         sock.settimeout(1.0)
         sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                     b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL)).encode() + b"\r\n\r\n" + _REFUSAL)
-    except OSError:
+                     b"Connection: close\r\nX-Request-ID: " + request_id.encode() + b"\r\nContent-Length: "
+                     + str(len(_REFUSAL)).encode() + b"\r\n\r\n" + _REFUSAL)
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        for _ in range(16):
+            if not sock.recv(64 * 1024):
+                break
+    except OSError:  # BlockingIOError included: nothing more has arrived
         pass
