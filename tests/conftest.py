@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny INT8 model, an independent reference scorer, and real servers on loopback."""
+"""Shared fixtures: the tiny INT8 model, an independent reference scorer, real servers on loopback, the stand-ins
+for the engine and for OpenVINO's Core, HTTP helpers, and a check that every test closes the Reranker it starts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import openvino as ov
@@ -25,6 +27,7 @@ from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import load_api_key, load_config
 from openvino_reranker.encoding import CrossEncoderHead, ModelContract
 from openvino_reranker.errors import InferenceError
+from openvino_reranker.parity import REFERENCE_PROPERTIES
 from openvino_reranker.service import RerankService
 from openvino_reranker.startup import bind_server, main
 
@@ -80,10 +83,110 @@ def tiny_model_no_types(tmp_path_factory) -> TinyModel:
     return _make(tmp_path_factory, "tiny_nt", with_token_types=False, seed=2)
 
 
+# ---------------------------------------------------------------------------------------------- closing what starts
+
+THREAD_JOIN_S = 5.0  # how long a started-and-closed Batcher's threads get to end before they count as leaked
+
+
+def batcher_threads() -> set[threading.Thread]:
+    """The live threads of every Batcher: its owner ("batcher") and its workers ("infer-<n>")."""
+    return {t for t in threading.enumerate() if t.name == "batcher" or t.name.startswith("infer-")}
+
+
+def assert_batcher_threads_stopped(before: set[threading.Thread], what: str, timeout_s: float = THREAD_JOIN_S):
+    """Fail unless every Batcher thread started since `before` was taken has ended (each is joined first, within
+    one shared `timeout_s`, since close() joins them and may still be at it)."""
+    started = batcher_threads() - before
+    deadline = time.monotonic() + timeout_s
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = sorted(t.name for t in started if t.is_alive())
+    if alive:
+        pytest.fail(f"{what} left {len(alive)} Batcher thread(s) running ({', '.join(alive)}): close every Reranker "
+                    f"it starts (reranker.close(), FakeServer.close(), RunningServer.close())", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def batcher_threads_are_closed():
+    """After each test: no "batcher" or "infer-<n>" thread that the test started may still run. Threads alive
+    before it (a module-scoped server's) are not its business; those fixtures check their own on teardown."""
+    before = batcher_threads()
+    yield
+    assert_batcher_threads_stopped(before, "this test")
+
+
+def wait_until(condition, timeout_s: float = 10.0, what: str = "the condition") -> None:
+    """Poll `condition()` until it is true; fail the test if it is not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------- HTTP helpers
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body=None, headers: dict | None = None, conn=None):
+    """One HTTP request; returns (status, parsed JSON body or None, headers)."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        hdrs = dict(headers or {})
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=body, headers=hdrs)
+        resp = conn.getresponse()
+        raw = resp.read()
+        is_json = (resp.getheader("Content-Type") or "").startswith("application/json")
+        payload = (json.loads(raw) if is_json else raw.decode()) if raw else None
+        return resp.status, payload, resp
+    finally:
+        if own:
+            conn.close()
+
+
+class RawResponse(NamedTuple):
+    """One response as it came off the socket: status, headers (names lower-cased), the body's raw bytes."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body) if self.body else None
+
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def http_bytes(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> bytes:
+    """A request as raw bytes: HTTP/1.1, a Host header, Content-Length when there is a body, then `headers`."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def send_raw(port: int, data: bytes, timeout_s: float = 30.0, method: str = "GET") -> RawResponse:
+    """Send `data` as is on a new connection and read one response (`method`: the one sent, for HEAD's sake)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
+        s.sendall(data)
+        resp = http.client.HTTPResponse(s, method=method)
+        resp.begin()
+        body = resp.read()
+        return RawResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+
+
+# ---------------------------------------------------------------------------------------------- real servers
 
 
 class RunningServer:
@@ -114,42 +217,43 @@ class RunningServer:
             except OSError:
                 pass
             time.sleep(0.05)
+        self.close()
         raise RuntimeError("server did not become ready")
+
+    def wait_exit(self, timeout_s: float = 60.0) -> int | None:
+        """main()'s exit code once it returns by itself (a startup that fails); stops it and fails otherwise."""
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            self.close()
+            pytest.fail(f"main() did not exit within {timeout_s} s")
+        return self.exit_code
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(30)
 
+    def __enter__(self) -> RunningServer:
+        return self
 
-def request(port: int, method: str, path: str, body=None, headers: dict | None = None, conn=None):
-    """One HTTP request; returns (status, parsed JSON body or None, headers)."""
-    own = conn is None
-    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        hdrs = dict(headers or {})
-        if body is not None and not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            hdrs.setdefault("Content-Type", "application/json")
-        conn.request(method, path, body=body, headers=hdrs)
-        resp = conn.getresponse()
-        raw = resp.read()
-        is_json = (resp.getheader("Content-Type") or "").startswith("application/json")
-        payload = (json.loads(raw) if is_json else raw.decode()) if raw else None
-        return resp.status, payload, resp
-    finally:
-        if own:
-            conn.close()
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @pytest.fixture(scope="module")
 def cpu_server(tiny_model, tmp_path_factory):
+    before = batcher_threads()
     srv = RunningServer(["--device", "CPU", *F32, "--model-dir", str(tiny_model.path),
                          "--cache-dir", str(tmp_path_factory.mktemp("cache"))]).wait_ready()
     yield srv
     srv.close()
+    assert_batcher_threads_stopped(before, "the cpu_server fixture")
+
+
+# ---------------------------------------------------------------------------------------------- engine stand-ins
 
 
 FAKE_CONTRACT = ModelContract(("input_ids", "attention_mask", "token_type_ids"), num_labels=1)
+GATE_TIMEOUT_S = 30.0  # a gated inference that nobody opens fails instead of holding its worker for ever
 
 
 def fake_head(tokenizer_path, max_length: int) -> CrossEncoderHead:
@@ -158,22 +262,47 @@ def fake_head(tokenizer_path, max_length: int) -> CrossEncoderHead:
 
 
 class FakeEngine:
-    """Same interface as Engine, with behaviour chosen by the test: "ok" (logit = number of tokens),
-    "nan", "fails" (InferenceError), "bug" (ZeroDivisionError), "slow" (sleeps `delay_s` per batch), or a list
-    of those consumed one per batch."""
+    """Same interface as Engine, with behaviour chosen by the test: "ok" (logit = number of tokens / 10),
+    "nan", "fails" (InferenceError), "bug" (ZeroDivisionError), "slow" (sleeps `delay_s` per batch), "gated" ("ok"
+    behind a gate of its own), or a list of those consumed one per batch.
+
+    With a `gate` (or mode "gated") every inference, once begun, waits until the gate is open (`release()`), so a
+    test can hold a batch "on the device" for exactly as long as it needs. `entered` is released once per inference
+    that begins: `wait_entered()` returns when one really is on the device. `num_requests` sets how many batches the
+    Batcher runs at once (one worker each)."""
 
     buckets = None
+    num_requests = 1
 
-    def __init__(self, mode="ok", delay_s=0.0):
+    def __init__(self, mode="ok", delay_s=0.0, gate: threading.Event | None = None, num_requests: int | None = None):
         self.mode, self.delay_s = mode, delay_s
+        self.gate = gate if gate is not None or mode != "gated" else threading.Event()
+        if num_requests is not None:
+            self.num_requests = num_requests
         self.calls = 0
         self.lock = threading.Lock()
+        self.entered = threading.Semaphore(0)
+
+    def wait_entered(self, count: int = 1, timeout_s: float = 10.0) -> None:
+        """Return once `count` more inferences have begun; fail the test if they do not within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        for n in range(count):
+            if not self.entered.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                pytest.fail(f"only {n} of {count} inferences began within {timeout_s} s")
+
+    def release(self) -> None:
+        """Open the gate: held and later inferences go on."""
+        if self.gate is not None:
+            self.gate.set()
 
     def infer(self, feed, shape, deadline=None):
         with self.lock:
             self.calls += 1
             mode = self.mode.pop(0) if isinstance(self.mode, list) and self.mode else self.mode
         mode = "ok" if isinstance(mode, list) else mode
+        self.entered.release()
+        if self.gate is not None and not self.gate.wait(GATE_TIMEOUT_S):
+            raise InferenceError(f"the test did not open the fake engine's gate within {GATE_TIMEOUT_S} s")
         rows = feed["input_ids"].shape[0]
         if mode == "slow":
             time.sleep(self.delay_s)
@@ -184,6 +313,17 @@ class FakeEngine:
         if mode == "bug":
             raise ZeroDivisionError("a bug")
         return feed["attention_mask"].sum(axis=1, keepdims=True).astype(np.float32) / 10
+
+
+def close_reranker(reranker: Reranker | None) -> None:
+    """Open a fake engine's gate (so no worker stays held) and close the reranker, which joins its threads. Once it
+    returns, every batch the Batcher had queued has run or been dropped."""
+    if reranker is None:
+        return
+    release = getattr(reranker.engine, "release", None)
+    if release is not None:
+        release()
+    reranker.close()
 
 
 def real_reranker(model: TinyModel, buckets=None, max_length: int = 0, batch_size: int = 2, core=None,
@@ -209,15 +349,21 @@ class FakeServer:
         self.srv = bind_server(self.service)
         self.port = self.srv.server_address[1]
         self.tokenizer_path = tiny_model.path / "tokenizer.json"
+        self.engine = None
         self.thread = threading.Thread(target=self.srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def start(self, engine):
+        close_reranker(self.service.reranker)  # started again: the previous one must not keep its threads
+        self.engine = engine
         self.service.reranker = Reranker(fake_head(self.tokenizer_path, 64), engine, self.config.batch_size)
         self.service.readiness.started.set()
         return self
 
     def close(self):
+        release = getattr(self.engine, "release", None)
+        if release is not None:
+            release()  # a held batch must not keep the batcher's worker past release_model()
         self.srv.shutdown()
         self.srv.server_close()
         self.service.release_model()
@@ -234,3 +380,87 @@ def fake_server(tiny_model):
     yield make
     for s in made:
         s.close()
+
+
+# ---------------------------------------------------------------------------------------------- a Core stand-in
+
+
+class FakeCore:
+    """A real `ov.Core()` that can pretend, for startup tests:
+
+    - `claim`: devices it says it has besides the real ones (e.g. ("NPU",)). A model compiled for one of them is
+      compiled on the CPU (every input must have a static shape, or the compile fails), reports
+      `execution_devices` as EXECUTION_DEVICES, and, when `bump`, adds 250 to the fake sysfs busy counter file
+      `counter` on every inference, as the ivpu driver does on a real NPU.
+    - `corrupt`: "multi" - models compiled with several streams or the THROUGHPUT hint return logits * 40 + 7 (the
+      shape of the bug seen on AMX CPUs); "always" - those and every other compile except the first with the
+      reference properties (the parity reference itself), so that the fallback compile is wrong too.
+
+    `compiles` has every compile's properties, `compiled_for` and `shapes` the claimed-device compiles' device and
+    input shapes."""
+
+    def __init__(self, claim=(), counter: Path | None = None, bump: bool = True, execution_devices=("NPU.4000",),
+                 corrupt: str | None = None):
+        assert corrupt in (None, "multi", "always")
+        self.core = ov.Core()
+        self.claim, self.counter, self.bump = tuple(claim), counter, bump
+        self.execution_devices, self.corrupt = tuple(execution_devices), corrupt
+        self.compiles: list[dict] = []
+        self.compiled_for: list[str] = []
+        self.shapes: list[list] = []
+
+    @property
+    def available_devices(self):
+        real = list(self.core.available_devices)
+        return real + [d for d in self.claim if d not in real]
+
+    def set_property(self, props):
+        self.core.set_property(props)
+
+    def read_model(self, path):
+        return self.core.read_model(path)
+
+    def compile_model(self, model, device, props):
+        props = dict(props)
+        multi = props.get("PERFORMANCE_HINT") == "THROUGHPUT" or props.get("NUM_STREAMS", "1") != "1"
+        first_reference = props == REFERENCE_PROPERTIES and REFERENCE_PROPERTIES not in self.compiles
+        corrupt = (self.corrupt is not None and multi) or (self.corrupt == "always" and not first_reference)
+        self.compiles.append(props)
+        claimed = device in self.claim
+        if claimed:
+            self.compiled_for.append(device)
+            self.shapes.append([list(p.get_partial_shape().to_shape()) for p in model.inputs])  # static or it raises
+            device = "CPU"
+        return _FakeCompiled(self.core.compile_model(model, device, props), self, claimed, corrupt)
+
+
+class _FakeCompiled:
+    def __init__(self, compiled, fake: FakeCore, claimed: bool, corrupt: bool):
+        self.compiled, self.fake, self.claimed, self.corrupt = compiled, fake, claimed, corrupt
+
+    def get_property(self, name):
+        if name == "EXECUTION_DEVICES" and self.claimed:
+            return list(self.fake.execution_devices)
+        return self.compiled.get_property(name)
+
+    def create_infer_request(self):
+        return _FakeRequest(self.compiled.create_infer_request(), self)
+
+
+class _FakeRequest:
+    def __init__(self, request, compiled: _FakeCompiled):
+        self.request, self.compiled = request, compiled
+
+    def infer(self, feed):
+        """The wrapped request's own result (an OVDict, indexed by output as the engine does), its arrays shifted
+        in place when this compile corrupts."""
+        result = self.request.infer(feed)
+        if self.compiled.corrupt:
+            for key in result:
+                values = result[key]
+                np.multiply(values, 40, out=values)
+                np.add(values, 7, out=values)
+        fake = self.compiled.fake
+        if self.compiled.claimed and fake.bump and fake.counter is not None and fake.counter.exists():
+            fake.counter.write_text(str(int(fake.counter.read_text()) + 250) + "\n")
+        return result

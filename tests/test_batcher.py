@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SCORE_TOLERANCE, FakeEngine, fake_head, real_reranker
+from conftest import SCORE_TOLERANCE, FakeEngine, close_reranker, fake_head, real_reranker
 
 from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import ShapeBucket
@@ -15,10 +15,11 @@ from openvino_reranker.scoring import logits_to_scores
 
 
 class RecordingEngine(FakeEngine):
-    """Slow enough that requests pile up; records each batch's real rows."""
+    """Records each batch's real rows and shape. Gated: the first batch stays on the device until the test opens
+    the gate, so that the requests sent meanwhile pile up; `delay_s` (optional) slows every batch after that."""
 
-    def __init__(self, delay_s=0.15, buckets=None):
-        super().__init__("slow", delay_s)
+    def __init__(self, delay_s=0.0, buckets=None):
+        super().__init__("slow" if delay_s else "ok", delay_s, gate=threading.Event())
         self.buckets = buckets
         self.rows: list[int] = []
         self.shapes: list = []
@@ -30,66 +31,105 @@ class RecordingEngine(FakeEngine):
         return super().infer(feed, shape, deadline)
 
 
-def reranker_for(engine, tiny_model, batch_size=8, round_pairs=64):
-    return Reranker(fake_head(tiny_model.path / "tokenizer.json", 64), engine, batch_size, round_pairs=round_pairs)
+@pytest.fixture
+def reranker_for(tiny_model):
+    """Rerankers over a fake engine, closed (their gates opened first) after the test."""
+    made = []
+
+    def make(engine, batch_size=8, round_pairs=64):
+        made.append(Reranker(fake_head(tiny_model.path / "tokenizer.json", 64), engine, batch_size,
+                             round_pairs=round_pairs))
+        return made[-1]
+
+    yield make
+    for reranker in made:
+        close_reranker(reranker)
 
 
-def run_all(reranker, requests):
+def count_submissions(reranker) -> threading.Semaphore:
+    """A semaphore released each time a request reaches the reranker's batcher."""
+    submitted = threading.Semaphore(0)
+    submit = reranker.batcher.submit
+
+    def counted(*args, **kwargs):
+        job = submit(*args, **kwargs)
+        submitted.release()
+        return job
+
+    reranker.batcher.submit = counted
+    return submitted
+
+
+def run_all(reranker, first, then=(), engine=None):
+    """Score each (query, texts) on its own thread; returns [(ScoredPairs, time.perf_counter() at its end)] in the
+    order given, `first` then `then`. With a gated `engine`: the `first` requests are sent, the test waits until
+    one of their batches is on the device (held there), sends `then`, waits until every one of those has reached
+    the batcher, and only then opens the gate."""
+    requests = [*first, *then]
     results = [None] * len(requests)
+    submitted = count_submissions(reranker)
 
-    def one(i, query, texts, delay):
-        time.sleep(delay)
+    def one(i, query, texts):
         results[i] = (reranker.score_pairs(query, texts), time.perf_counter())
 
     threads = [threading.Thread(target=one, args=(i, *r)) for i, r in enumerate(requests)]
-    for t in threads:
+    for t in threads[:len(first)]:
         t.start()
+    if engine is not None:
+        engine.wait_entered()
+    for t in threads[len(first):]:
+        t.start()
+    for n in range(len(requests)):
+        assert submitted.acquire(timeout=10), f"only {n} of {len(requests)} requests reached the batcher"
+    if engine is not None:
+        engine.release()
     for t in threads:
         t.join(30)
     return results
 
 
-def test_concurrent_small_requests_share_batches(tiny_model):
+def test_concurrent_small_requests_share_batches(reranker_for):
     engine = RecordingEngine()
-    reranker = reranker_for(engine, tiny_model)
+    reranker = reranker_for(engine)
     # the first request occupies the device; six 2-document requests arrive meanwhile
-    requests = [("first", ["a"], 0.0)] + [(f"q{i}", ["solar power", "the cat"], 0.05) for i in range(6)]
-    results = run_all(reranker, requests)
+    results = run_all(reranker, [("first", ["a"])], [(f"q{i}", ["solar power", "the cat"]) for i in range(6)],
+                      engine)
     assert all(r is not None for r in results)
     assert max(engine.rows) == 8  # 12 waiting pairs went out as 8 + 4, not as six batches of 2
     assert len(engine.rows) <= 3
-    reranker.close()
 
 
-def test_scores_land_with_their_own_request(tiny_model):
-    engine = RecordingEngine(delay_s=0.05)
-    reranker = reranker_for(engine, tiny_model)
+def test_scores_land_with_their_own_request(reranker_for):
+    engine = RecordingEngine()
+    reranker = reranker_for(engine)
     texts = {f"q{i}": ["solar power " * (i + 1), "cat", "bread " * (3 * i + 1)] for i in range(5)}
-    results = run_all(reranker, [(q, t, 0.0) for q, t in texts.items()])
+    # q0 occupies the device while the other four pile up and share batches
+    items = list(texts.items())
+    results = run_all(reranker, items[:1], items[1:], engine)
     for (q, t), (scored, _) in zip(texts.items(), results, strict=True):
         # FakeEngine's logit is the row's token count / 10: recompute it from this request's own encoding
         enc = reranker.head.encode(q, t)
         assert np.allclose(scored.scores, logits_to_scores(enc.lengths[:, None] / 10))
-    reranker.close()
 
 
-def test_a_small_request_is_not_stuck_behind_a_large_one(tiny_model):
+def test_a_small_request_is_not_stuck_behind_a_large_one(reranker_for):
+    # after the held first batch, 0.1 s a batch: the large request's later rounds take far longer than the
+    # small request's thread needs to record its end
     engine = RecordingEngine(delay_s=0.1)
-    reranker = reranker_for(engine, tiny_model, batch_size=8, round_pairs=16)
-    results = run_all(reranker, [("large", ["solar power and wind"] * 96, 0.0), ("small", ["cat", "dog"], 0.05)])
+    reranker = reranker_for(engine, batch_size=8, round_pairs=16)
+    large_texts = [f"solar power and wind {i}" for i in range(96)]  # distinct: identical pairs may be scored once
+    results = run_all(reranker, [("large", large_texts)], [("small", ["cat", "dog"])], engine)
     (large, large_done), (small, small_done) = results
     assert small_done < large_done  # round-robin: the small one got the next round
     assert large.scores.shape == (96,) and small.scores.shape == (2,)
-    reranker.close()
 
 
-def test_static_buckets_are_filled_across_requests(tiny_model):
+def test_static_buckets_are_filled_across_requests(reranker_for):
     buckets = (ShapeBucket(8, 32), ShapeBucket(8, 64))
     engine = RecordingEngine(buckets=buckets)
-    reranker = reranker_for(engine, tiny_model)
-    run_all(reranker, [("first", ["a"], 0.0)] + [(f"q{i}", ["solar", "cat"], 0.05) for i in range(4)])
+    reranker = reranker_for(engine)
+    run_all(reranker, [("first", ["a"])], [(f"q{i}", ["solar", "cat"]) for i in range(4)], engine)
     assert set(engine.shapes) <= set(buckets) and max(engine.rows) == 8
-    reranker.close()
 
 
 @pytest.mark.parametrize("buckets", [None, (ShapeBucket(4, 32), ShapeBucket(4, 128))])
@@ -97,16 +137,18 @@ def test_real_engine_scores_under_concurrency(tiny_model, buckets):
     # two infer requests on one stream: the batcher's two workers run batches at once (multi-stream compiles are
     # left to the parity guard, see test_parity.py)
     reranker = real_reranker(tiny_model, buckets, 128, batch_size=4, infer_requests=2)
-    requests = [(f"{w} power", [f"{w} energy from the sun", "the cat", f"a {w} train on a bridge " * (k + 1)], 0.0)
-                for k, w in enumerate(["solar", "wind", "water", "city", "rocket", "engine", "music", "ocean"])]
-    results = run_all(reranker, requests)
-    for (query, texts, _), (scored, _) in zip(requests, results, strict=True):
-        assert abs(scored.scores - tiny_model.reference_scores(query, texts)).max() < SCORE_TOLERANCE
-    reranker.close()
+    try:
+        requests = [(f"{w} power", [f"{w} energy from the sun", "the cat", f"a {w} train on a bridge " * (k + 1)])
+                    for k, w in enumerate(["solar", "wind", "water", "city", "rocket", "engine", "music", "ocean"])]
+        results = run_all(reranker, requests)
+        for (query, texts), (scored, _) in zip(requests, results, strict=True):
+            assert abs(scored.scores - tiny_model.reference_scores(query, texts)).max() < SCORE_TOLERANCE
+    finally:
+        reranker.close()
 
 
-def test_a_closed_batcher_refuses_new_work(tiny_model):
-    reranker = reranker_for(FakeEngine(), tiny_model)
+def test_a_closed_batcher_refuses_new_work(reranker_for):
+    reranker = reranker_for(FakeEngine())
     reranker.close()
     with pytest.raises(NotReadyError):
         reranker.score_pairs("q", ["a"])

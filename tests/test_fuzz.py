@@ -1,9 +1,9 @@
 """Property-based fuzzing of the real server: every body gets a JSON answer with a 2xx or 4xx status, and the server
 keeps serving."""
 
-import http.client
 import json
 
+from conftest import http_bytes, request, send_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,17 +25,12 @@ bodies = st.one_of(
 raw_bytes = st.binary(max_size=200)
 
 
-def exchange(port, path, payload: bytes, content_type="application/json"):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("POST", path, body=payload, headers={"Content-Type": content_type})
-        resp = conn.getresponse()
-        return resp.status, resp.getheader("Content-Type"), resp.read()
-    finally:
-        conn.close()
+def post_bytes(port, path, payload: bytes):
+    return send_raw(port, http_bytes("POST", path, payload, {"Content-Type": "application/json"}))
 
 
-def assert_json_2xx_4xx(status, content_type, body):
+def assert_json_2xx_4xx(resp):
+    status, content_type, body = resp.status, resp.headers.get("content-type"), resp.body
     assert 200 <= status < 300 or 400 <= status < 500, (status, body[:300])
     assert content_type == "application/json"
     json.loads(body)
@@ -45,18 +40,14 @@ def assert_json_2xx_4xx(status, content_type, body):
 @given(body=bodies, path=st.sampled_from(["/rerank", "/v1/rerank"]))
 def test_json_bodies(cpu_server, body, path):
     payload = json.dumps(body, allow_nan=True).encode()
-    assert_json_2xx_4xx(*exchange(cpu_server.port, path, payload))
+    assert_json_2xx_4xx(post_bytes(cpu_server.port, path, payload))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=raw_bytes, path=st.sampled_from(["/rerank", "/v1/rerank", "/healthz", "/x"]))
 def test_raw_bytes(cpu_server, payload, path):
-    assert_json_2xx_4xx(*exchange(cpu_server.port, path, payload))
+    assert_json_2xx_4xx(post_bytes(cpu_server.port, path, payload))
 
 
 def test_server_still_serves_after_fuzzing(cpu_server):
-    conn = http.client.HTTPConnection("127.0.0.1", cpu_server.port, timeout=30)
-    conn.request("POST", "/rerank", body=json.dumps({"query": "q", "documents": ["a", "b"]}),
-                 headers={"Content-Type": "application/json"})
-    assert conn.getresponse().status == 200
-    conn.close()
+    assert request(cpu_server.port, "POST", "/rerank", {"query": "q", "documents": ["a", "b"]})[0] == 200

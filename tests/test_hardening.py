@@ -8,16 +8,12 @@ import threading
 import time
 
 import pytest
-from conftest import FakeEngine, free_port, request
+from conftest import FakeEngine, close_reranker, free_port, http_bytes, request, send_raw, wait_until
 
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_MODEL, DeadlineExceededError
 from openvino_reranker.startup import drain, main
 
 DOCS = ["solar power", "the cat and the dog", "bread and cheese"]
-
-
-def post(port, body, path="/rerank", headers=None):
-    return request(port, "POST", path, body, headers)
 
 
 def in_background(fn, *args):
@@ -41,7 +37,7 @@ def in_background(fn, *args):
 ])
 def test_limits_are_413_naming_the_limit_and_field(fake_server, args, body, field, limit):
     fake = fake_server(*args).start(FakeEngine())
-    status, payload, _ = post(fake.port, body)
+    status, payload, _ = request(fake.port, "POST", "/rerank", body)
     assert status == 413 and payload["error"]["type"] == "too_large"
     assert payload["error"]["field"] == field and limit in payload["error"]["message"]
 
@@ -50,7 +46,7 @@ def test_a_huge_string_is_refused_before_tokenizing(fake_server, monkeypatch):
     fake = fake_server("--max-body-bytes", str(60 * 1024 * 1024)).start(FakeEngine())
     calls = []
     monkeypatch.setattr(fake.service.reranker.head, "encode", lambda *a: calls.append(a))
-    status, payload, _ = post(fake.port, {"query": "q", "documents": ["x" * 50_000_000]})
+    status, payload, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["x" * 50_000_000]})
     assert status == 413 and payload["error"]["field"] == "documents[0]" and calls == []
 
 
@@ -60,13 +56,14 @@ def test_a_huge_string_is_refused_before_tokenizing(fake_server, monkeypatch):
 ])
 def test_bad_timeout_field(fake_server, body, field):
     fake = fake_server().start(FakeEngine())
-    status, payload, _ = post(fake.port, body)
+    status, payload, _ = request(fake.port, "POST", "/rerank", body)
     assert status == 400 and payload["error"]["field"] == field
 
 
 def test_bad_timeout_header(fake_server):
     fake = fake_server().start(FakeEngine())
-    status, payload, _ = post(fake.port, {"query": "q", "documents": DOCS}, headers={"X-Request-Timeout-Ms": "soon"})
+    status, payload, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": DOCS},
+                                 {"X-Request-Timeout-Ms": "soon"})
     assert status == 400 and payload["error"]["field"] == "X-Request-Timeout-Ms"
 
 
@@ -74,72 +71,105 @@ def test_bad_timeout_header(fake_server):
 
 
 def test_queue_full_is_an_immediate_503(fake_server):
-    fake = fake_server("--max-queued-requests", "1").start(FakeEngine("slow", delay_s=2.0))
-    thread, first = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
-    time.sleep(0.3)  # the first request is admitted and running
+    engine = FakeEngine("gated")
+    fake = fake_server("--max-queued-requests", "1").start(engine)
+    thread, first = in_background(request, fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    engine.wait_entered()  # the first request is admitted and on the device, held there until release()
     started = time.monotonic()
-    status, payload, resp = post(fake.port, {"query": "q", "documents": ["a"]}, "/v1/rerank")
+    status, payload, resp = request(fake.port, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     elapsed = time.monotonic() - started
+    engine.release()
     assert status == 503 and payload["type"] == "overloaded" and resp.getheader("Retry-After") == "1"
-    assert elapsed < 0.5  # refused without waiting for the running request (which takes 2 s)
+    assert elapsed < 0.5  # refused without waiting for the running request (held until after the answer)
     thread.join(10)
     assert first["value"][0] == 200  # and the admitted request still completes
 
 
 def test_deadline_passed_between_batches_is_504(fake_server):
-    engine = FakeEngine("slow", delay_s=0.3)
+    engine = FakeEngine("gated")
     fake = fake_server("--batch-size", "1").start(engine)
-    status, payload, _ = post(fake.port, {"query": "q", "documents": ["a"] * 10, "timeout_ms": 400})
+    # ten batches of one (distinct documents: identical pairs may be scored once); the first is held on the device
+    # until the 400 ms deadline has passed (the answer)
+    status, payload, _ = request(fake.port, "POST", "/rerank",
+                                 {"query": "q", "documents": [f"a{i}" for i in range(10)], "timeout_ms": 400})
+    close_reranker(fake.service.reranker)  # opens the gate; returns once every queued batch ran or was dropped
     assert status == 504 and payload["error"]["type"] == "deadline_exceeded"
     assert engine.calls <= 3  # the rest was dropped before inference
 
 
 def test_deadline_from_header_and_server_default(fake_server):
-    engine = FakeEngine("slow", delay_s=0.3)
+    engine = FakeEngine("gated")
     fake = fake_server("--batch-size", "1", "--request-timeout-ms", "400").start(engine)
-    assert post(fake.port, {"query": "q", "documents": ["a"] * 5})[0] == 504  # server default
-    status, _, _ = post(fake.port, {"query": "q", "documents": ["a"] * 5}, "/v1/rerank",
-                        headers={"X-Request-Timeout-Ms": "5000"})
+    docs = [f"a{i}" for i in range(5)]  # five batches of one
+    # the first batch is held on the device past the server's default of 400 ms
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": docs})[0] == 504  # server default
+    thread, second = in_background(request, fake.port, "POST", "/v1/rerank", {"query": "q", "documents": docs},
+                                   {"X-Request-Timeout-Ms": "5000"})
+    wait_until(lambda: fake.service.admission.admitted == 1, what="admitting the second request")
+    time.sleep(0.6)  # the second request waits behind the held batch for longer than the server's default
+    engine.release()
+    thread.join(10)
+    status, _, _ = second["value"]
     assert status == 200  # the header asked for more time
 
 
 def test_waiting_for_the_device_past_the_deadline_is_504(fake_server):
-    """Two admitted requests, one infer request: the second waits in the engine's pool and times out there."""
+    """Two admitted requests and two batcher workers, but one device slot: the first request holds the slot, the
+    second's batch reaches `infer` on the other worker, waits for the slot in the engine's pool and times out
+    there."""
     import queue
 
     class OneSlot(FakeEngine):
         def __init__(self):
-            super().__init__("slow", delay_s=1.0)
+            super().__init__("gated", num_requests=2)  # two workers: the second batch gets to infer at once
             self.pool = queue.Queue()
             self.pool.put(object())
+            self.waited_out = threading.Event()  # set by the branch under test only
 
         def infer(self, feed, shape, deadline=None):
             try:
                 slot = self.pool.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
+                self.waited_out.set()
                 raise DeadlineExceededError("waited for the device") from None
             try:
                 return super().infer(feed, shape, deadline)
             finally:
                 self.pool.put(slot)
 
-    fake = fake_server().start(OneSlot())
-    thread, _ = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
-    time.sleep(0.2)
-    status, payload, _ = post(fake.port, {"query": "q", "documents": ["a"], "timeout_ms": 300})
-    assert status == 504
+    engine = OneSlot()
+    fake = fake_server().start(engine)
+    thread, first = in_background(request, fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    engine.wait_entered()  # the first request holds the one slot, and keeps it until release()
+    status, payload, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"], "timeout_ms": 300})
+    assert status == 504 and payload["error"]["type"] == "deadline_exceeded"
+    assert engine.waited_out.wait(5)  # the wait for the device slot itself gave up at the deadline
+    engine.release()
     thread.join(10)
+    assert first["value"][0] == 200
+
+
+def server_saw_close(server_port: int, client_port: int) -> bool:
+    """True once the kernel has the server's end of this loopback connection in CLOSE_WAIT: the client's FIN has
+    arrived, so the server's client-gone probe sees it."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if local.endswith(f":{server_port:04X}") and remote.endswith(f":{client_port:04X}"):
+                return state == "08"
+    return False
 
 
 def test_client_disconnect_drops_its_queued_work(fake_server):
-    engine = FakeEngine("slow", delay_s=0.2)
+    engine = FakeEngine("gated")
     fake = fake_server("--batch-size", "1").start(engine)
-    body = json.dumps({"query": "q", "documents": ["a"] * 20}).encode()
+    body = json.dumps({"query": "q", "documents": [f"a{i}" for i in range(20)]}).encode()  # 20 distinct pairs
     with socket.create_connection(("127.0.0.1", fake.port)) as s:
-        s.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
-                  + str(len(body)).encode() + b"\r\n\r\n" + body)
-        time.sleep(0.3)
-    time.sleep(1.0)
+        s.sendall(http_bytes("POST", "/rerank", body, {"Content-Type": "application/json"}))
+        engine.wait_entered()  # the first of its 20 batches is on the device, held there
+        client_port = s.getsockname()[1]
+    wait_until(lambda: server_saw_close(fake.port, client_port), what="the server's end seeing the client close")
+    close_reranker(fake.service.reranker)  # opens the gate; returns once every queued batch ran or was dropped
     assert engine.calls <= 4  # 20 batches were planned; work stopped once the client had gone
     assert request(fake.port, "GET", "/healthz")[0] == 200
 
@@ -159,7 +189,8 @@ def test_slow_loris_is_closed_without_blocking_others(fake_server):
             except OSError:
                 closed = True
                 break
-            assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 200  # others are served meanwhile
+            # others are served meanwhile
+            assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 200
             s.settimeout(0.3)
             try:
                 if s.recv(1024) == b"":
@@ -218,22 +249,27 @@ def test_connections_beyond_the_bound_get_503(fake_server):
 def test_repeated_failures_flip_readyz_and_a_success_flips_it_back(fake_server):
     fake = fake_server("--failures-before-unready", "2").start(FakeEngine(["fails", "fails", "ok"]))
     assert request(fake.port, "GET", "/readyz")[0] == 200
-    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 500
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 500
     assert request(fake.port, "GET", "/readyz")[0] == 200  # one failure is not enough
-    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 500
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 500
     status, body, _ = request(fake.port, "GET", "/readyz")
     assert status == 503 and "2 consecutive inference failures" in body["reason"] and "device lost" in body["reason"]
-    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 200  # scoring is still attempted
+    # scoring is still attempted
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 200
     assert request(fake.port, "GET", "/readyz")[0] == 200
 
 
 def test_drain_finishes_in_flight_requests_and_refuses_new_ones(fake_server):
-    fake = fake_server("--drain-timeout-s", "10").start(FakeEngine("slow", delay_s=1.0))
-    thread, result = in_background(post, fake.port, {"query": "q", "documents": ["a"]})
-    time.sleep(0.3)
+    engine = FakeEngine("gated")
+    fake = fake_server("--drain-timeout-s", "10").start(engine)
+    thread, result = in_background(request, fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    engine.wait_entered()  # in flight, held on the device
     started = time.monotonic()
-    drain(fake.srv, fake.service)
-    assert 0.4 < time.monotonic() - started < 5  # waited for the running request, not longer
+    drainer, drained = in_background(lambda: (drain(fake.srv, fake.service), time.monotonic())[1])
+    time.sleep(0.5)  # the request stays in flight this long: the drain must wait for it
+    engine.release()
+    drainer.join(10)
+    assert 0.4 < drained["value"] - started < 5  # waited for the running request, not longer
     thread.join(5)
     assert result["value"][0] == 200
     with pytest.raises(OSError):
@@ -241,9 +277,10 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(fake_server):
 
 
 def test_drain_gives_up_after_its_timeout(fake_server):
-    fake = fake_server("--drain-timeout-s", "0").start(FakeEngine("slow", delay_s=2.0))
-    in_background(post, fake.port, {"query": "q", "documents": ["a"]})
-    time.sleep(0.3)
+    engine = FakeEngine("gated")
+    fake = fake_server("--drain-timeout-s", "0").start(engine)
+    in_background(request, fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    engine.wait_entered()  # in flight, and held there until the fixture closes the server
     started = time.monotonic()
     drain(fake.srv, fake.service)
     assert time.monotonic() - started < 1.5
@@ -271,9 +308,9 @@ def test_api_key_file(fake_server, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("from-a-file\n")
     fake = fake_server("--api-key-file", str(key_file)).start(FakeEngine())
-    assert post(fake.port, {"query": "q", "documents": ["a"]})[0] == 401
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 401
     authorized = {"Authorization": "Bearer from-a-file"}
-    assert post(fake.port, {"query": "q", "documents": ["a"]}, headers=authorized)[0] == 200
+    assert request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]}, authorized)[0] == 200
 
 
 @pytest.mark.parametrize("args, code, needle", [
@@ -304,11 +341,11 @@ def test_metrics_parse_with_the_prometheus_parser(fake_server):
     from prometheus_client.parser import text_string_to_metric_families
 
     fake = fake_server().start(FakeEngine())
-    post(fake.port, {"query": "q", "documents": DOCS})
-    post(fake.port, {"query": "", "documents": DOCS})
+    request(fake.port, "POST", "/rerank", {"query": "q", "documents": DOCS})
+    request(fake.port, "POST", "/rerank", {"query": "", "documents": DOCS})
     status, _, resp = request(fake.port, "GET", "/metrics")
     assert status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
-    text = request_raw_text(fake.port, "/metrics")
+    text = send_raw(fake.port, http_bytes("GET", "/metrics")).text()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("openvino_reranker_requests_total", (("route", "/rerank"), ("status", "200")))] == 1
@@ -322,24 +359,17 @@ def test_metrics_parse_with_the_prometheus_parser(fake_server):
     assert any(name == "openvino_reranker_info" and dict(labels)["device"] == "CPU" for name, labels in samples)
 
 
-def request_raw_text(port, path):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", path)
-    text = conn.getresponse().read().decode()
-    conn.close()
-    return text
-
-
 def test_no_request_text_in_logs_or_metrics(fake_server, caplog):
     fake = fake_server().start(FakeEngine())
     secret_q, secret_d = "zebra-query-marker", "yak-document-marker"
     with caplog.at_level(logging.DEBUG, logger="openvino_reranker"):
-        post(fake.port, {"query": secret_q, "documents": [secret_d, "b"]}, headers={"X-Request-ID": "rid-42"})
-        post(fake.port, {"query": secret_q, "documents": [secret_d, ""]})  # an error path too
+        request(fake.port, "POST", "/rerank", {"query": secret_q, "documents": [secret_d, "b"]},
+                {"X-Request-ID": "rid-42"})
+        request(fake.port, "POST", "/rerank", {"query": secret_q, "documents": [secret_d, ""]})  # an error path too
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "rid-42" in logged and "documents=2" in logged and "tokens=" in logged and "infer_ms=" in logged
     assert secret_q not in logged and secret_d not in logged
-    assert secret_q not in request_raw_text(fake.port, "/metrics")
+    assert secret_q not in send_raw(fake.port, http_bytes("GET", "/metrics")).text()
 
 
 def test_request_id_is_echoed_or_made(fake_server):

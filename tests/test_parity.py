@@ -2,62 +2,12 @@
 replaced by the safe configuration, or refused (SPEC.md, "Startup parity guard"). The wrong scores are injected by
 a Core stand-in, since whether OpenVINO itself misbehaves depends on the CPU (AMX/bf16) and on chance."""
 
-import threading
-
-import numpy as np
-import openvino as ov
 import pytest
-from conftest import F32, F32_LATENCY, RunningServer, free_port, request
+from conftest import F32, F32_LATENCY, FakeCore, RunningServer, request
 
 from openvino_reranker.config import load_config
 from openvino_reranker.errors import EXIT_STARTUP_CHECK
 from openvino_reranker.parity import EXACT_F32_CPU, REFERENCE_PROPERTIES, safe_properties, serving_properties
-from openvino_reranker.startup import main
-
-
-class CorruptingCore:
-    """A real Core whose compiled models return shifted logits when compiled with several streams or the
-    THROUGHPUT hint (or always, with `always=True`) - the shape of the bug seen on AMX CPUs."""
-
-    def __init__(self, always=False):
-        self.core, self.always = ov.Core(), always
-        self.compiles: list[dict] = []
-
-    @property
-    def available_devices(self):
-        return self.core.available_devices
-
-    def set_property(self, props):
-        self.core.set_property(props)
-
-    def read_model(self, path):
-        return self.core.read_model(path)
-
-    def compile_model(self, model, device, props):
-        compiled = self.core.compile_model(model, device, props)
-        multi = props.get("PERFORMANCE_HINT") == "THROUGHPUT" or props.get("NUM_STREAMS", "1") != "1"
-        # the first compile with the reference properties is the reference itself, and stays right; with
-        # `always`, the fallback compile (on the CPU it has the same properties) is wrong too
-        first_reference = props == REFERENCE_PROPERTIES and REFERENCE_PROPERTIES not in self.compiles
-        self.compiles.append(dict(props))
-        return _Corrupt(compiled) if multi or (self.always and not first_reference) else compiled
-
-
-class _Corrupt:
-    def __init__(self, compiled):
-        self.compiled = compiled
-
-    def get_property(self, name):
-        return self.compiled.get_property(name)
-
-    def create_infer_request(self):
-        request = self.compiled.create_infer_request()
-
-        class Request:
-            def infer(self, feed):
-                return [np.asarray(request.infer(feed)[0]) * 40 + 7]
-
-        return Request()
 
 
 def args(model):
@@ -99,7 +49,7 @@ def test_real_multi_stream_compile_serves_right_scores_either_way(tiny_model):
 
 
 def test_wrong_scores_fall_back_to_the_safe_configuration(tiny_model):
-    core = CorruptingCore()
+    core = FakeCore(corrupt="multi")
     srv = RunningServer([*args(tiny_model), "--performance-hint", "throughput"], core=core).wait_ready()
     try:
         body = request(srv.port, "GET", "/readyz")[1]
@@ -121,10 +71,9 @@ def test_wrong_scores_fall_back_to_the_safe_configuration(tiny_model):
     (["--num-streams", "2"], True, "the safe configuration"),
 ])
 def test_refusal(tiny_model, capsys, extra, always, needle):
-    stop = threading.Event()
-    stop.set()
-    code = main(["--port", str(free_port()), *args(tiny_model), *extra], {}, core=CorruptingCore(always),
-                       stop=stop)
+    # main() on its own thread: it must refuse to start (were it to serve, wait_exit stops it and fails)
+    core = FakeCore(corrupt="always" if always else "multi")
+    code = RunningServer([*args(tiny_model), *extra], core=core).wait_exit()
     assert code == EXIT_STARTUP_CHECK
     assert needle in capsys.readouterr().err
 

@@ -6,67 +6,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import openvino as ov
 import pytest
-from conftest import ROOT, RunningServer, free_port, request
+from conftest import ROOT, FakeCore, RunningServer, free_port, request
 
 from openvino_reranker.engine import check_device_available
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, StartupError
-from openvino_reranker.startup import main
-
-
-class FakeNpuCore:
-    """A real CPU Core that claims an NPU: compiles 'NPU' on the CPU, reports `execution_devices`, and (when
-    `bump`) adds to a fake sysfs busy counter on every inference, as the ivpu driver does on a real NPU."""
-
-    def __init__(self, counter: Path, bump: bool = True, execution_devices=("NPU.4000",)):
-        self.core, self.counter, self.bump, self.execution_devices = ov.Core(), counter, bump, execution_devices
-        self.compiled_for: list[str] = []
-        self.shapes: list[list] = []
-
-    available_devices = ["CPU", "NPU"]
-
-    def set_property(self, props):
-        self.core.set_property(props)
-
-    def read_model(self, path):
-        return self.core.read_model(path)
-
-    def compile_model(self, model, device, props):
-        if device == "CPU":  # the f32 parity reference is compiled on the CPU, as on a real NPU host
-            return self.core.compile_model(model, device, props)
-        assert device == "NPU"
-        self.compiled_for.append(device)
-        self.shapes.append([list(p.get_partial_shape().to_shape()) for p in model.inputs])  # static or it raises
-        return _FakeCompiled(self.core.compile_model(model, "CPU", props), self)
-
-
-class _FakeCompiled:
-    def __init__(self, compiled, fake):
-        self.compiled, self.fake = compiled, fake
-
-    def get_property(self, name):
-        if name == "EXECUTION_DEVICES":
-            return list(self.fake.execution_devices)
-        return self.compiled.get_property(name)
-
-    def create_infer_request(self):
-        return _FakeRequest(self.compiled.create_infer_request(), self.fake)
-
-
-class _FakeRequest:
-    def __init__(self, request, fake):
-        self.request, self.fake = request, fake
-
-    def infer(self, feed):
-        result = self.request.infer(feed)
-        if self.fake.bump and self.fake.counter.exists():
-            self.fake.counter.write_text(str(int(self.fake.counter.read_text()) + 250) + "\n")
-        return result
 
 
 def npu_args(model, counter):
@@ -76,7 +23,7 @@ def npu_args(model, counter):
 def test_npu_proof_passes_when_the_counter_grows_on_the_npu(tiny_model, tmp_path):
     counter = tmp_path / "npu_busy_time_us"
     counter.write_text("1000\n")
-    core = FakeNpuCore(counter)
+    core = FakeCore(claim=["NPU"], counter=counter)
     srv = RunningServer(npu_args(tiny_model, counter), core=core).wait_ready()
     try:
         status, ready, _ = request(srv.port, "GET", "/readyz")
@@ -101,12 +48,12 @@ def test_npu_fails_closed(tiny_model, tmp_path, capsys, case, needle):
     counter = tmp_path / "npu_busy_time_us"
     if case != "counter_missing":
         counter.write_text("1000\n")
-    core = FakeNpuCore(counter, bump=case != "counter_static",
-                       execution_devices=("CPU",) if case == "runs_on_cpu" else ("NPU.3720",))
-    port = free_port()
-    already_stopped = threading.Event()
-    already_stopped.set()  # were the check to pass, main() would return 0 at once instead of serving
-    code = main(["--port", str(port), *npu_args(tiny_model, counter)], {}, core=core, stop=already_stopped)
+    core = FakeCore(claim=["NPU"], counter=counter, bump=case != "counter_static",
+                    execution_devices=("CPU",) if case == "runs_on_cpu" else ("NPU.3720",))
+    # main() on its own thread: it must fail closed (were the check to pass, wait_exit stops it and fails)
+    srv = RunningServer(npu_args(tiny_model, counter), core=core)
+    port = srv.port
+    code = srv.wait_exit()
     assert code == EXIT_STARTUP_CHECK
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("openvino-reranker: error:") and needle in err
