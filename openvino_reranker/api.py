@@ -15,6 +15,7 @@ from typing import Any
 
 from .checks import StartupCheck
 from .config import TIMEOUT_MS, Config, IntRange
+from .encoding import TRUNCATE_RIGHT, Truncation
 from .engine import EngineInfo
 from .errors import BadRequestError, PayloadTooLargeError, ServiceError
 from .modeldir import ModelFiles
@@ -64,6 +65,7 @@ class Document:
     text: str
     id: str | int | None = None
     original: Any = None  # the object as sent (echoed on the Cohere route with return_documents)
+    query: str | None = None  # its own query (the pairs dialect), else the request's
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class RerankRequest:
     return_documents: bool
     model: str | None = None
     timeout_ms: int | None = None
+    truncation: Truncation = TRUNCATE_RIGHT
+    raw_scores: bool = False  # TEI: the model's logit instead of the 0..1 score
 
 
 @dataclass(frozen=True)
@@ -90,12 +94,12 @@ class RequestLimits:
 
 
 NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms"}
-COHERE_UNSUPPORTED = {
+COHERE_UNSUPPORTED = {  # fields that would change results if they were ignored
     "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
     "max_chunks_per_doc": "max_chunks_per_doc is not supported: documents are truncated, not chunked",
-    "max_tokens_per_doc": "max_tokens_per_doc is not supported: each (query, document) pair is truncated to "
-                          "the server's max_length (see GET /readyz)",
+    "relevant_spans": "relevant_spans is not supported: only scores are returned",
 }
+MAX_TOKENS = IntRange(1, 1_000_000)
 
 
 def _type_name(value: Any) -> str:
@@ -117,18 +121,18 @@ def _check_encodable(value: str, path: str) -> None:
         raise BadRequestError(f"{path} contains an unpaired surrogate at character {exc.start}", path) from None
 
 
-def _parse_query(body: dict, limits: RequestLimits) -> str:
+def _parse_query(body: dict, limits: RequestLimits, path: str = "query") -> str:
     if "query" not in body:
-        raise BadRequestError("query is required", "query")
+        raise BadRequestError(f"{path} is required", path)
     query = body["query"]
     if not isinstance(query, str):
-        raise BadRequestError(f"query must be a string, not {_type_name(query)}", "query")
+        raise BadRequestError(f"{path} must be a string, not {_type_name(query)}", path)
     if len(query) > limits.max_query_chars:
-        raise PayloadTooLargeError(f"query has {len(query)} characters; the limit (max_query_chars) is "
-                                   f"{limits.max_query_chars}", "query")
+        raise PayloadTooLargeError(f"{path} has {len(query)} characters; the limit (max_query_chars) is "
+                                   f"{limits.max_query_chars}", path)
     if not query.strip():
-        raise BadRequestError("query must not be empty or whitespace only", "query")
-    _check_encodable(query, "query")
+        raise BadRequestError(f"{path} must not be empty or whitespace only", path)
+    _check_encodable(query, path)
     return query
 
 
@@ -173,17 +177,22 @@ def _parse_text(value: Any, path: str, limits: RequestLimits) -> str:
     return value
 
 
-def _parse_documents(body: dict, limits: RequestLimits, parse_one: Callable[[int, Any], Document]) -> tuple:
-    if "documents" not in body:
-        raise BadRequestError("documents is required", "documents")
-    docs = body["documents"]
+def _parse_documents(body: dict, limits: RequestLimits, parse_one: Callable[[int, Any], Document],
+                     key: str = "documents") -> tuple:
+    if key not in body:
+        raise BadRequestError(f"{key} is required", key)
+    docs = body[key]
     if not isinstance(docs, list):
-        raise BadRequestError(f"documents must be an array, not {_type_name(docs)}", "documents")
+        raise BadRequestError(f"{key} must be an array, not {_type_name(docs)}", key)
+    return _parse_list(docs, limits, parse_one, key)
+
+
+def _parse_list(docs: list, limits: RequestLimits, parse_one: Callable[[int, Any], Document], key: str) -> tuple:
     if not docs:
-        raise BadRequestError("documents must not be empty", "documents")
+        raise BadRequestError(f"{key} must not be empty", key)
     if len(docs) > limits.max_documents:
-        raise PayloadTooLargeError(f"documents has {len(docs)} entries; the limit (max_documents) is "
-                                   f"{limits.max_documents}", "documents")
+        raise PayloadTooLargeError(f"{key} has {len(docs)} entries; the limit (max_documents) is "
+                                   f"{limits.max_documents}", key)
     return tuple(parse_one(i, d) for i, d in enumerate(docs))
 
 
@@ -227,9 +236,10 @@ def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
 
 
 def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
-    """POST /v1/rerank: Cohere's fields. Fields Cohere has but we do not support are a 400; other unknown
-    fields (which gateways add) are ignored."""
-    body = _require_object(body)
+    """POST /v1/rerank and /v2/rerank (and Jina's /api/v1/rerank): Cohere's fields. Null means "not given".
+    Fields Cohere has but we do not support are a 400; other unknown fields (which gateways and SDKs add, such as
+    `user`) are ignored."""
+    body = _without_nulls(_require_object(body))
     for name, message in COHERE_UNSUPPORTED.items():
         if name in body:
             raise BadRequestError(message, name)
@@ -249,8 +259,55 @@ def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
         return Document(i, _parse_text(doc["text"], f"{path}.text", limits), original=doc)
 
     documents = _parse_documents(body, limits, parse_one)
+    max_tokens = _parse_bounded_int(body, "max_tokens_per_doc", MAX_TOKENS)
     return RerankRequest(query, documents, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_documents"),
-                         model)
+                         model, truncation=Truncation(max_document_tokens=max_tokens))
+
+
+def parse_tei(body: Any, limits: RequestLimits) -> RerankRequest:
+    """POST /rerank with `texts`: Hugging Face text-embeddings-inference's request. `truncate` left out means
+    truncate (as TEI started with --auto-truncate); `truncate: false` makes a pair longer than max_length a 413.
+    `top_n` (litellm sends it) keeps the best n. Other fields are ignored."""
+    body = _without_nulls(_require_object(body))
+    query = _parse_query(body, limits)
+
+    def parse_one(i: int, text: Any) -> Document:
+        return Document(i, _parse_text(text, f"texts[{i}]", limits))
+
+    texts = _parse_documents(body, limits, parse_one, "texts")
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise BadRequestError(f"truncate must be true or false, not {_type_name(truncate)}", "truncate")
+    direction = body.get("truncation_direction", "right")
+    if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
+        raise BadRequestError("truncation_direction must be \"Left\" or \"Right\"", "truncation_direction")
+    return RerankRequest(query, texts, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_text"),
+                         truncation=Truncation(direction.lower(), None, truncate),
+                         raw_scores=_parse_bool(body, "raw_scores"))
+
+
+def parse_pairs(body: Any, limits: RequestLimits) -> RerankRequest:
+    """POST /rerank with a JSON array of {"query", "passage"}: each pair scored with its own query (the MOSEC-style
+    RAG integration). Strict, like the native body."""
+
+    def parse_one(i: int, pair: Any) -> Document:
+        path = f"[{i}]"
+        if not isinstance(pair, dict):
+            raise BadRequestError(f"{path} must be an object with query and passage, not {_type_name(pair)}", path)
+        for name in sorted(pair.keys() - {"query", "passage"}):
+            raise BadRequestError(f"unknown field {name!r} in {path} (allowed: query, passage)", f"{path}.{name}")
+        if "passage" not in pair:
+            raise BadRequestError(f"{path}.passage is required", f"{path}.passage")
+        query = _parse_query(pair, limits, f"{path}.query")
+        return Document(i, _parse_text(pair["passage"], f"{path}.passage", limits), query=query)
+
+    pairs = _parse_list(body, limits, parse_one, "pairs")
+    return RerankRequest(pairs[0].query, pairs, None, False)
+
+
+def _without_nulls(body: dict) -> dict:
+    """Clients send null for optional fields they were not given (langchain-cohere: "max_tokens_per_doc": null)."""
+    return {key: value for key, value in body.items() if value is not None}
 
 @dataclass(frozen=True)
 class ResponseContext:
@@ -290,23 +347,65 @@ def render_native_error(error: ServiceError) -> dict:
     return {"ok": False, "error": {"type": error.error_type, "message": error.message, "field": error.field}}
 
 
-def render_cohere(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
+def _cohere_results(request: RerankRequest, scored: ScoredPairs) -> list[dict]:
     results = []
     for i in rank(scored.scores, request.top_k):
         item: dict[str, Any] = {"index": i, "relevance_score": float(scored.scores[i])}
         if request.return_documents:
             item["document"] = request.documents[i].original
         results.append(item)
+    return results
+
+
+def render_cohere(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
+    """Cohere v1, plus Jina's top-level `model` and `usage` (Jina's clients read them; Cohere's ignore them)."""
+    tokens = int(scored.lengths.sum())
     return {
         "id": ctx.request_id,
-        "results": results,
-        "meta": {"api_version": {"version": "1"}, "model": ctx.model_name,
+        "results": _cohere_results(request, scored),
+        "meta": {"api_version": {"version": "1"}, "model": ctx.model_name, "billed_units": {"search_units": 1},
+                 "tokens": {"input_tokens": tokens, "output_tokens": 0}},
+        "model": ctx.model_name,
+        "usage": {"total_tokens": tokens},
+    }
+
+
+def render_cohere_v2(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
+    return {
+        "id": ctx.request_id,
+        "results": _cohere_results(request, scored),
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
                  "tokens": {"input_tokens": int(scored.lengths.sum()), "output_tokens": 0}},
     }
 
 
 def render_cohere_error(error: ServiceError) -> dict:
     return {"message": error.message, "type": error.error_type, "field": error.field}  # Cohere's SDKs read message
+
+
+def render_tei(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> list:
+    """TEI's bare list, best first: `score` is the 0..1 score, or with raw_scores the logit it comes from."""
+    values = scored.raw_scores if request.raw_scores else scored.scores
+    results = []
+    for i in rank(scored.scores, request.top_k):
+        item: dict[str, Any] = {"index": i, "score": float(values[i])}
+        if request.return_documents:
+            item["text"] = request.documents[i].text
+        results.append(item)
+    return results
+
+
+TEI_ERROR_TYPES = {"invalid_request": "Validation", "too_large": "Validation", "overloaded": "Overloaded",
+                   "not_ready": "Unhealthy", "inference_failed": "Backend"}
+
+
+def render_tei_error(error: ServiceError) -> dict:
+    return {"error": error.message, "error_type": TEI_ERROR_TYPES.get(error.error_type, error.error_type),
+            "field": error.field}
+
+
+def render_pairs(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
+    return {"scores": [float(s) for s in scored.scores]}
 
 
 # ---- the dialect table
@@ -320,11 +419,24 @@ class Dialect:
     render: Callable[[RerankRequest, ScoredPairs, ResponseContext], dict]
     render_error: Callable[[ServiceError], dict]
     needs_key: bool = True  # with an API key set, the key is required
+    # Several dialects may share a path: the first in DIALECTS whose `matches` accepts the decoded body serves it,
+    # and the path's last dialect is the default (its error shape answers before a body is decoded).
+    matches: Callable[[Any], bool] | None = None  # None: any body (the path's default)
 
 
+TEI = Dialect("tei", ("/rerank",), parse_tei, render_tei, render_tei_error,
+              matches=lambda body: isinstance(body, dict) and "texts" in body)
+PAIRS = Dialect("pairs", ("/rerank",), parse_pairs, render_pairs, render_native_error,
+                matches=lambda body: isinstance(body, list))
 NATIVE = Dialect("native", ("/rerank",), parse_native, render_native, render_native_error)
-COHERE = Dialect("cohere", ("/v1/rerank",), parse_cohere, render_cohere, render_cohere_error)
-DIALECTS = (NATIVE, COHERE)
+COHERE = Dialect("cohere", ("/v1/rerank", "/api/v1/rerank"), parse_cohere, render_cohere, render_cohere_error)
+COHERE_V2 = Dialect("cohere_v2", ("/v2/rerank",), parse_cohere, render_cohere_v2, render_cohere_error)
+DIALECTS = (TEI, PAIRS, NATIVE, COHERE, COHERE_V2)
+
+
+def dialect_for(dialects: tuple[Dialect, ...], body: Any) -> Dialect:
+    """The dialect of one path that serves this body (see Dialect.matches)."""
+    return next((d for d in dialects if d.matches is not None and d.matches(body)), dialects[-1])
 
 
 # ---- health and readiness

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batching import length_order, plan_batches
-from .encoding import CrossEncoderHead, EncodedPairs
+from .encoding import TRUNCATE_RIGHT, CrossEncoderHead, EncodedPairs, Truncation
 from .engine import NpuBusyCounter
 from .errors import (
     ClientGoneError,
@@ -312,9 +312,21 @@ class Reranker:
         """Why scoring has stopped for good (a batcher thread ended), or None."""
         return self.batcher.stopped_reason
 
-    def score_pairs(self, query: str, texts: Sequence[str], limits: WorkLimits = WorkLimits()) -> ScoredPairs:
+    def score_pairs(self, query: str | Sequence[str], texts: Sequence[str], limits: WorkLimits = WorkLimits(),
+                    truncation: Truncation = TRUNCATE_RIGHT) -> ScoredPairs:
+        """Scores of (query, text) pairs in request order; `query` is one query for all texts or one per text.
+        Identical pairs are tokenized and scored once and their results fanned out."""
+        queries = [query] * len(texts) if isinstance(query, str) else list(query)
+        distinct: dict[tuple[str, str], int] = {}
+        inverse = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, texts, strict=True)],
+                           dtype=np.int64)
         t0 = time.perf_counter()
-        encoded = self._encode(query, texts, limits)
+        encoded = self._encode([q for q, _ in distinct], [t for _, t in distinct], limits, truncation)
+        if not truncation.allowed and encoded.truncated.any():
+            first = int(np.argmax(encoded.truncated[inverse]))
+            raise PayloadTooLargeError(f"documents[{first}] with the query is longer than max_length "
+                                       f"({self.head.max_length} tokens) and truncation was not allowed",
+                                       f"documents[{first}]")
         t1 = time.perf_counter()
         limits.check()
         busy_before = self.busy_counter.read() if self.busy_counter else None
@@ -328,28 +340,31 @@ class Reranker:
         except BaseException:
             self.batcher.cancel(job)  # whatever went wrong, no batch of this request may run any more
             raise
-        scores = self.head.scores(logits)
+        scores = self.head.scores(logits)[inverse]
+        raw_scores = self.head.raw_scores(logits)[inverse]
         t2 = time.perf_counter()
         busy_after = self.busy_counter.read() if self.busy_counter else None
         delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
         queued = (job.first_started or t2) - job.submitted
-        return ScoredPairs(scores, logits, encoded.lengths, encoded.truncated, (t1 - t0) * 1000,
+        return ScoredPairs(scores, raw_scores, encoded.lengths[inverse], encoded.truncated[inverse], (t1 - t0) * 1000,
                            (t2 - t1 - queued) * 1000,
                            job.batches, delta, queued * 1000)
 
-    def _encode(self, query: str, texts: Sequence[str], limits: WorkLimits) -> EncodedPairs:
+    def _encode(self, queries: list[str], texts: list[str], limits: WorkLimits,
+                truncation: Truncation) -> EncodedPairs:
         """Tokenize in slices, checking the deadline and the client before each and the token budget after each,
         so that a request over max_total_tokens costs about the budget, not its whole body."""
         parts, total = [], 0
         for start in range(0, len(texts), ENCODE_SLICE):
             limits.check()
-            part = self.head.encode(query, texts[start:start + ENCODE_SLICE])
+            end = start + ENCODE_SLICE
+            part = self.head.encode(queries[start:end], texts[start:end], truncation)
             total += int(part.lengths.sum())
             if limits.max_total_tokens is not None and total > limits.max_total_tokens:
                 counted = start + len(part.lengths)
                 raise PayloadTooLargeError(
                     f"the request has {'at least ' if counted < len(texts) else ''}{total} tokens after truncation "
-                    f"(in its first {counted} of {len(texts)} documents); the limit (max_total_tokens) is "
+                    f"(in its first {counted} of {len(texts)} distinct documents); the limit (max_total_tokens) is "
                     f"{limits.max_total_tokens}", "documents")
             parts.append(part)
         return EncodedPairs.concat(parts)

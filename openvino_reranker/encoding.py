@@ -53,14 +53,32 @@ class ModelContract:
 _WORD = re.compile(r"[^ ]+")
 
 
-def cut_to_words(text: str, words: int) -> str:
-    """`text` up to the end of its `words`-th space-separated word that holds a letter or a digit; the whole text if
-    it has fewer. Truncation keeps at most max_length tokens of a text, and tokenizers that split at spaces
-    (WordPiece, byte-level BPE, Metaspace) give at least one token per such word and never join tokens across a
-    space, so cutting a text after max_length such words changes none of the tokens kept: the scores are the same
-    as with the whole text (tests/test_encoding.py checks this against untruncated tokenization). Its cost is
-    proportional to `words`, not to the text, and it is what keeps a 100,000-character document from costing
-    seconds of tokenizing."""
+@dataclass(frozen=True)
+class Truncation:
+    """How a request wants its pairs cut to max_length: from the end (`right`, the default) or the start (`left`,
+    TEI's truncation_direction), each document first cut after its first `max_document_tokens` tokens (Cohere's
+    max_tokens_per_doc), and whether cutting is allowed at all (TEI's truncate=false: a pair that does not fit is
+    an error)."""
+
+    side: str = "right"
+    max_document_tokens: int | None = None
+    allowed: bool = True
+
+
+TRUNCATE_RIGHT = Truncation()
+
+
+def cut_to_words(text: str, words: int, side: str = "right") -> str:
+    """`text` up to the end of its `words`-th space-separated word that holds a letter or a digit (from the start
+    of its `words`-th last such word with side="left"); the whole text if it has fewer. Its cost is proportional
+    to `words`, not to the text: it is what keeps a 100,000-character document from costing seconds of
+    tokenizing. Tokenizers that split at spaces (WordPiece, byte-level BPE, Metaspace) give at least one token per
+    such word and never join tokens across a space, so the cut text's tokens are the first (last) tokens of the
+    whole text, and there are at least `words` of them. `CrossEncoderHead.encode` picks `words` so that
+    longest-first truncation keeps exactly what it keeps of the whole text."""
+    if side == "left":  # the same, counted from the end: the text from the start of its `words`-th last word
+        flipped = cut_to_words(text[::-1], words)
+        return text[len(text) - len(flipped):]
     count = 0
     for match in _WORD.finditer(text):
         if any(c.isalnum() for c in match.group()):
@@ -108,6 +126,15 @@ class CrossEncoderHead:
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length, strategy="longest_first")
         self.pad_id = self._pad_id(tokenizer)
+        # truncation settings belong to a Tokenizer object, and requests may ask for either side: one copy each
+        from tokenizers import Tokenizer
+
+        left = Tokenizer.from_str(tokenizer.to_str())
+        left.no_padding()
+        left.enable_truncation(max_length, strategy="longest_first", direction="left")
+        self._tokenizers = {"right": tokenizer, "left": left}
+        self._counter = Tokenizer.from_str(tokenizer.to_str())  # counts a query's tokens, untruncated
+        self._counter.no_truncation()
 
     @staticmethod
     def load_tokenizer(tokenizer_path: Path):
@@ -158,18 +185,43 @@ class CrossEncoderHead:
 
     # ---- pairs -> inputs
 
-    def encode(self, query: str, texts: Sequence[str]) -> EncodedPairs:
-        """Pairs as the tokenizer's pair template makes them, truncated longest-first to max_length (each text is
-        first cut to what that truncation can keep, see `cut_to_words`)."""
-        query = cut_to_words(query, self.max_length)
-        encodings = self.tokenizer.encode_batch([(query, cut_to_words(text, self.max_length)) for text in texts])
+    def encode(self, query: str | Sequence[str], texts: Sequence[str],
+               truncation: Truncation = TRUNCATE_RIGHT) -> EncodedPairs:
+        """Pairs as the tokenizer's pair template makes them, truncated longest-first to max_length on the side
+        asked for (each text is first cut to what that truncation can keep, see `cut_to_words`). `query` is one
+        query for every text, or one per text."""
+        side = truncation.side
+        tokenizer = self._tokenizers[side]
+        queries = [query] * len(texts) if isinstance(query, str) else list(query)
+        # Longest-first keeps at most max_length tokens of a document, and splits the budget by which of the query
+        # and the document is longer: a document cut after more words than both max_length and the query's
+        # tokens keeps both, so it is cut there (the query, at most max_query_chars, is never cut).
+        words = {q: max(self.max_length, len(self._counter.encode(q, add_special_tokens=False).ids) + 1)
+                 for q in set(queries)}
+        texts = [cut_to_words(text, words[q], side) for q, text in zip(queries, texts, strict=True)]
+        shortened = np.zeros(len(texts), dtype=bool)
+        if truncation.max_document_tokens is not None and truncation.max_document_tokens < self.max_length:
+            texts, shortened = self._first_tokens(texts, truncation.max_document_tokens)
+        encodings = tokenizer.encode_batch(list(zip(queries, texts, strict=True)))
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
         return EncodedPairs(
             ids=ids,
             type_ids=[np.asarray(e.type_ids, dtype=np.int64) for e in encodings],
             lengths=np.array([len(x) for x in ids], dtype=np.int64),
-            truncated=np.array([bool(e.overflowing) for e in encodings], dtype=bool),
+            truncated=truncated | shortened,
         )
+
+    def _first_tokens(self, texts: list[str], n: int) -> tuple[list[str], np.ndarray]:
+        """Each text cut after its first n tokens, at the end offset of the n-th (the tokenizer's own offsets)."""
+        out, shortened = [], np.zeros(len(texts), dtype=bool)
+        for i, (text, enc) in enumerate(zip(texts, self.tokenizer.encode_batch(texts, add_special_tokens=False),
+                                            strict=True)):
+            if len(enc.offsets) > n:
+                shortened[i] = True
+                text = text[:enc.offsets[n - 1][1]]
+            out.append(text)
+        return out, shortened
 
     def feed(self, encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket) -> dict[str, np.ndarray]:
         return pad_pairs(encoded, rows, shape, self.contract.input_names, self.pad_id, self.contract.input_dtype)
@@ -179,3 +231,8 @@ class CrossEncoderHead:
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """float64 scores from this head's logits; a non-finite logit is an InferenceError."""
         return logits_to_scores(logits)
+
+    def raw_scores(self, logits: np.ndarray) -> np.ndarray:
+        """The logit whose sigmoid is the score: the single logit, or l1 - l0 for two."""
+        x = np.asarray(logits, dtype=np.float64)
+        return x[:, 0] if x.shape[1] == 1 else x[:, 1] - x[:, 0]

@@ -32,7 +32,7 @@ def rank(scores: Sequence[float], top_k: int | None = None) -> list[int]:
 @dataclass(frozen=True)
 class ScoredPairs:
     scores: np.ndarray  # float64, request order
-    logits: np.ndarray  # float64 [pairs, num_labels], what the model gave, request order
+    raw_scores: np.ndarray  # float64, the logit each score comes from (TEI's raw_scores), request order
     lengths: np.ndarray  # tokens per pair
     truncated: np.ndarray  # bool per pair
     tokenize_ms: float

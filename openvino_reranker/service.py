@@ -165,7 +165,9 @@ class RerankService:
         limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone)
         with self.admission.slot():
             try:
-                scored = self.reranker.score_pairs(request.query, [d.text for d in request.documents], limits)
+                queries = [d.query or request.query for d in request.documents]
+                scored = self.reranker.score_pairs(queries, [d.text for d in request.documents], limits,
+                                                   request.truncation)
             except InferenceError as exc:
                 self.readiness.record_inference(False, exc.message)
                 self.metrics.observe_failure()

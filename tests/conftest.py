@@ -385,6 +385,10 @@ def fake_server(tiny_model):
 # ---------------------------------------------------------------------------------------------- a Core stand-in
 
 
+class InferenceCrash(BaseException):
+    pass
+
+
 class FakeCore:
     """A real `ov.Core()` that can pretend, for startup tests:
 
@@ -395,13 +399,16 @@ class FakeCore:
     - `corrupt`: "multi" - models compiled with several streams or the THROUGHPUT hint return logits * 40 + 7 (the
       shape of the bug seen on AMX CPUs); "always" - those and every other compile except the first with the
       reference properties (the parity reference itself), so that the fallback compile is wrong too.
+    - `crash`: once this Event is set, every inference raises `InferenceCrash`, a BaseException that no
+      `except Exception` catches: what a scoring thread cannot survive.
 
     `compiles` has every compile's properties, `compiled_for` and `shapes` the claimed-device compiles' device and
     input shapes."""
 
     def __init__(self, claim=(), counter: Path | None = None, bump: bool = True, execution_devices=("NPU.4000",),
-                 corrupt: str | None = None):
+                 corrupt: str | None = None, crash: threading.Event | None = None):
         assert corrupt in (None, "multi", "always")
+        self.crash = crash
         self.core = ov.Core()
         self.claim, self.counter, self.bump = tuple(claim), counter, bump
         self.execution_devices, self.corrupt = tuple(execution_devices), corrupt
@@ -454,6 +461,8 @@ class _FakeRequest:
     def infer(self, feed):
         """The wrapped request's own result (an OVDict, indexed by output as the engine does), its arrays shifted
         in place when this compile corrupts."""
+        if self.compiled.fake.crash is not None and self.compiled.fake.crash.is_set():
+            raise InferenceCrash("the device went away mid-call")
         result = self.request.infer(feed)
         if self.compiled.corrupt:
             for key in result:

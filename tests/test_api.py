@@ -13,6 +13,7 @@ from openvino_reranker.api import (
     Dialect,
     RequestLimits,
     decode_json,
+    dialect_for,
     encode_json,
     parse_native,
 )
@@ -30,8 +31,13 @@ def test_routes_come_from_the_dialect_table():
     for dialect in DIALECTS:
         for path in dialect.paths:
             route = ROUTES[path]
-            assert (route.method, route.handler, route.dialect, route.needs_key) == \
-                ("POST", "route_score", dialect, dialect.needs_key)
+            assert (route.method, route.handler, route.needs_key) == ("POST", "route_score", dialect.needs_key)
+            assert dialect in route.dialects and route.dialect is route.dialects[-1]
+    assert [d.name for d in ROUTES["/rerank"].dialects] == ["tei", "pairs", "native"]
+    assert dialect_for(ROUTES["/rerank"].dialects, {"query": "q", "texts": ["a"]}).name == "tei"
+    assert dialect_for(ROUTES["/rerank"].dialects, [{"query": "q", "passage": "a"}]).name == "pairs"
+    assert dialect_for(ROUTES["/rerank"].dialects, {"query": "q", "documents": ["a"]}).name == "native"
+    assert dialect_for(ROUTES["/rerank"].dialects, "junk").name == "native"
     assert {p for p, r in ROUTES.items() if r.method == "GET"} == {"/healthz", "/readyz", "/metrics"}
     assert {p for p, r in ROUTES.items() if r.needs_key} == {"/metrics", *(p for d in DIALECTS for p in d.paths)}
 
@@ -40,10 +46,12 @@ def test_adding_a_dialect_is_one_entry():
     extra = Dialect("extra", ("/x/rerank", "/x/v2/rerank"), parse_native, NATIVE.render, COHERE.render_error,
                     needs_key=False)
     routes = build_routes((*DIALECTS, extra))
-    assert routes["/x/rerank"].dialect is extra and routes["/x/v2/rerank"].dialect is extra
+    assert routes["/x/rerank"].dialects == (extra,) and routes["/x/v2/rerank"].dialect is extra
     assert routes["/x/rerank"].needs_key is False and set(routes) == set(ROUTES) | {"/x/rerank", "/x/v2/rerank"}
-    with pytest.raises(ValueError, match="two routes for /rerank"):
+    with pytest.raises(ValueError, match="/rerank needs exactly one default dialect"):
         build_routes((*DIALECTS, Dialect("dup", ("/rerank",), parse_native, NATIVE.render, NATIVE.render_error)))
+    with pytest.raises(ValueError, match="/healthz is not a scoring route"):
+        build_routes((*DIALECTS, Dialect("probe", ("/healthz",), parse_native, NATIVE.render, NATIVE.render_error)))
 
 
 def test_route_labels_never_carry_a_client_path():

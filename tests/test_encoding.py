@@ -2,10 +2,13 @@
 contract check."""
 
 import numpy as np
-from conftest import fake_head
+import pytest
+from conftest import FAKE_CONTRACT, fake_head
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import EncodedPairs, pad_pairs
+from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, Truncation, cut_to_words, pad_pairs
 
 
 def encoded(lengths):
@@ -40,3 +43,151 @@ def test_pad_pairs_masks_padding_and_fills_spare_rows_with_a_real_row():
 def test_pad_pairs_feeds_only_the_model_inputs():
     feed = pad_pairs(encoded([4]), (0,), ShapeBucket(1, 8), ("input_ids", "attention_mask"), 0)
     assert set(feed) == {"input_ids", "attention_mask"}
+
+
+# ---- cutting long texts before tokenizing
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer with RoBERTa's pair template, trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")))
+    return tok
+
+
+def unigram_tokenizer():
+    """A SentencePiece-style Unigram tokenizer with Metaspace and XLM-R's pair template."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=200, special_tokens=specials, unk_token="<unk>"))
+    s, e = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                       special_tokens=[("<s>", s), ("</s>", e)])
+    return tok
+
+
+CORPUS = ["solar power is energy from the sun", "the cat sat on the mat near the door",
+          "water boils at one hundred degrees", "Paris est la capitale de la France, été 2024",
+          "東京は日本の首都です", "numbers like 3.14159 and 42 appear often"] * 20
+
+WORDS = st.text(alphabet="abcdeé中1!-.,\n\t\u00a0\u0301", min_size=0, max_size=12)
+TEXTS = st.lists(WORDS, min_size=0, max_size=60).map(lambda ws: " ".join(ws))
+SPACING = st.sampled_from([" ", "  ", " \n ", "\t"])
+
+
+def heads(tiny_path, max_length):
+    contract = FAKE_CONTRACT
+    yield fake_head(tiny_path, max_length)
+    yield CrossEncoderHead(bpe_tokenizer(), max_length, contract)
+    yield CrossEncoderHead(unigram_tokenizer(), max_length, contract)
+
+
+def uncut(head, query, texts, side="right"):
+    """The tokenizer alone, on the whole texts (the head's settings for that side, no cutting)."""
+    return head._tokenizers[side].encode_batch([(query, t) for t in texts])
+
+
+@pytest.fixture(scope="module")
+def all_heads(tiny_model):
+    return {max_length: list(heads(tiny_model.path / "tokenizer.json", max_length)) for max_length in (12, 40)}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=TEXTS, text=TEXTS, max_length=st.sampled_from([12, 40]), side=st.sampled_from(["right", "left"]))
+def test_cutting_changes_no_token_that_truncation_keeps(all_heads, query, text, max_length, side):
+    for head in all_heads[max_length]:
+        got = head.encode(query, [text], Truncation(side))
+        want = uncut(head, query, [text], side)[0]
+        assert got.ids[0].tolist() == want.ids and got.type_ids[0].tolist() == want.type_ids
+        assert bool(got.truncated[0]) == bool(want.overflowing)
+
+
+def test_a_huge_document_is_cut_cheaply(tiny_model):
+    import time
+    head = fake_head(tiny_model.path / "tokenizer.json", 128)
+    text = ("xqzj" * 25 + " ") * 980  # 99k characters: the wedge from the robustness issue
+    assert len(cut_to_words(text, 128)) < 13_000 and len(cut_to_words(text, 128, "left")) < 13_000
+    started = time.perf_counter()
+    got = head.encode("q", [text] * 19)
+    assert time.perf_counter() - started < 5  # generous: the point is not seconds per document
+    want = uncut(head, "q", [text])[0]
+    assert got.ids[0].tolist() == want.ids
+
+
+@pytest.mark.parametrize("text, words, expected", [
+    ("a b c", 2, "a b"), ("a  b   c", 2, "a  b"), ("! a ? b c", 2, "! a ? b"), ("abc", 5, "abc"), ("", 3, ""),
+    ("a\nb c", 1, "a\nb"),
+])
+def test_cut_to_words(text, words, expected):
+    assert cut_to_words(text, words) == expected
+
+
+def test_max_document_tokens_keeps_the_first_tokens(tiny_model):
+    head = fake_head(tiny_model.path / "tokenizer.json", 64)
+    text = "solar power is energy from the sun turned into electricity by cells"
+    tokens = head.tokenizer.encode(text, add_special_tokens=False).ids
+    query = head.tokenizer.encode("q", add_special_tokens=False).ids
+    for k in (1, 4, 9):
+        got = head.encode("q", [text], Truncation(max_document_tokens=k))
+        assert got.ids[0].tolist()[len(query) + 2:-1] == tokens[:k] and got.truncated.tolist() == [True]
+    assert head.encode("q", [text], Truncation(max_document_tokens=500)).truncated.tolist() == [False]
+    assert head.encode("q", [text], Truncation(max_document_tokens=len(tokens))).truncated.tolist() == [False]
+
+
+# ---- the model contract
+
+
+def test_the_logits_output_is_picked_by_name_not_position(tiny_model):
+    """An IR whose first output is something else: the head finds `logits` by name and the engine serves it."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    from conftest import F32_LATENCY, SCORE_TOLERANCE
+
+    from openvino_reranker.batcher import Reranker
+    from openvino_reranker.engine import Engine
+
+    core = ov.Core()
+    model = core.read_model(str(tiny_model.path / "openvino_model.xml"))
+    logits = model.outputs[0].get_node().input_value(0)
+    ids = model.input("input_ids").get_node().output(0)
+    extra = ops.reduce_sum(ops.convert(ids, ov.Type.f32), ops.constant([1]), keep_dims=True).output(0)
+    extra.set_names({"token_id_sum"})
+    two = ov.Model([extra, logits], model.get_parameters(), "two-outputs")
+    contract = CrossEncoderHead.check_contract(two)
+    assert (contract.output_name, contract.output_index, contract.num_labels) == ("logits", 1, 1)
+    head = CrossEncoderHead.from_file(tiny_model.path / "tokenizer.json", 128, contract)
+    reranker = Reranker(head, Engine(core, two, "CPU", None, F32_LATENCY, contract), 4)
+    try:
+        docs = ["solar power is energy from the sun", "the cat sat on the farm"]
+        scored = reranker.score_pairs("solar power", docs)
+        assert abs(scored.scores - tiny_model.reference_scores("solar power", docs)).max() < SCORE_TOLERANCE
+    finally:
+        reranker.close()
+
+
+def test_a_model_without_logits_among_several_outputs_is_refused(tiny_model):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from openvino_reranker.errors import EXIT_MODEL, StartupError
+
+    model = ov.Core().read_model(str(tiny_model.path / "openvino_model.xml"))
+    logits = model.outputs[0].get_node().input_value(0)
+    other = ops.multiply(logits, ops.constant(np.float32(2))).output(0)
+    other.set_names({"doubled"})
+    renamed = ops.multiply(logits, ops.constant(np.float32(1))).output(0)
+    renamed.set_names({"scores"})
+    with pytest.raises(StartupError) as info:
+        CrossEncoderHead.check_contract(ov.Model([other, renamed], model.get_parameters()))
+    assert info.value.exit_code == EXIT_MODEL and "no output named 'logits'" in str(info.value)

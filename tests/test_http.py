@@ -2,12 +2,11 @@
 
 import http.client
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import SCORE_TOLERANCE, FakeEngine, request
+from conftest import SCORE_TOLERANCE, FakeEngine, request, send_raw
 
 QUERY = "how to boil water at sea level"
 DOCS = [
@@ -17,16 +16,6 @@ DOCS = [
     "solar power is energy from the sun",
     "how much pressure does a high mountain have, and at what temperature does water boil there",
 ]
-
-
-def raw_exchange(port, data: bytes) -> tuple[int, dict, dict]:
-    """Send raw bytes, read one response; returns (status, json body, lower-cased headers)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(data)
-        resp = http.client.HTTPResponse(s)
-        resp.begin()
-        body = resp.read()
-        return resp.status, json.loads(body) if body else None, {k.lower(): v for k, v in resp.getheaders()}
 
 
 # ---------------------------------------------------------------------------------------------- success paths
@@ -82,7 +71,7 @@ def test_cohere_route(cpu_server, tiny_model):
     status, body, resp = request(cpu_server.port, "POST", "/v1/rerank",
                                  {"model": "anything", "query": QUERY, "documents": DOCS, "top_n": 3},
                                  headers={"X-Request-ID": "abc-123"})
-    assert status == 200 and set(body) == {"id", "results", "meta"}
+    assert status == 200 and set(body) == {"id", "results", "meta", "model", "usage"}  # Jina's two as well
     assert body["id"] == "abc-123" and resp.getheader("X-Request-ID") == "abc-123"
     assert len(body["results"]) == 3
     expected = tiny_model.reference_scores(QUERY, DOCS)
@@ -135,12 +124,12 @@ ERROR_CASES = [
      "invalid_request", None),
     ("nan", "POST", "/rerank", b'{"query": "q", "documents": ["a"], "top_k": NaN}',
      {"Content-Type": "application/json"}, 400, "invalid_request", None),
-    ("not_object", "POST", "/rerank", [1, 2], {}, 400, "invalid_request", None),
+    ("not_object", "POST", "/rerank", 12, {}, 400, "invalid_request", None),
     ("field_path", "POST", "/rerank", {"query": "q", "documents": ["a", {"text": 3}]}, {}, 400, "invalid_request",
      "documents[1].text"),
     ("cohere_unsupported", "POST", "/v1/rerank", {"query": "q", "documents": ["a"], "rank_fields": ["x"]}, {}, 400,
      "invalid_request", "rank_fields"),
-    ("not_found", "GET", "/v2/rerank", None, {}, 404, "not_found", None),
+    ("not_found", "GET", "/v3/rerank", None, {}, 404, "not_found", None),
     ("method", "GET", "/rerank", None, {}, 405, "method_not_allowed", None),
     ("method_post", "POST", "/healthz", {}, {}, 405, "method_not_allowed", None),
     ("media_type", "POST", "/rerank", b'{"query": "q", "documents": ["a"]}', {"Content-Type": "text/plain"}, 415,
@@ -167,33 +156,37 @@ def test_error_statuses(cpu_server, case):
 
 
 def test_missing_content_length_is_411(cpu_server):
-    status, body, headers = raw_exchange(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\n"
-                                                          b"Content-Type: application/json\r\n\r\n")
+    resp = send_raw(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n")
+    status, body, headers = resp.status, resp.json(), resp.headers
     assert status == 411 and body["error"]["type"] == "length_required" and headers["connection"] == "close"
 
 
 def test_chunked_body_is_411(cpu_server):
-    status, body, _ = raw_exchange(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\n"
-                                   b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
-                                   b"2\r\n{}\r\n0\r\n\r\n")
+    resp = send_raw(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\n"
+                    b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+                    b"2\r\n{}\r\n0\r\n\r\n")
+    status, body = resp.status, resp.json()
     assert status == 411 and "chunked" in body["error"]["message"]
 
 
 def test_oversized_body_is_413_before_it_is_read(cpu_server):
-    status, body, headers = raw_exchange(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                                         b"50000000\r\nContent-Type: application/json\r\n\r\n{")
+    resp = send_raw(cpu_server.port, b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                    b"50000000\r\nContent-Type: application/json\r\n\r\n{")
+    status, body, headers = resp.status, resp.json(), resp.headers
     assert status == 413 and body["error"]["type"] == "too_large" and headers["connection"] == "close"
     assert "limit (max_body_bytes) is 2097152" in body["error"]["message"]
 
 
 def test_malformed_request_line_gets_json(cpu_server):
-    status, body, headers = raw_exchange(cpu_server.port, b"NONSENSE\r\n\r\n")
+    resp = send_raw(cpu_server.port, b"NONSENSE\r\n\r\n")
+    status, body, headers = resp.status, resp.json(), resp.headers
     assert status == 400 and body["ok"] is False and body["error"]["type"] == "http_error"
     assert headers["content-type"] == "application/json"
 
 
 def test_unknown_method_is_json(cpu_server):
-    status, body, _ = raw_exchange(cpu_server.port, b"BREW /rerank HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp = send_raw(cpu_server.port, b"BREW /rerank HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, body = resp.status, resp.json()
     assert status == 501 and body["error"]["type"] == "http_error"
 
 

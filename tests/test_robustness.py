@@ -12,12 +12,13 @@ import time
 import numpy as np
 import pytest
 import tinymodel
-from conftest import ROOT, FakeEngine, fake_head, free_port, request
+from conftest import F32, ROOT, FakeCore, FakeEngine, RunningServer, fake_head, free_port, request
 
 from openvino_reranker.batcher import ENCODE_SLICE, Reranker, WorkLimits
 from openvino_reranker.errors import (
     EXIT_CONFIG,
     EXIT_MODEL,
+    EXIT_SCORING_STOPPED,
     EXIT_STARTUP_CHECK,
     NotReadyError,
     PayloadTooLargeError,
@@ -83,6 +84,17 @@ def test_a_scoring_thread_that_ends_turns_readyz_503_and_fails_requests_at_once(
     assert status == 503 and "must be restarted" in body["message"]
 
 
+def test_main_exits_7_when_a_scoring_thread_ends(tiny_model):
+    crash = threading.Event()
+    srv = RunningServer(["--device", "CPU", *F32, "--model-dir", str(tiny_model.path), "--cache-dir", ""],
+                        core=FakeCore(crash=crash)).wait_ready()
+    assert request(srv.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 200
+    crash.set()
+    status, body, _ = request(srv.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 503 and "scoring has stopped" in body["error"]["message"]
+    assert srv.wait_exit(30) == EXIT_SCORING_STOPPED
+
+
 def test_a_client_gone_probe_that_raises_does_not_break_scoring(tiny_model):
     reranker = Reranker(fake_head(tiny_model.path / "tokenizer.json", 64), FakeEngine(), 8)
     try:
@@ -126,15 +138,16 @@ def test_a_token_limit_refusal_tokenizes_about_the_limit_not_the_body(tiny_model
     tokenized = []
     real_encode = head.encode
 
-    def counting_encode(query, texts):
+    def counting_encode(query, texts, *options):
         tokenized.extend(texts)
-        return real_encode(query, texts)
+        return real_encode(query, texts, *options)
 
     head.encode = counting_encode
     reranker = Reranker(head, FakeEngine(), 8)
     try:
         with pytest.raises(PayloadTooLargeError, match="at least .*max_total_tokens"):
-            reranker.score_pairs("q", ["solar power " * 150] * 1000, WorkLimits(max_total_tokens=2000))
+            reranker.score_pairs("q", [f"solar power {i} " * 150 for i in range(1000)],
+                                 WorkLimits(max_total_tokens=2000))
         assert len(tokenized) <= 2 * ENCODE_SLICE  # 1000 documents were sent
     finally:
         reranker.close()
