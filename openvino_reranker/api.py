@@ -93,13 +93,14 @@ class RequestLimits:
         return cls(config.max_documents, config.max_query_chars, config.max_document_chars)
 
 
-NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms"}
+NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms", "truncation_direction",
+                 "max_chunks_per_doc"}
 COHERE_UNSUPPORTED = {  # fields that would change results if they were ignored
     "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
-    "max_chunks_per_doc": "max_chunks_per_doc is not supported: documents are truncated, not chunked",
     "relevant_spans": "relevant_spans is not supported: only scores are returned",
 }
 MAX_TOKENS = IntRange(1, 1_000_000)
+MAX_CHUNKS = IntRange(1, 1000)
 
 
 def _type_name(value: Any) -> str:
@@ -232,7 +233,21 @@ def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
                                   f"documents[{doc.index}].id")
         first_seen[key] = doc.index
     return RerankRequest(query, documents, _parse_positive_int(body, "top_k"), _parse_bool(body, "return_documents"),
-                         timeout_ms=_parse_bounded_int(body, "timeout_ms", TIMEOUT_MS))
+                         timeout_ms=_parse_bounded_int(body, "timeout_ms", TIMEOUT_MS),
+                         truncation=Truncation(_parse_side(body), max_chunks=_parse_max_chunks(body)))
+
+
+def _parse_side(body: dict) -> str:
+    side = body.get("truncation_direction", "right")
+    if not isinstance(side, str) or side.lower() not in ("left", "right"):
+        raise BadRequestError("truncation_direction must be \"right\" (keep the start) or \"left\" (keep the end)",
+                              "truncation_direction")
+    return side.lower()
+
+
+def _parse_max_chunks(body: dict) -> int | None:
+    """Long documents: truncated (no max_chunks_per_doc) or chunked into up to this many windows."""
+    return _parse_bounded_int(body, "max_chunks_per_doc", MAX_CHUNKS)
 
 
 def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
@@ -261,7 +276,8 @@ def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
     documents = _parse_documents(body, limits, parse_one)
     max_tokens = _parse_bounded_int(body, "max_tokens_per_doc", MAX_TOKENS)
     return RerankRequest(query, documents, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_documents"),
-                         model, truncation=Truncation(max_document_tokens=max_tokens))
+                         model, truncation=Truncation(max_document_tokens=max_tokens,
+                                                      max_chunks=_parse_max_chunks(body)))
 
 
 def parse_tei(body: Any, limits: RequestLimits) -> RerankRequest:
@@ -278,11 +294,8 @@ def parse_tei(body: Any, limits: RequestLimits) -> RerankRequest:
     truncate = body.get("truncate", True)
     if not isinstance(truncate, bool):
         raise BadRequestError(f"truncate must be true or false, not {_type_name(truncate)}", "truncate")
-    direction = body.get("truncation_direction", "right")
-    if not isinstance(direction, str) or direction.lower() not in ("left", "right"):
-        raise BadRequestError("truncation_direction must be \"Left\" or \"Right\"", "truncation_direction")
     return RerankRequest(query, texts, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_text"),
-                         truncation=Truncation(direction.lower(), None, truncate),
+                         truncation=Truncation(_parse_side(body), None, truncate, _parse_max_chunks(body)),
                          raw_scores=_parse_bool(body, "raw_scores"))
 
 
@@ -328,6 +341,9 @@ def render_native(request: RerankRequest, scored: ScoredPairs, ctx: ResponseCont
             item["id"] = doc.id
         item["score"] = float(scored.scores[i])
         item["truncated"] = bool(scored.truncated[i])
+        item["tokens"] = int(scored.lengths[i])
+        if scored.chunks is not None:
+            item["chunks"] = int(scored.chunks[i])
         if request.return_documents:
             item["text"] = doc.text
         results.append(item)

@@ -315,8 +315,34 @@ class Reranker:
     def score_pairs(self, query: str | Sequence[str], texts: Sequence[str], limits: WorkLimits = WorkLimits(),
                     truncation: Truncation = TRUNCATE_RIGHT) -> ScoredPairs:
         """Scores of (query, text) pairs in request order; `query` is one query for all texts or one per text.
-        Identical pairs are tokenized and scored once and their results fanned out."""
+        Identical pairs are tokenized and scored once and their results fanned out. With `truncation.max_chunks`
+        a long text is scored as its best window (head.windows)."""
         queries = [query] * len(texts) if isinstance(query, str) else list(query)
+        if truncation.max_chunks is None:
+            return self._score(queries, list(texts), limits, truncation)
+        owners, window_queries, window_texts, left_over = [], [], [], []
+        for i, (q, text) in enumerate(zip(queries, texts, strict=True)):
+            limits.check()
+            windows, rest = self.head.windows(q, text, truncation.max_chunks)
+            owners += [i] * len(windows)
+            window_queries += [q] * len(windows)
+            window_texts += windows
+            left_over.append(rest)
+        scored = self._score(window_queries, window_texts, limits, TRUNCATE_RIGHT)
+        owners_array = np.array(owners, dtype=np.int64)
+        best = np.empty(len(texts), dtype=np.int64)  # each text's best window; ties keep the first
+        for i in range(len(texts)):
+            mine = np.flatnonzero(owners_array == i)
+            best[i] = mine[int(np.argmax(scored.scores[mine]))]
+        lengths = np.bincount(owners_array, weights=scored.lengths, minlength=len(texts)).astype(np.int64)
+        truncated = np.array(left_over, dtype=bool) | np.bincount(owners_array, weights=scored.truncated,
+                                                                  minlength=len(texts)).astype(bool)
+        return ScoredPairs(scored.scores[best], scored.raw_scores[best], lengths, truncated, scored.tokenize_ms,
+                           scored.infer_ms, scored.batches, scored.npu_busy_delta_us, scored.queue_ms,
+                           chunks=np.bincount(owners_array, minlength=len(texts)))
+
+    def _score(self, queries: list[str], texts: list[str], limits: WorkLimits,
+               truncation: Truncation) -> ScoredPairs:
         distinct: dict[tuple[str, str], int] = {}
         inverse = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, texts, strict=True)],
                            dtype=np.int64)

@@ -63,6 +63,7 @@ class Truncation:
     side: str = "right"
     max_document_tokens: int | None = None
     allowed: bool = True
+    max_chunks: int | None = None  # chunk instead: a long document is scored as its best of up to this many windows
 
 
 TRUNCATE_RIGHT = Truncation()
@@ -211,6 +212,38 @@ class CrossEncoderHead:
             lengths=np.array([len(x) for x in ids], dtype=np.int64),
             truncated=truncated | shortened,
         )
+
+    def windows(self, query: str, text: str, max_chunks: int) -> tuple[list[str], bool]:
+        """A document as overlapping windows that each fit max_length together with the query, cut at word
+        starts and ends (the tokenizer's own word ids and offsets), a quarter of a window overlapping the next;
+        at most `max_chunks` of them. Returns the windows and whether text was left over. A document that fits
+        is one window: itself."""
+        specials = self.tokenizer.post_processor.num_special_tokens_to_add(True) if self.tokenizer.post_processor \
+            else 0
+        query_tokens = len(self._counter.encode(query, add_special_tokens=False).ids)
+        size = max(8, self.max_length - specials - min(query_tokens, self.max_length // 2))
+        step = size - size // 4
+        text = cut_to_words(text, step * max_chunks + size)  # nothing past what the windows can reach
+        enc = self._counter.encode(text, add_special_tokens=False)
+        n, words, offsets = len(enc.ids), enc.word_ids, enc.offsets
+        if n <= size:
+            return [text], False
+
+        def word_start(i: int, floor: int) -> int:  # move back to the first token of the word at i
+            while i > floor + 1 and i < n and words[i] is not None and words[i] == words[i - 1]:
+                i -= 1
+            return i
+
+        windows, start = [], 0
+        while start < n and len(windows) < max_chunks:
+            end = min(n, start + size)
+            if end < n:
+                end = word_start(end, start)
+            windows.append(text[offsets[start][0]:offsets[end - 1][1]])
+            if end >= n:
+                return windows, False
+            start = max(start + 1, word_start(end - size // 4, start))
+        return windows, True
 
     def _first_tokens(self, texts: list[str], n: int) -> tuple[list[str], np.ndarray]:
         """Each text cut after its first n tokens, at the end offset of the n-th (the tokenizer's own offsets)."""

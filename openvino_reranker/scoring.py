@@ -40,3 +40,4 @@ class ScoredPairs:
     batches: int
     npu_busy_delta_us: int | None
     queue_ms: float = 0.0  # waiting for a free infer request
+    chunks: np.ndarray | None = None  # windows scored per document when chunking, else None

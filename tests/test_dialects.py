@@ -102,7 +102,7 @@ def test_jina_bodies_read_model_and_usage(cpu_server, native, path):
 
 
 def test_unsupported_cohere_fields_are_400_and_nulls_are_absent(cpu_server):
-    for field in ("rank_fields", "max_chunks_per_doc", "relevant_spans"):
+    for field in ("rank_fields", "relevant_spans"):
         status, payload, _ = request(cpu_server.port, "POST", "/v1/rerank",
                                      {"query": QUERY, "documents": DOCS, field: ["x"]})
         assert status == 400 and payload["field"] == field

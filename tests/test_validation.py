@@ -76,7 +76,7 @@ def test_cohere_fields():
 
 @pytest.mark.parametrize("body, field, needle", [
     ({"query": "q", "documents": ["a"], "rank_fields": ["text"]}, "rank_fields", "not supported"),
-    ({"query": "q", "documents": ["a"], "max_chunks_per_doc": 10}, "max_chunks_per_doc", "not supported"),
+    ({"query": "q", "documents": ["a"], "max_chunks_per_doc": 0}, "max_chunks_per_doc", "1..1000"),
     ({"query": "q", "documents": ["a"], "relevant_spans": {"enabled": True}}, "relevant_spans", "not supported"),
     ({"query": "q", "documents": ["a"], "model": 3}, "model", "string"),
     ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n", ">= 1"),
