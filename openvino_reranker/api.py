@@ -122,19 +122,23 @@ def _check_encodable(value: str, path: str) -> None:
         raise BadRequestError(f"{path} contains an unpaired surrogate at character {exc.start}", path) from None
 
 
+def _parse_string(value: Any, path: str, max_chars: int, limit_name: str) -> str:
+    """A non-empty text: the length limit is checked before anything else looks at it."""
+    if not isinstance(value, str):
+        raise BadRequestError(f"{path} must be a string, not {_type_name(value)}", path)
+    if len(value) > max_chars:
+        raise PayloadTooLargeError(f"{path} has {len(value)} characters; the limit ({limit_name}) is {max_chars}",
+                                   path)
+    if not value.strip():
+        raise BadRequestError(f"{path} must not be empty or whitespace only", path)
+    _check_encodable(value, path)
+    return value
+
+
 def _parse_query(body: dict, limits: RequestLimits, path: str = "query") -> str:
     if "query" not in body:
         raise BadRequestError(f"{path} is required", path)
-    query = body["query"]
-    if not isinstance(query, str):
-        raise BadRequestError(f"{path} must be a string, not {_type_name(query)}", path)
-    if len(query) > limits.max_query_chars:
-        raise PayloadTooLargeError(f"{path} has {len(query)} characters; the limit (max_query_chars) is "
-                                   f"{limits.max_query_chars}", path)
-    if not query.strip():
-        raise BadRequestError(f"{path} must not be empty or whitespace only", path)
-    _check_encodable(query, path)
-    return query
+    return _parse_string(body["query"], path, limits.max_query_chars, "max_query_chars")
 
 
 def _parse_positive_int(body: dict, name: str) -> int | None:
@@ -167,15 +171,7 @@ def _parse_bool(body: dict, name: str) -> bool:
 
 
 def _parse_text(value: Any, path: str, limits: RequestLimits) -> str:
-    if not isinstance(value, str):
-        raise BadRequestError(f"{path} must be a string, not {_type_name(value)}", path)
-    if len(value) > limits.max_document_chars:
-        raise PayloadTooLargeError(f"{path} has {len(value)} characters; the limit (max_document_chars) is "
-                                   f"{limits.max_document_chars}", path)
-    if not value.strip():
-        raise BadRequestError(f"{path} must not be empty or whitespace only", path)
-    _check_encodable(value, path)
-    return value
+    return _parse_string(value, path, limits.max_document_chars, "max_document_chars")
 
 
 def _parse_documents(body: dict, limits: RequestLimits, parse_one: Callable[[int, Any], Document],

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -473,3 +475,37 @@ class _FakeRequest:
         if self.compiled.claimed and fake.bump and fake.counter is not None and fake.counter.exists():
             fake.counter.write_text(str(int(fake.counter.read_text()) + 250) + "\n")
         return result
+
+
+# ---------------------------------------------------------------------------------------------- server.py processes
+
+
+def server_env(extra: dict | None = None) -> dict:
+    """This environment without OPENVINO_RERANKER_* variables (a developer's own must not leak into tests)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVINO_RERANKER_")}
+    env.update(extra or {})
+    return env
+
+
+def run_server(args, env_extra=None, timeout=60) -> subprocess.CompletedProcess:
+    """`python server.py ARGS` to completion (for startup failures)."""
+    return subprocess.run([sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=server_env(env_extra))
+
+
+def spawn_ready_server(model: TinyModel, extra=(), env_extra=None) -> tuple[subprocess.Popen, int]:
+    """`python server.py` on the CPU with `model` on a free port, once /readyz answers 200; the caller stops it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", "CPU",
+                             "--model-dir", str(model.path), "--cache-dir", "", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=server_env(env_extra))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if request(port, "GET", "/readyz")[0] == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    pytest.fail("server.py did not become ready")

@@ -1,7 +1,6 @@
 """No request may wedge the service: scoring threads survive bugs (or stop loudly), huge documents and token-limit
 refusals cost what the limits allow, and startup failures are one line with their exit code."""
 
-import os
 import signal
 import socket
 import subprocess
@@ -12,7 +11,19 @@ import time
 import numpy as np
 import pytest
 import tinymodel
-from conftest import F32, ROOT, FakeCore, FakeEngine, RunningServer, fake_head, free_port, request
+from conftest import (
+    F32,
+    ROOT,
+    FakeCore,
+    FakeEngine,
+    RunningServer,
+    fake_head,
+    free_port,
+    request,
+    run_server,
+    server_env,
+    spawn_ready_server,
+)
 
 from openvino_reranker.batcher import ENCODE_SLICE, Reranker, WorkLimits
 from openvino_reranker.errors import (
@@ -156,11 +167,8 @@ def test_a_token_limit_refusal_tokenizes_about_the_limit_not_the_body(tiny_model
 # ---------------------------------------------------------------------------------------------- startup
 
 
-def run_server(args, env_extra=None, timeout=60):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVINO_RERANKER_")}
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, str(ROOT / "server.py"), "--port", "0", "--device", "CPU",
-                           "--cache-dir", "", *args], capture_output=True, text=True, timeout=timeout, env=env)
+def run_cpu_server(args):
+    return run_server(["--port", "0", "--device", "CPU", "--cache-dir", "", *args])
 
 
 def one_error_line(result) -> str:
@@ -176,7 +184,7 @@ def test_weights_that_give_nan_stop_startup_with_exit_6(tmp_path):
     weights = tinymodel.random_weights(shape)
     weights["classifier.bias"] = np.full_like(weights["classifier.bias"], np.nan)
     path = tinymodel.write_model_dir(tmp_path / "nan", weights, shape, tokenizer)
-    result = run_server(["--model-dir", str(path)])
+    result = run_cpu_server(["--model-dir", str(path)])
     assert result.returncode == EXIT_STARTUP_CHECK and "non-finite" in one_error_line(result)
 
 
@@ -187,7 +195,7 @@ def test_a_corrupt_weights_file_names_the_reason(tiny_model, tmp_path):
     shutil.copytree(tiny_model.path, broken)
     data = (broken / "openvino_model.bin").read_bytes()
     (broken / "openvino_model.bin").write_bytes(data[:1000])
-    result = run_server(["--model-dir", str(broken)])
+    result = run_cpu_server(["--model-dir", str(broken)])
     line = one_error_line(result)
     assert result.returncode == EXIT_MODEL and "Incorrect weights in bin file" in line
     assert "core.cpp" not in line
@@ -200,18 +208,18 @@ def test_an_unreadable_config_json_is_not_called_invalid_json(tiny_model, tmp_pa
     shutil.copytree(tiny_model.path, broken)
     (broken / "config.json").unlink()
     (broken / "config.json").mkdir()  # readable by nobody as a file, even as root
-    result = run_server(["--model-dir", str(broken)])
+    result = run_cpu_server(["--model-dir", str(broken)])
     line = one_error_line(result)
     assert result.returncode == EXIT_MODEL and "cannot read" in line and "not valid JSON" not in line
 
 
 @pytest.mark.parametrize("key", ["cl\u00e9", "two words", "tab\tkey"])
 def test_an_api_key_that_can_never_match_is_refused(key, tmp_path):
-    result = run_server(["--api-key", key, "--model-dir", str(tmp_path / "none")])
+    result = run_cpu_server(["--api-key", key, "--model-dir", str(tmp_path / "none")])
     assert result.returncode == EXIT_CONFIG and "printable ASCII" in one_error_line(result)
     key_file = tmp_path / "key"
     key_file.write_text(key + "\n")
-    result = run_server(["--api-key-file", str(key_file), "--model-dir", str(tmp_path / "none")])
+    result = run_cpu_server(["--api-key-file", str(key_file), "--model-dir", str(tmp_path / "none")])
     assert result.returncode == EXIT_CONFIG and "printable ASCII" in one_error_line(result)
 
 
@@ -224,10 +232,9 @@ def notify_socket(tmp_path):
 
 def test_sigterm_during_startup_exits_0_without_ready(tiny_model, tmp_path):
     with notify_socket(tmp_path) as sock:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVINO_RERANKER_")}
-        env["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
         proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(free_port()), "--device",
-                                 "CPU", "--model-dir", str(tiny_model.path), "--cache-dir", ""], env=env,
+                                 "CPU", "--model-dir", str(tiny_model.path), "--cache-dir", ""],
+                                env=server_env({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             first = sock.recv(4096).decode()
@@ -249,18 +256,8 @@ def test_sigterm_during_startup_exits_0_without_ready(tiny_model, tmp_path):
 
 
 def test_sighup_is_logged_and_ignored(tiny_model):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", "CPU",
-                             "--model-dir", str(tiny_model.path), "--cache-dir", ""],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, port = spawn_ready_server(tiny_model)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if request(port, "GET", "/readyz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
         proc.send_signal(signal.SIGHUP)
         time.sleep(0.5)  # the handler runs on the main thread between its waits
         assert proc.poll() is None and request(port, "GET", "/readyz")[0] == 200

@@ -1,16 +1,12 @@
 """Startup order and exit codes: real processes for the port check and signals, an injected Core for the NPU
 fail-closed logic (no NPU exists on any machine this runs on: see SPEC.md, "What was verified where")."""
 
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 
 import openvino as ov
 import pytest
-from conftest import ROOT, FakeCore, RunningServer, free_port, request
+from conftest import FakeCore, RunningServer, request, run_server, spawn_ready_server
 
 from openvino_reranker.engine import check_device_available
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, StartupError
@@ -79,13 +75,6 @@ def test_device_availability(device, available, ok):
 # ---- real processes
 
 
-def run_server(args, env_extra=None, timeout=60):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENVINO_RERANKER_")}
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, str(ROOT / "server.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 def test_port_in_use_exits_before_loading_the_model(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -120,20 +109,8 @@ def test_npu_on_a_machine_without_one_names_the_available_devices(tiny_model):
 
 
 def test_sigterm_stops_the_server_with_exit_0(tiny_model):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", "CPU",
-                             "--model-dir", str(tiny_model.path), "--cache-dir", ""],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _ = spawn_ready_server(tiny_model)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if request(port, "GET", "/readyz")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("server did not become ready")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
