@@ -9,6 +9,7 @@ error shape and whether it needs the API key. Adding an API is one entry plus it
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -295,6 +296,34 @@ def parse_tei(body: Any, limits: RequestLimits) -> RerankRequest:
                          raw_scores=_parse_bool(body, "raw_scores"))
 
 
+INFINITY_KEYS = ("model", "top_n", "raw_scores")  # on /rerank, any of these makes a body infinity/vLLM-shaped
+
+
+def parse_infinity(body: Any, limits: RequestLimits) -> RerankRequest:
+    """POST /rerank with `model`, `top_n` or `raw_scores`: what infinity's and vLLM's clients send (infinity_client,
+    langchain-community's InfinityRerank, litellm's infinity/ and hosted_vllm/). `model` is any name. Documents
+    are echoed (as strings, infinity's form) only to infinity_client's family, which sends `raw_scores`: litellm's
+    two providers send byte-identical requests but parse the document in incompatible ways (a string vs
+    {"text"}), so a litellm request gets no document. Other fields are ignored."""
+    body = _without_nulls(_require_object(body))
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequestError(f"model must be a string, not {_type_name(model)}", "model")
+    query = _parse_query(body, limits)
+
+    def parse_one(i: int, doc: Any) -> Document:
+        path = f"documents[{i}]"
+        if isinstance(doc, dict) and "text" in doc:
+            return Document(i, _parse_text(doc["text"], f"{path}.text", limits), original=doc["text"])
+        return Document(i, _parse_text(doc, path, limits), original=doc)
+
+    documents = _parse_documents(body, limits, parse_one)
+    echo = _parse_bool(body, "return_documents") and "raw_scores" in body
+    return RerankRequest(query, documents, _parse_positive_int(body, "top_n"), echo, model,
+                         truncation=Truncation(max_chunks=_parse_max_chunks(body)),
+                         raw_scores=_parse_bool(body, "raw_scores"))
+
+
 def parse_pairs(body: Any, limits: RequestLimits) -> RerankRequest:
     """POST /rerank with a JSON array of {"query", "passage"}: each pair scored with its own query (the MOSEC-style
     RAG integration). Strict, like the native body."""
@@ -416,6 +445,21 @@ def render_tei_error(error: ServiceError) -> dict:
             "field": error.field}
 
 
+def render_infinity(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
+    """infinity's answer, which vLLM's clients parse too: infinity_client requires model and usage with both
+    prompt_tokens and total_tokens, and object, when present, to be "rerank"."""
+    values = scored.raw_scores if request.raw_scores else scored.scores
+    results = []
+    for i in rank(scored.scores, request.top_k):
+        item: dict[str, Any] = {"index": i, "relevance_score": float(values[i])}
+        if request.return_documents:
+            item["document"] = request.documents[i].original
+        results.append(item)
+    tokens = int(scored.lengths.sum())
+    return {"object": "rerank", "id": ctx.request_id, "created": int(time.time()), "model": ctx.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
+
+
 def render_pairs(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
     return {"scores": [float(s) for s in scored.scores]}
 
@@ -440,10 +484,12 @@ TEI = Dialect("tei", ("/rerank",), parse_tei, render_tei, render_tei_error,
               matches=lambda body: isinstance(body, dict) and "texts" in body)
 PAIRS = Dialect("pairs", ("/rerank",), parse_pairs, render_pairs, render_native_error,
                 matches=lambda body: isinstance(body, list))
+INFINITY = Dialect("infinity", ("/rerank",), parse_infinity, render_infinity, render_cohere_error,
+                   matches=lambda body: isinstance(body, dict) and any(key in body for key in INFINITY_KEYS))
 NATIVE = Dialect("native", ("/rerank",), parse_native, render_native, render_native_error)
 COHERE = Dialect("cohere", ("/v1/rerank", "/api/v1/rerank"), parse_cohere, render_cohere, render_cohere_error)
 COHERE_V2 = Dialect("cohere_v2", ("/v2/rerank",), parse_cohere, render_cohere_v2, render_cohere_error)
-DIALECTS = (TEI, PAIRS, NATIVE, COHERE, COHERE_V2)
+DIALECTS = (TEI, PAIRS, INFINITY, NATIVE, COHERE, COHERE_V2)
 
 
 def dialect_for(dialects: tuple[Dialect, ...], body: Any) -> Dialect:

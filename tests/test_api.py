@@ -33,7 +33,10 @@ def test_routes_come_from_the_dialect_table():
             route = ROUTES[path]
             assert (route.method, route.handler, route.needs_key) == ("POST", "route_score", dialect.needs_key)
             assert dialect in route.dialects and route.dialect is route.dialects[-1]
-    assert [d.name for d in ROUTES["/rerank"].dialects] == ["tei", "pairs", "native"]
+    assert [d.name for d in ROUTES["/rerank"].dialects] == ["tei", "pairs", "infinity", "native"]
+    assert dialect_for(ROUTES["/rerank"].dialects, {"model": None, "query": "q", "documents": ["a"]}).name == \
+        "infinity"
+    assert dialect_for(ROUTES["/rerank"].dialects, {"query": "q", "texts": ["a"], "top_n": 1}).name == "tei"
     assert dialect_for(ROUTES["/rerank"].dialects, {"query": "q", "texts": ["a"]}).name == "tei"
     assert dialect_for(ROUTES["/rerank"].dialects, [{"query": "q", "passage": "a"}]).name == "pairs"
     assert dialect_for(ROUTES["/rerank"].dialects, {"query": "q", "documents": ["a"]}).name == "native"

@@ -149,6 +149,38 @@ def test_tei_truncate_false_refuses_a_pair_that_does_not_fit_and_left_truncation
     assert status == 400 and payload["error_type"] == "Validation"
 
 
+# ---------------------------------------------------------------------------------------------- infinity / vLLM
+
+
+@pytest.mark.parametrize("body, documents", [
+    # litellm infinity/ and hosted_vllm/ (byte-identical): no document, since they parse it in opposite ways
+    ({"model": "BAAI/bge-reranker-base", "query": QUERY, "top_n": 4, "documents": DOCS, "return_documents": True},
+     False),
+    # infinity_client: documents echoed as strings when asked
+    ({"query": QUERY, "documents": DOCS, "return_documents": True, "raw_scores": False,
+      "model": "default/not-specified", "top_n": 4}, True),
+    # langchain-community InfinityRerank with its own client: model null, no top_n
+    ({"query": QUERY, "documents": DOCS, "return_documents": False, "raw_scores": False, "model": None}, False),
+])
+def test_infinity_and_vllm_bodies(cpu_server, native, body, documents):
+    status, payload, resp = request(cpu_server.port, "POST", "/rerank", body)
+    assert status == 200, payload
+    # what infinity_client requires, and what the litellm providers read
+    assert payload["object"] == "rerank" and payload["model"] == "tiny-cross-encoder"
+    assert payload["usage"]["prompt_tokens"] == payload["usage"]["total_tokens"] > 0
+    assert payload["id"] == resp.getheader("X-Request-ID") and isinstance(payload["created"], int)
+    assert_same(native, [(r["index"], r["relevance_score"]) for r in payload["results"]], body.get("top_n"))
+    for r in payload["results"]:
+        assert ("document" in r) == documents and r.get("document", DOCS[r["index"]]) == DOCS[r["index"]]
+
+
+def test_infinity_raw_scores_are_logits(cpu_server, native):
+    body = {"query": QUERY, "documents": DOCS, "raw_scores": True, "model": "m"}
+    payload = request(cpu_server.port, "POST", "/rerank", body)[1]
+    for r in payload["results"]:
+        assert abs(1 / (1 + math.exp(-r["relevance_score"])) - native[r["index"]]) < SCORE_TOLERANCE
+
+
 # ---------------------------------------------------------------------------------------------- pairs, dedupe
 
 
