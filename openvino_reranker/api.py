@@ -195,10 +195,12 @@ def _parse_list(docs: list, limits: RequestLimits, parse_one: Callable[[int, Any
 
 
 def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
-    """POST /rerank: strict; an unknown field is a 400 so that typos such as `topk` do not pass unnoticed."""
+    """POST /rerank: strict; an unknown field is a 400 so that typos such as `topk` do not pass unnoticed (even
+    when null). A known optional field sent as null counts as not sent, as on every route."""
     body = _require_object(body)
     for name in sorted(body.keys() - NATIVE_FIELDS):
         raise BadRequestError(f"unknown field {name!r} (allowed: {', '.join(sorted(NATIVE_FIELDS))})", name)
+    body = _without_nulls(body)
     query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:

@@ -98,3 +98,13 @@ def test_lone_surrogates_are_400(body, field):
     with pytest.raises(BadRequestError) as info:
         parse_native(body, LIMITS)
     assert info.value.field == field and "surrogate" in info.value.message
+
+
+def test_null_means_not_given_but_an_unknown_null_field_is_still_caught():
+    body = {"query": "q", "documents": ["a"], "top_k": None, "return_documents": None, "timeout_ms": None,
+            "max_chunks_per_doc": None, "truncation_direction": None}
+    request = parse_native(body, LIMITS)
+    assert (request.top_k, request.return_documents, request.timeout_ms) == (None, False, None)
+    with pytest.raises(BadRequestError) as info:
+        parse_native({"query": "q", "documents": ["a"], "topk": None}, LIMITS)
+    assert info.value.field == "topk"
