@@ -229,10 +229,13 @@ class CrossEncoderHead:
         if n <= size:
             return [text], False
 
-        def word_start(i: int, floor: int) -> int:  # move back to the first token of the word at i
-            while i > floor + 1 and i < n and words[i] is not None and words[i] == words[i - 1]:
-                i -= 1
-            return i
+        def word_start(i: int, floor: int) -> int:
+            """i moved back to the first token of its word, unless that is at or before `floor` (a word longer
+            than a window is split inside)."""
+            j = i
+            while floor < j < n and words[j] is not None and words[j] == words[j - 1]:
+                j -= 1
+            return j if j > floor else i
 
         windows, start = [], 0
         while start < n and len(windows) < max_chunks:

@@ -114,3 +114,15 @@ def test_a_document_over_100000_characters_is_scored(fake_server):
     status, payload, _ = request(fake.port, "POST", "/rerank",
                                  {"query": "q", "documents": ["solar power " * 20_000, "cat"]})
     assert status == 200 and len(payload["results"]) == 2
+
+
+def test_a_word_longer_than_a_window_is_split_inside_it(tiny_model):
+    head = fake_head(tiny_model.path / "tokenizer.json", 32)  # windows of about 28 tokens
+    from tokenizers import Tokenizer
+
+    word = "electricity" * 8  # one word of 88 one-letter word pieces (WordPiece gives [UNK] past 100 characters)
+    counter = Tokenizer.from_file(str(tiny_model.path / "tokenizer.json"))
+    assert len(counter.encode(word, add_special_tokens=False).ids) == 88
+    windows, left_over = head.windows("q", f"{word} tail", 20)
+    assert not left_over and 3 <= len(windows) <= 6 and windows[-1].endswith("tail")
+    assert all(len(w) > 10 for w in windows)  # not one-token slivers
