@@ -97,7 +97,8 @@ def _post(body: bytes, extra: str = "", path: str = "/rerank") -> bytes:
 
 
 _HUGE = json.dumps({"query": "q", "documents": [("xqzj" * 25 + " ") * 980] * 19, "timeout_ms": 5000}).encode()
-_TOKENS = json.dumps({"query": "q", "documents": ["solar power " * 158] * 1000}).encode()
+# distinct documents: identical ones are scored once, and would not reach the token limit
+_TOKENS = json.dumps({"query": "q", "documents": [f"{i} " + "solar power " * 158 for i in range(1000)]}).encode()
 # (name, raw request, acceptable statuses); None means: the server closes the connection without an answer
 HOSTILE = [
     ("timeout_ms beyond int64", _post(b'{"query":"q","documents":["a"],"timeout_ms":9223372036854775807}'), {400}),
