@@ -9,5 +9,5 @@ __version__ = "0.1.0"
 # (tests/test_structure.py checks this), so the package reads top to bottom along a request's path.
 MODULES = (
     "errors", "config", "scoring", "batching", "encoding", "engine", "batcher", "modeldir", "checks", "parity",
-    "api", "metrics", "service", "httpserver", "systemd", "startup",
+    "api", "metrics", "service", "framing", "httpserver", "systemd", "startup",
 )

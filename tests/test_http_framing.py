@@ -449,7 +449,7 @@ def test_client_gone_probe_works_above_fd_1024_and_never_raises():
 
 
 def test_printable_escapes_and_caps():
-    from openvino_reranker.httpserver import printable
+    from openvino_reranker.framing import printable
 
     assert printable("/rerank") == "/rerank"
     assert printable("/a\x1b[31m\x85\u2028") == "/a\\x1b[31m\\x85\\u2028"

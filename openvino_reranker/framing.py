@@ -1,0 +1,116 @@
+"""HTTP/1.1 framing, checked on the raw bytes: the request head is read and its header lines kept
+(`HeadReader`), and the body's framing is worked out once from them (`read_framing`), refusing every header block
+a proxy in front could read differently. http.client's own header parser drops a line without a colon (and every
+header after it), folds obs-fold lines, takes EOF for the end of the headers and has no bound on their total size,
+and `str.isdigit()` accepts lengths `int()` refuses: each of those is a 400 here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import HttpProtocolError
+
+# RFC 9110/9112 grammar, on the raw bytes. A token is a method or a header name; a header value is visible ASCII,
+# obs-text (0x80-0xff), space and tab: any other control character (a bare CR, NUL, \x1c) is refused. The target
+# is visible ASCII: http.server splits the line with str.split(), which also splits at \x1c-\x1f, \x85 and \xa0.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") [\x21-\x7e]+ HTTP/([0-9])\.[0-9]\r?\n")  # an ASCII target
+HEADER_LINE_RE = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)\r?\n")
+TOKEN_RE = re.compile(_TOKEN)
+CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' passes str.isdigit() and fails int()
+
+SHOWN_CHARS = 200  # client-sent text (a path) shown in a log line or an error message
+
+
+def printable(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Client-sent text as logs and messages show it: control and non-ASCII characters escaped (a terminal escape
+    or a forged log line does not get through), at most about `limit` characters."""
+    shown = "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text[:limit])
+    if len(shown) > limit or len(text) > limit:
+        return f"{shown[:limit]}...({len(text)} characters)"
+    return shown
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How the body is delimited, from the raw header lines."""
+
+    content_length: int | None
+    chunked: bool  # a Transfer-Encoding was sent (refused with 411 where a body is read)
+
+
+def read_framing(lines: Sequence[bytes], http11: bool) -> Framing:
+    """The body's framing, refusing (400) every header block a proxy in front could read differently (RFC 9112,
+    sections 3.2, 5 and 6.3): a line that is not `name: value`, a control character in a value, Content-Length
+    given more than once (even with the same value: one rule, no guessing which copy a proxy used) or not plain
+    ASCII digits, an empty Transfer-Encoding, and on HTTP/1.1 a missing or repeated Host."""
+    fields: dict[str, list[str]] = {}
+    for number, line in enumerate(lines, 1):
+        m = HEADER_LINE_RE.fullmatch(line)
+        if m is None:
+            raise HttpProtocolError(400, f"header line {number} {_line_fault(line)}")
+        fields.setdefault(m.group(1).decode("ascii").lower(), []).append(m.group(2).decode("latin-1").strip(" \t"))
+    lengths = fields.get("content-length", [])
+    if len(lengths) > 1:
+        raise HttpProtocolError(400, "Content-Length is given more than once")
+    if lengths and not CONTENT_LENGTH_RE.fullmatch(lengths[0]):
+        raise HttpProtocolError(400, f"Content-Length {printable(lengths[0], 40)!r} is not a number of bytes "
+                                     f"(1 to 18 ASCII digits)")
+    encodings = fields.get("transfer-encoding", [])
+    if any(not value for value in encodings):
+        raise HttpProtocolError(400, "an empty Transfer-Encoding header")
+    hosts = len(fields.get("host", []))
+    if hosts > 1 or (http11 and hosts == 0):
+        raise HttpProtocolError(400, f"an HTTP/1.1 request needs exactly one Host header, not {hosts}")
+    return Framing(int(lengths[0]) if lengths else None, bool(encodings))
+
+
+def _line_fault(line: bytes) -> str:
+    """What is wrong with a header line HEADER_LINE_RE refused."""
+    if line[:1] in (b" ", b"\t"):
+        return "starts with whitespace (obs-fold line folding is not accepted)"
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return "has no colon"
+    if not TOKEN_RE.fullmatch(name):
+        return "has a malformed name (whitespace before the colon?)"
+    return "contains a control character (a bare CR, NUL, ...)"
+
+
+class HeadReader:
+    """Stands in for rfile while the request line and headers are read (http.server reads the headers from
+    `self.rfile`). Keeps each raw line for read_framing, reads at most `budget` bytes in all (a line is not
+    buffered past it), and turns EOF, a timeout or a reset before the blank line into `problem` and an empty
+    line, where http.client would take EOF for the end of a complete head."""
+
+    def __init__(self, rfile, budget: int):
+        self.rfile = rfile
+        self.budget = budget
+        self.lines: list[bytes] = []
+        self.problem = ""  # "too_large", "ended" (EOF mid-line), "timeout" or "reset"
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.problem:
+            return b""
+        want = self.budget + 1 if limit < 0 else min(limit, self.budget + 1)
+        try:
+            line = self.rfile.readline(want)
+        except TimeoutError:
+            self.problem = "timeout"
+            return b""
+        except OSError:
+            self.problem = "reset"
+            return b""
+        self.budget -= len(line)
+        if self.budget < 0:
+            self.problem = "too_large"
+            return b""
+        if len(line) == limit:  # over http.client's own line limit: it raises LineTooLong (431)
+            return line
+        if not line.endswith(b"\n"):
+            self.problem = "ended"
+            return b""
+        self.lines.append(line)
+        return line
