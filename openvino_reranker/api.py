@@ -164,6 +164,14 @@ def _parse_bounded_int(body: dict, name: str, bounds: IntRange) -> int | None:
     return value
 
 
+def _parse_model(body: dict) -> str | None:
+    """A compatibility body's model name: any string (the loaded model answers whatever is named)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequestError(f"model must be a string, not {_type_name(model)}", "model")
+    return model
+
+
 def _parse_bool(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
@@ -257,9 +265,7 @@ def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
     for name, message in COHERE_UNSUPPORTED.items():
         if name in body:
             raise BadRequestError(message, name)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequestError(f"model must be a string, not {_type_name(model)}", "model")
+    model = _parse_model(body)
     query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:
@@ -308,9 +314,7 @@ def parse_infinity(body: Any, limits: RequestLimits) -> RerankRequest:
     two providers send byte-identical requests but parse the document in incompatible ways (a string vs
     {"text"}), so a litellm request gets no document. Other fields are ignored."""
     body = _without_nulls(_require_object(body))
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise BadRequestError(f"model must be a string, not {_type_name(model)}", "model")
+    model = _parse_model(body)
     query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:
