@@ -82,20 +82,24 @@ class _Job:
 
 class Batcher:
     """Cross-request dynamic batching. One owner thread takes the waiting requests in arrival order, gives each a
-    slice of at most `round_pairs` pairs per round (round-robin, so a small request never waits behind the whole of a
-    large one), sorts the round's pairs by length, plans micro-batches (per static bucket when the engine has them)
-    and hands them to one worker thread per infer request. Workers call the engine's blocking `infer`, which
-    releases the GIL, so the device runs `workers` batches at once while the owner prepares the next. Each request
-    waits on its own Future.
+    slice of a round of at most `round_pairs` pairs and about `round_tokens` tokens (round-robin, so a small request
+    never waits behind the whole of a large one), sorts the round's pairs by length, plans micro-batches (per static
+    bucket when the engine has them) and hands them to one worker thread per infer request. Workers call the
+    engine's blocking `infer`, which releases the GIL, so the device runs `workers` batches at once while the owner
+    prepares the next. Each request waits on its own Future.
 
     No request can wedge it: an unexpected exception while planning a round or running a batch fails the requests
     involved (the HTTP layer answers 500) and the thread goes on. Should a thread end anyway, every waiting and
     later request fails at once with 503 and `stopped_reason` says which thread ended and why (/readyz shows it,
     and the process exits so that systemd restarts it)."""
 
-    def __init__(self, engine, head: CrossEncoderHead, batch_size: int, round_pairs: int = 64):
+    def __init__(self, engine, head: CrossEncoderHead, batch_size: int, round_pairs: int = 64,
+                 round_tokens: int | None = None):
         self.engine, self.head = engine, head
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
+        # long pairs cost more device time: a round also stops at about round_pairs pairs of 128 tokens, so that a
+        # small request waits behind a round of 512-token pairs no longer than behind one of short pairs
+        self.round_tokens = round_tokens or self.round_pairs * 128
         self.workers = max(1, getattr(engine, "num_requests", 1))
         self.stopped_reason: str | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -198,19 +202,24 @@ class Batcher:
             waiting.append(item)
 
     def _plan_round(self, waiting: deque) -> list:
-        """Take slices round-robin up to round_pairs; return [(feed, shape, [(job, index, ...)])]."""
+        """Take slices round-robin up to round_pairs pairs and about round_tokens tokens (a round always takes at
+        least one pair); return [(feed, shape, [(job, index, ...)])]."""
         taken: list[tuple[_Job, list[int]]] = []
-        budget = self.round_pairs
+        pairs_left, tokens_left = self.round_pairs, self.round_tokens
         for _ in range(len(waiting)):
-            if budget <= 0:
+            if pairs_left <= 0 or tokens_left <= 0:
                 break
             job = waiting.popleft()
             problem = job.dead()
             if problem is not None:
                 self._fail([job], problem)
                 continue
-            part, job.todo = job.todo[:budget], job.todo[budget:]
-            budget -= len(part)
+            n = 0
+            while n < len(job.todo) and n < pairs_left and tokens_left > 0:
+                tokens_left -= int(job.encoded.lengths[job.todo[n]])
+                n += 1
+            part, job.todo = job.todo[:n], job.todo[n:]
+            pairs_left -= n
             taken.append((job, part))
             if job.todo:
                 waiting.append(job)  # the rest of a large request goes behind the others

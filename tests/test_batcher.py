@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SCORE_TOLERANCE, FakeEngine, close_reranker, fake_head, real_reranker
+from conftest import SCORE_TOLERANCE, FakeEngine, close_reranker, fake_head, real_reranker, wait_until
 
 from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import ShapeBucket
@@ -152,3 +152,34 @@ def test_a_closed_batcher_refuses_new_work(reranker_for):
     reranker.close()
     with pytest.raises(NotReadyError):
         reranker.score_pairs("q", ["a"])
+
+
+def test_a_round_also_stops_at_its_token_budget(tiny_model):
+    """Long pairs cost more device time: with a budget of 300 tokens a round takes three ~100-token pairs, so a
+    small request that arrives meanwhile goes out in the next round, not after the whole large one."""
+    engine = RecordingEngine()
+    head = fake_head(tiny_model.path / "tokenizer.json", 128)
+    reranker = Reranker(head, engine, 8)
+    reranker.batcher.round_tokens = 300
+    try:
+        long_docs = [f"{i} " + "solar power and wind energy from the sun " * 12 for i in range(30)]
+        assert all(n > 90 for n in head.encode("large", long_docs).lengths)
+        done = {}
+
+        def score(name, query, docs):
+            reranker.score_pairs(query, docs)
+            done[name] = time.perf_counter()
+
+        large = threading.Thread(target=score, args=("large", "large", long_docs))
+        large.start()
+        engine.wait_entered()  # the first round is on the device
+        small = threading.Thread(target=score, args=("small", "small", ["cat"]))
+        small.start()
+        wait_until(lambda: reranker.batcher._inbox.qsize() == 0, what="the small request reached the batcher")
+        engine.gate.set()
+        large.join(30)
+        small.join(30)
+        assert engine.rows[0] == 3  # 3 pairs of ~100 tokens reached the 300-token budget
+        assert done["small"] < done["large"]  # the small one rode in the second round
+    finally:
+        reranker.close()
