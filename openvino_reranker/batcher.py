@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batching import length_order, plan_batches
+from .cache import ScoreCache
 from .encoding import TRUNCATE_RIGHT, CrossEncoderHead, EncodedPairs, Truncation
 from .engine import NpuBusyCounter
 from .errors import (
@@ -310,10 +311,11 @@ class Reranker:
     scoring API the service calls."""
 
     def __init__(self, head: CrossEncoderHead, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
-                 round_pairs: int = 64):
+                 round_pairs: int = 64, cache: ScoreCache | None = None):
         self.head = head
         self.engine = engine
         self.busy_counter = busy_counter
+        self.cache = cache
         self.batcher = Batcher(engine, head, batch_size, round_pairs)
 
     @property
@@ -322,13 +324,13 @@ class Reranker:
         return self.batcher.stopped_reason
 
     def score_pairs(self, query: str | Sequence[str], texts: Sequence[str], limits: WorkLimits = WorkLimits(),
-                    truncation: Truncation = TRUNCATE_RIGHT) -> ScoredPairs:
+                    truncation: Truncation = TRUNCATE_RIGHT, use_cache: bool = True) -> ScoredPairs:
         """Scores of (query, text) pairs in request order; `query` is one query for all texts or one per text.
         Identical pairs are tokenized and scored once and their results fanned out. With `truncation.max_chunks`
         a long text is scored as its best window (head.windows)."""
         queries = [query] * len(texts) if isinstance(query, str) else list(query)
         if truncation.max_chunks is None:
-            return self._score(queries, list(texts), limits, truncation)
+            return self._score(queries, list(texts), limits, truncation, use_cache)
         owners, window_queries, window_texts, left_over = [], [], [], []
         for i, (q, text) in enumerate(zip(queries, texts, strict=True)):
             limits.check()
@@ -337,7 +339,7 @@ class Reranker:
             window_queries += [q] * len(windows)
             window_texts += windows
             left_over.append(rest)
-        scored = self._score(window_queries, window_texts, limits, TRUNCATE_RIGHT)
+        scored = self._score(window_queries, window_texts, limits, TRUNCATE_RIGHT, use_cache)
         owners_array = np.array(owners, dtype=np.int64)
         best = np.empty(len(texts), dtype=np.int64)  # each text's best window; ties keep the first
         for i in range(len(texts)):
@@ -350,15 +352,42 @@ class Reranker:
                            scored.infer_ms, scored.batches, scored.npu_busy_delta_us, scored.queue_ms,
                            chunks=np.bincount(owners_array, minlength=len(texts)))
 
-    def _score(self, queries: list[str], texts: list[str], limits: WorkLimits,
-               truncation: Truncation) -> ScoredPairs:
+    def _score(self, queries: list[str], texts: list[str], limits: WorkLimits, truncation: Truncation,
+               use_cache: bool = True) -> ScoredPairs:
+        """Distinct pairs once each; those in the score cache are neither tokenized nor batched."""
         distinct: dict[tuple[str, str], int] = {}
         inverse = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, texts, strict=True)],
                            dtype=np.int64)
+        pairs = list(distinct)
+        first_index = np.unique(inverse, return_index=True)[1]  # where each distinct pair first stands
+        scores, raw = np.zeros(len(pairs)), np.zeros(len(pairs))
+        lengths, truncated = np.zeros(len(pairs), dtype=np.int64), np.zeros(len(pairs), dtype=bool)
+        cache = self.cache if use_cache else None
+        keys = [cache.key(truncation, q, t) for q, t in pairs] if cache is not None else []
+        todo = []
+        for i in range(len(pairs)):
+            hit = cache.get(keys[i]) if cache is not None else None
+            if hit is None:
+                todo.append(i)
+            else:
+                scores[i], raw[i], lengths[i], truncated[i] = hit
+        run = ScoredPairs(scores[:0], raw[:0], lengths[:0], truncated[:0], 0.0, 0.0, 0, None)
+        if todo:
+            run = self._run([pairs[i] for i in todo], first_index[todo], limits, truncation)
+            scores[todo], raw[todo], lengths[todo], truncated[todo] = run.scores, run.raw_scores, run.lengths, \
+                run.truncated
+            for i in todo if cache is not None else ():
+                cache.put(keys[i], (float(scores[i]), float(raw[i]), int(lengths[i]), bool(truncated[i])))
+        return ScoredPairs(scores[inverse], raw[inverse], lengths[inverse], truncated[inverse], run.tokenize_ms,
+                           run.infer_ms, run.batches, run.npu_busy_delta_us, run.queue_ms)
+
+    def _run(self, pairs: list[tuple[str, str]], origins: np.ndarray, limits: WorkLimits,
+             truncation: Truncation) -> ScoredPairs:
+        """Tokenize, batch and infer `pairs`; `origins` are their documents' positions in the request (for errors)."""
         t0 = time.perf_counter()
-        encoded = self._encode([q for q, _ in distinct], [t for _, t in distinct], limits, truncation)
+        encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], limits, truncation)
         if not truncation.allowed and encoded.truncated.any():
-            first = int(np.argmax(encoded.truncated[inverse]))
+            first = int(origins[encoded.truncated].min())
             raise PayloadTooLargeError(f"documents[{first}] with the query is longer than max_length "
                                        f"({self.head.max_length} tokens) and truncation was not allowed",
                                        f"documents[{first}]")
@@ -375,15 +404,14 @@ class Reranker:
         except BaseException:
             self.batcher.cancel(job)  # whatever went wrong, no batch of this request may run any more
             raise
-        scores = self.head.scores(logits)[inverse]
-        raw_scores = self.head.raw_scores(logits)[inverse]
+        scores = self.head.scores(logits)
+        raw_scores = self.head.raw_scores(logits)
         t2 = time.perf_counter()
         busy_after = self.busy_counter.read() if self.busy_counter else None
         delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
         queued = (job.first_started or t2) - job.submitted
-        return ScoredPairs(scores, raw_scores, encoded.lengths[inverse], encoded.truncated[inverse], (t1 - t0) * 1000,
-                           (t2 - t1 - queued) * 1000,
-                           job.batches, delta, queued * 1000)
+        return ScoredPairs(scores, raw_scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000,
+                           (t2 - t1 - queued) * 1000, job.batches, delta, queued * 1000)
 
     def _encode(self, queries: list[str], texts: list[str], limits: WorkLimits,
                 truncation: Truncation) -> EncodedPairs:

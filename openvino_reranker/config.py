@@ -169,6 +169,8 @@ OPTIONS = (
            "longest document text, in characters (only what truncation or chunking keeps is tokenized)"),
     Option("max_total_tokens", _int(1, 100_000_000), "131072",
            "most tokens per request, all (query, document) pairs after truncation"),
+    Option("score_cache_size", _int(0, 10_000_000), "10000",
+           "pairs whose scores are kept for repeats (about 300 bytes each; 0 disables)"),
     Option("max_queued_requests", _int(1, 100_000), "32",
            "scoring requests admitted at once (running + waiting); beyond it 503 overloaded"),
     Option("request_timeout_ms", TIMEOUT_MS.parse_text, "30000",
@@ -215,6 +217,7 @@ class Config:
     max_query_chars: int
     max_document_chars: int
     max_total_tokens: int
+    score_cache_size: int
     max_queued_requests: int
     request_timeout_ms: int
     read_timeout_s: int

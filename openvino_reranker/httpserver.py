@@ -456,7 +456,9 @@ class RerankHandler(BaseHTTPRequestHandler):
         request = dialect.parse(body, service.limits)
         deadline = service.deadline(self._arrived, request.timeout_ms, self._header_timeout_ms())
         self._log["documents"] = len(request.documents)
-        scored = service.score(request, deadline, self._client_gone)
+        cache_control = (self.headers.get("Cache-Control") or "").lower()
+        use_cache = "no-cache" not in cache_control and "no-store" not in cache_control
+        scored = service.score(request, deadline, self._client_gone, use_cache)
         self._log.update(tokens=int(scored.lengths.sum()), queue_ms=f"{scored.queue_ms:.1f}",
                          tokenize_ms=f"{scored.tokenize_ms:.1f}", infer_ms=f"{scored.infer_ms:.1f}")
         context = ResponseContext(self.request_id, service.model_name, service.config.device,

@@ -67,7 +67,7 @@ class Metrics:
             self.inference_failures += 1
 
     def render(self, gauges: Mapping[str, tuple[str, float]], info: Mapping[str, str],
-               npu_busy_us: int | None) -> str:
+               npu_busy_us: int | None, counters: Mapping[str, tuple[str, float]] | None = None) -> str:
         p = "openvino_reranker_"
         out = []
 
@@ -93,6 +93,9 @@ class Metrics:
                 out.append(f"{p}{name} {value}")
         for name, (help_text, value) in gauges.items():
             family(name, "gauge", help_text)
+            out.append(f"{p}{name} {value}")
+        for name, (help_text, value) in (counters or {}).items():
+            family(name, "counter", help_text)
             out.append(f"{p}{name} {value}")
         family("info", "gauge", "Device, model and versions; the value is always 1.")
         labels = ",".join(f'{k}="{_label(v)}"' for k, v in info.items())

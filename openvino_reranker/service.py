@@ -159,7 +159,8 @@ class RerankService:
         timeout_ms = body_timeout_ms or header_timeout_ms or self.config.request_timeout_ms
         return arrived + timeout_ms / 1000
 
-    def score(self, request: RerankRequest, deadline: float, client_gone: Callable[[], bool]) -> ScoredPairs:
+    def score(self, request: RerankRequest, deadline: float, client_gone: Callable[[], bool],
+              use_cache: bool = True) -> ScoredPairs:
         if not self.readiness.started.is_set() or self.reranker is None:
             raise NotReadyError(f"not ready: {self.readiness.reason}", headers={"Retry-After": "1"})
         limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone)
@@ -167,7 +168,7 @@ class RerankService:
             try:
                 queries = [d.query or request.query for d in request.documents]
                 scored = self.reranker.score_pairs(queries, [d.text for d in request.documents], limits,
-                                                   request.truncation)
+                                                   request.truncation, use_cache)
             except InferenceError as exc:
                 self.readiness.record_inference(False, exc.message)
                 self.metrics.observe_failure()
@@ -203,4 +204,10 @@ class RerankService:
                 "model": self.model_name, "version": __version__,
                 "openvino": served.versions.get("openvino", "") if served else ""}
         busy = self.busy_counter.read() if self.busy_counter else None
-        return self.metrics.render(gauges, info, busy)
+        cache = self.reranker.cache if self.reranker is not None else None
+        counters = {} if cache is None else {
+            "score_cache_hits_total": ("Pairs answered from the score cache.", cache.hits),
+            "score_cache_misses_total": ("Pairs looked up in the score cache and scored by the model.", cache.misses)}
+        if cache is not None:
+            gauges["score_cache_entries"] = ("Pairs held in the score cache.", len(cache))
+        return self.metrics.render(gauges, info, busy, counters)

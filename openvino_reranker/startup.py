@@ -10,6 +10,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from .batcher import Reranker
+from .cache import ScoreCache
 from .checks import check_startup
 from .config import ENV_PREFIX, Config, is_loopback, load_api_key, load_config
 from .encoding import CrossEncoderHead
@@ -68,6 +69,7 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None,
 
     reranker, engine, parity = compile_checked(core, model, config, head, buckets, counter, before_compile,
                                                before_reference)
+    reranker.cache = ScoreCache(config.score_cache_size) if config.score_cache_size else None
     log.info("serving with %s; parity with the f32 reference: max score difference %.3g%s", engine.properties,
              parity.max_abs_diff, " (after falling back)" if parity.fallback else "")
     return reranker, model_files, engine.info(), parity

@@ -101,7 +101,7 @@ def test_main_exits_7_when_a_scoring_thread_ends(tiny_model):
                         core=FakeCore(crash=crash)).wait_ready()
     assert request(srv.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})[0] == 200
     crash.set()
-    status, body, _ = request(srv.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    status, body, _ = request(srv.port, "POST", "/rerank", {"query": "q", "documents": ["b"]})  # not in the cache
     assert status == 503 and "scoring has stopped" in body["error"]["message"]
     assert srv.wait_exit(30) == EXIT_SCORING_STOPPED
 
