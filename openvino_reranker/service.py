@@ -141,6 +141,7 @@ class RerankService:
     def release_model(self) -> None:
         """Free the compiled models while the process is still whole: OpenVINO objects destroyed during
         interpreter teardown have aborted the process ("terminate called without an active exception")."""
+        self.readiness.reason = "shutting down: the model has been released"
         self.readiness.started.clear()
         if self.reranker is not None:
             self.reranker.close()
@@ -162,7 +163,7 @@ class RerankService:
     def score(self, request: RerankRequest, deadline: float, client_gone: Callable[[], bool],
               use_cache: bool = True) -> ScoredPairs:
         if not self.readiness.started.is_set() or self.reranker is None:
-            raise NotReadyError(f"not ready: {self.readiness.reason}", headers={"Retry-After": "1"})
+            raise NotReadyError(f"not ready: {self.readiness.current_reason()}", headers={"Retry-After": "1"})
         limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone)
         with self.admission.slot():
             try:

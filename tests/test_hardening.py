@@ -378,3 +378,14 @@ def test_request_id_is_echoed_or_made(fake_server):
         == "abc.1"
     made = request(fake.port, "GET", "/healthz", headers={"X-Request-ID": "bad id\u00e9"})[2].getheader("X-Request-ID")
     assert made and made != "bad id" and len(made) == 32
+
+
+def test_a_request_after_the_model_is_released_says_so(fake_server):
+    """Seen behind HAProxy: a request that reached a draining instance after its model was freed was answered
+    '503 not ready: ready'."""
+    fake = fake_server().start(FakeEngine())
+    fake.service.start_draining()
+    fake.service.release_model()
+    status, payload, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 503 and payload["error"]["type"] == "not_ready"
+    assert "not ready: draining" in payload["error"]["message"]
