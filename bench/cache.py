@@ -15,16 +15,15 @@ import http.client
 import json
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from soak import WORDS  # noqa: E402
+from soak import WORDS, start_server  # noqa: E402
 
 
 def workload(sessions: int, seed: int) -> list[dict]:
@@ -44,26 +43,6 @@ def workload(sessions: int, seed: int) -> list[dict]:
         if s % 4 == 0:
             requests.append({"query": query, "documents": first})
     return requests
-
-
-def serve(model_dir: str, device: str, cache_size: int) -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", device,
-                             "--model-dir", model_dir, "--cache-dir", "", "--log-level", "WARNING",
-                             "--score-cache-size", str(cache_size)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit("server did not become ready")
 
 
 def run(port: int, requests: list[dict]) -> float:
@@ -101,7 +80,8 @@ def main() -> int:
     pairs = sum(len(r["documents"]) for r in requests)
     report = {"requests": len(requests), "pairs": pairs}
     for size in (0, args.cache_size):
-        proc, port = serve(args.model_dir, args.device, size)
+        proc, url = start_server(args.model_dir, args.device, ["--cache-dir", "", "--score-cache-size", str(size)])
+        port = urlsplit(url).port
         try:
             run(port, workload(2, args.seed + 1))  # warm-up on other texts: nothing of it is reused below
             before = cache_counts(port)

@@ -63,12 +63,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: str, device: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """server.py on a free loopback port, once /readyz is 200; returns the process and its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", args.device, "--model-dir", args.model_dir, "--log-level", "WARNING"],
+                             "--device", device, "--model-dir", model_dir, "--log-level", "WARNING", *(extra or [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -203,7 +204,7 @@ def main() -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("soak tests run on loopback only")
 
-    proc, url = start_server(args) if args.model_dir else (None, args.url)
+    proc, url = start_server(args.model_dir, args.device) if args.model_dir else (None, args.url)
     pid = proc.pid if proc else args.pid
     workload = make_requests(64, args.documents, args.seed)
     stats = {"latencies": [], "errors": [], "pairs": 0, "expected_4xx": 0, "hostile": 0, "hostile_unexpected": []}
