@@ -100,6 +100,7 @@ class StartupCancelled(StartupError):
 
 EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
 EXIT_SCORING_STOPPED = 7  # a scoring thread ended while serving: exit so that systemd restarts the service
+EXIT_DOWNLOAD = 8  # fetching the model from the Hub failed in a way that may pass (network, server, disk): restartable
 
 
 _SOURCE_LOCATION = re.compile(r"(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)")
