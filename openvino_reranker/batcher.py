@@ -17,7 +17,7 @@ import numpy as np
 
 from .batching import length_order, plan_batches
 from .cache import ScoreCache
-from .encoding import TRUNCATE_RIGHT, CrossEncoderHead, EncodedPairs, Truncation
+from .encoding import TRUNCATE_RIGHT, EncodedPairs, ModelHead, Truncation
 from .engine import NpuBusyCounter
 from .errors import (
     ClientGoneError,
@@ -94,7 +94,7 @@ class Batcher:
     later request fails at once with 503 and `stopped_reason` says which thread ended and why (/readyz shows it,
     and the process exits so that systemd restarts it)."""
 
-    def __init__(self, engine, head: CrossEncoderHead, batch_size: int, round_pairs: int = 64,
+    def __init__(self, engine, head: ModelHead, batch_size: int, round_pairs: int = 64,
                  round_tokens: int | None = None):
         self.engine, self.head = engine, head
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
@@ -310,7 +310,7 @@ class Reranker:
     concurrent requests and collects their logits, and the head turns those into scores. `score_pairs` is the one
     scoring API the service calls."""
 
-    def __init__(self, head: CrossEncoderHead, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
+    def __init__(self, head: ModelHead, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
                  round_pairs: int = 64, cache: ScoreCache | None = None):
         self.head = head
         self.engine = engine
@@ -324,22 +324,24 @@ class Reranker:
         return self.batcher.stopped_reason
 
     def score_pairs(self, query: str | Sequence[str], texts: Sequence[str], limits: WorkLimits = WorkLimits(),
-                    truncation: Truncation = TRUNCATE_RIGHT, use_cache: bool = True) -> ScoredPairs:
+                    truncation: Truncation = TRUNCATE_RIGHT, use_cache: bool = True,
+                    instruction: str | None = None) -> ScoredPairs:
         """Scores of (query, text) pairs in request order; `query` is one query for all texts or one per text.
         Identical pairs are tokenized and scored once and their results fanned out. With `truncation.max_chunks`
-        a long text is scored as its best window (head.windows)."""
+        a long text is scored as its best window (head.windows). `instruction` replaces the prompt template's
+        default instruction (decoder heads that take one)."""
         queries = [query] * len(texts) if isinstance(query, str) else list(query)
         if truncation.max_chunks is None:
-            return self._score(queries, list(texts), limits, truncation, use_cache)
+            return self._score(queries, list(texts), limits, truncation, use_cache, instruction)
         owners, window_queries, window_texts, left_over = [], [], [], []
         for i, (q, text) in enumerate(zip(queries, texts, strict=True)):
             limits.check()
-            windows, rest = self.head.windows(q, text, truncation.max_chunks)
+            windows, rest = self.head.windows(q, text, truncation.max_chunks, instruction)
             owners += [i] * len(windows)
             window_queries += [q] * len(windows)
             window_texts += windows
             left_over.append(rest)
-        scored = self._score(window_queries, window_texts, limits, TRUNCATE_RIGHT, use_cache)
+        scored = self._score(window_queries, window_texts, limits, TRUNCATE_RIGHT, use_cache, instruction)
         owners_array = np.array(owners, dtype=np.int64)
         best = np.empty(len(texts), dtype=np.int64)  # each text's best window; ties keep the first
         for i in range(len(texts)):
@@ -353,7 +355,7 @@ class Reranker:
                            chunks=np.bincount(owners_array, minlength=len(texts)))
 
     def _score(self, queries: list[str], texts: list[str], limits: WorkLimits, truncation: Truncation,
-               use_cache: bool = True) -> ScoredPairs:
+               use_cache: bool = True, instruction: str | None = None) -> ScoredPairs:
         """Distinct pairs once each; those in the score cache are neither tokenized nor batched."""
         distinct: dict[tuple[str, str], int] = {}
         inverse = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, texts, strict=True)],
@@ -363,7 +365,7 @@ class Reranker:
         scores, raw = np.zeros(len(pairs)), np.zeros(len(pairs))
         lengths, truncated = np.zeros(len(pairs), dtype=np.int64), np.zeros(len(pairs), dtype=bool)
         cache = self.cache if use_cache else None
-        keys = [cache.key(truncation, q, t) for q, t in pairs] if cache is not None else []
+        keys = [cache.key(truncation, q, t, instruction) for q, t in pairs] if cache is not None else []
         todo = []
         for i in range(len(pairs)):
             hit = cache.get(keys[i]) if cache is not None else None
@@ -373,7 +375,7 @@ class Reranker:
                 scores[i], raw[i], lengths[i], truncated[i] = hit
         run = ScoredPairs(scores[:0], raw[:0], lengths[:0], truncated[:0], 0.0, 0.0, 0, None)
         if todo:
-            run = self._run([pairs[i] for i in todo], first_index[todo], limits, truncation)
+            run = self._run([pairs[i] for i in todo], first_index[todo], limits, truncation, instruction)
             scores[todo], raw[todo], lengths[todo], truncated[todo] = run.scores, run.raw_scores, run.lengths, \
                 run.truncated
             for i in todo if cache is not None else ():
@@ -382,10 +384,10 @@ class Reranker:
                            run.infer_ms, run.batches, run.npu_busy_delta_us, run.queue_ms)
 
     def _run(self, pairs: list[tuple[str, str]], origins: np.ndarray, limits: WorkLimits,
-             truncation: Truncation) -> ScoredPairs:
+             truncation: Truncation, instruction: str | None = None) -> ScoredPairs:
         """Tokenize, batch and infer `pairs`; `origins` are their documents' positions in the request (for errors)."""
         t0 = time.perf_counter()
-        encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], limits, truncation)
+        encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], limits, truncation, instruction)
         if not truncation.allowed and encoded.truncated.any():
             first = int(origins[encoded.truncated].min())
             raise PayloadTooLargeError(f"documents[{first}] with the query is longer than max_length "
@@ -414,14 +416,14 @@ class Reranker:
                            (t2 - t1 - queued) * 1000, job.batches, delta, queued * 1000)
 
     def _encode(self, queries: list[str], texts: list[str], limits: WorkLimits,
-                truncation: Truncation) -> EncodedPairs:
+                truncation: Truncation, instruction: str | None = None) -> EncodedPairs:
         """Tokenize in slices, checking the deadline and the client before each and the token budget after each,
         so that a request over max_total_tokens costs about the budget, not its whole body."""
         parts, total = [], 0
         for start in range(0, len(texts), ENCODE_SLICE):
             limits.check()
             end = start + ENCODE_SLICE
-            part = self.head.encode(queries[start:end], texts[start:end], truncation)
+            part = self.head.encode(queries[start:end], texts[start:end], truncation, instruction)
             total += int(part.lengths.sum())
             if limits.max_total_tokens is not None and total > limits.max_total_tokens:
                 counted = start + len(part.lengths)

@@ -4,8 +4,9 @@ batched again.
 
 One cache belongs to one compiled model in one process, so the model, its revision, the head and max_length are
 fixed for its whole life; the key adds what a request can change: the truncation side, the per-document token cap,
-the query and the document. Keys are 16-byte BLAKE2b digests, never the texts, so an entry costs about the same
-whatever the texts' length (ENTRY_BYTES); the cache is bounded by `max_entries` and evicts the least recently used.
+the instruction (decoder rerankers), the query and the document. Keys are 16-byte BLAKE2b digests, never the texts,
+so an entry costs about the same whatever the texts' length (ENTRY_BYTES); the cache is bounded by `max_entries` and
+evicts the least recently used.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ class ScoreCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(truncation: Truncation, query: str, text: str) -> bytes:
+    def key(truncation: Truncation, query: str, text: str, instruction: str | None = None) -> bytes:
         # JSON of the parts: unambiguous whatever the texts hold (a NUL, a quote, a lone surrogate)
-        material = json.dumps([truncation.side, truncation.max_document_tokens, query, text])
+        material = json.dumps([truncation.side, truncation.max_document_tokens, instruction, query, text])
         return hashlib.blake2b(material.encode("ascii"), digest_size=16).digest()
 
     def get(self, key: bytes) -> tuple[float, float, int, bool] | None:

@@ -17,6 +17,7 @@ SMOKE_DOCUMENTS = (
     "The Eiffel Tower in Paris was built for the 1889 World's Fair and is one of the most visited monuments in "
     "the world; it stands on the Champ de Mars beside the river Seine.",
 )
+BUCKET_PAIR = ("capital of france", ["Paris"])  # run once in every compiled bucket
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def check_startup(reranker: Reranker, engine_info: EngineInfo, config: Config,
     try:
         scored = reranker.score_pairs(SMOKE_QUERY, SMOKE_DOCUMENTS)
         head = reranker.head
-        encoded = head.encode(SMOKE_QUERY, SMOKE_DOCUMENTS[:1])
+        encoded = head.encode(*BUCKET_PAIR)  # short: it must fit the shortest bucket
         for shape in engine_info.buckets or ():
             head.scores(reranker.engine.infer(head.feed(encoded, [0], shape), shape)[:1])
     except ServiceError as exc:

@@ -14,9 +14,12 @@ from typing import Any
 from . import __version__
 from .errors import EXIT_CONFIG, StartupError
 
-DEFAULT_MODEL_DIR = "~/.cache/openvino-models/rerankers/ms-marco-MiniLM-L6-v2-int8-ov"
+DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
+# Where earlier versions looked by default (an optimum-cli export): still served when it exists and no model is named
+LEGACY_MODEL_DIR = "~/.cache/openvino-models/rerankers/ms-marco-MiniLM-L6-v2-int8-ov"
 DEFAULT_NPU_BUSY_PATH = "/sys/class/accel/accel0/device/npu_busy_time_us"
-MAX_SUPPORTED_LENGTH = 512
+MAX_SUPPORTED_LENGTH = 8192  # the longest max_length and bucket accepted (decoder rerankers take long pairs)
+DEFAULT_MAX_LENGTH = 512  # max_length 0: the model's limit, but at most this
 ENV_PREFIX = "OPENVINO_RERANKER_"
 
 
@@ -139,9 +142,20 @@ OPTIONS = (
     Option("host", lambda s: s.strip(), "127.0.0.1", "address to bind"),
     Option("port", _int(0, 65535), "18818", "TCP port to bind (0 = any free port)"),
     Option("device", _parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]"),
-    Option("model_dir", _parse_path, DEFAULT_MODEL_DIR, "directory with openvino_model.xml and tokenizer.json"),
+    Option("model", lambda s: s.strip(), DEFAULT_MODEL,
+           "a local model directory, or a Hugging Face Hub id org/name[@revision] fetched into the Hub cache"),
+    Option("model_dir", _parse_path, "", "a local model directory (the same as --model DIR; not with --model)"),
+    Option("model_file", lambda s: s.strip(), "",
+           "the IR inside the model (a path ending .xml); '' = the first present of "
+           "openvino/openvino_model_qint8_quantized.xml, openvino_model.xml, openvino/openvino_model.xml"),
+    Option("prompt_template", _parse_path, "",
+           "JSON file with a decoder reranker's prompt template; '' = rerank_template.json beside the IR, else the "
+           "built-in one for the model's model_type (qwen3)"),
+    Option("instruction", lambda s: s.strip(), "",
+           "instruction for decoder rerankers whose template takes one, when a request names none; '' = the "
+           "template's default"),
     Option("max_length", _int(0, MAX_SUPPORTED_LENGTH), "0",
-           "tokens per (query, document) pair; 0 = the model's limit (at most 512)"),
+           f"tokens per (query, document) pair; 0 = the model's limit, at most {DEFAULT_MAX_LENGTH}"),
     Option("shape_mode", _parse_choice("auto", "static", "dynamic"), "auto",
            "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere"),
     Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
@@ -198,7 +212,11 @@ class Config:
     host: str
     port: int
     device: str
+    model: str
     model_dir: str
+    model_file: str
+    prompt_template: str
+    instruction: str
     max_length: int
     shape_mode: str
     buckets: tuple[ShapeBucket, ...]
@@ -263,13 +281,15 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
                             help=f"{opt.help} (env {opt.env}, default {opt.default!r})")
     parser.add_argument("--version", action="version", version=f"openvino-reranker {__version__}")
     args = parser.parse_args(argv)
-    values = {}
+    values, explicit = {}, set()
     for opt in OPTIONS:
         raw, source = getattr(args, opt.name), opt.flag
         if raw is None and opt.env in environ:
             raw, source = environ[opt.env], opt.env
         if raw is None:
             raw, source = opt.default, "default"
+        else:
+            explicit.add(opt.name)
         try:
             values[opt.name] = opt.parse(raw)
         except ValueError as exc:
@@ -278,7 +298,23 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         raise StartupError("bad value for host: empty", EXIT_CONFIG)
     if values["api_key"] and values["api_key_file"]:
         raise StartupError("set either api_key or api_key_file, not both", EXIT_CONFIG)
+    values["model"] = _model_source(values, explicit)
     return Config(**values)
+
+
+def _model_source(values: dict, explicit: set) -> str:
+    """What --model serves: --model-dir when given (the older flag), the model named, or by default the directory
+    earlier versions served by default if it holds an export, else DEFAULT_MODEL from the Hub."""
+    if values["model_dir"]:
+        if "model" in explicit:
+            raise StartupError("set either model or model_dir, not both", EXIT_CONFIG)
+        return values["model_dir"]
+    if not values["model"]:
+        raise StartupError("bad value for model: empty", EXIT_CONFIG)
+    legacy = os.path.expanduser(LEGACY_MODEL_DIR)
+    if "model" not in explicit and os.path.isfile(os.path.join(legacy, "openvino_model.xml")):
+        return legacy
+    return values["model"]
 
 
 def load_api_key(config: Config) -> str:

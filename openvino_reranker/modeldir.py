@@ -1,77 +1,210 @@
-"""The model directory: the optimum export layout and the effective max_length."""
+"""The model's files: which IR, tokenizer and template serve, the model head they call for, and the effective
+max_length. A model is a local directory (an optimum-cli export, or anything laid out like a Hub repo) or a Hub
+repo fetched into the Hub cache by `hub.fetch_model`; either way the same files are read from a directory."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .config import MAX_SUPPORTED_LENGTH, Config, ShapeBucket
+from .config import DEFAULT_MAX_LENGTH, MAX_SUPPORTED_LENGTH, Config, ShapeBucket
+from .encoding import BUILTIN_TEMPLATES, CrossEncoderHead, DecoderRerankerHead, ModelHead, PromptTemplate
 from .errors import EXIT_CONFIG, EXIT_MODEL, StartupError
+
+# The IR served when --model-file is not given: the first of these the model has. INT8 first, as the service is
+# meant to serve INT8: sentence-transformers publishes a fully quantized static INT8 IR (NNCF post-training
+# quantization) beside the plain one in the `openvino/` folder of the cross-encoder/* repos; optimum-cli exports
+# and the OpenVINO/* repos have the IR at the root.
+IR_CANDIDATES = ("openvino/openvino_model_qint8_quantized.xml", "openvino_model.xml", "openvino/openvino_model.xml")
+TEMPLATE_FILE = "rerank_template.json"
+# Fetched with the IR when the repo has them; only tokenizer.json is required besides the IR.
+REQUIRED_FILES = ("tokenizer.json",)
+OPTIONAL_FILES = ("config.json", "tokenizer_config.json", TEMPLATE_FILE)
+# config.json model_type values of decoder models: served by DecoderRerankerHead, which needs a prompt template
+DECODER_MODEL_TYPES = frozenset({
+    "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3",
+    "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "stablelm", "starcoder2", "gpt2", "gpt_neox",
+    "llama_bidirec", "llama_nemoretriever_cross_encoder"})
+# RoBERTa-style position ids start after the pad id: max_position_embeddings 514 means 512 tokens
+ROBERTA_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "longformer"})
+EXPORT_HINT = ("export one with: optimum-cli export openvino --model cross-encoder/ms-marco-MiniLM-L6-v2 "
+               "--task text-classification --weight-format int8 DIR (see README)")
 
 
 @dataclass(frozen=True)
 class ModelFiles:
-    model_dir: Path
+    model_dir: Path  # the directory served (for a Hub model, its snapshot in the Hub cache)
     name: str
     xml: Path
     tokenizer: Path
     max_length: int  # effective, after the model's limit and the config
+    model_type: str | None = None  # config.json's
+    pad_token_id: int | None = None  # config.json's: decoder graphs compare input ids with it
+    template: PromptTemplate | None = None  # set for decoder rerankers
+    source: Mapping[str, Any] = field(default_factory=dict)  # a Hub model's repo, revision and commit
+
+    @property
+    def head_kind(self) -> str:
+        return DecoderRerankerHead.kind if self.template is not None else CrossEncoderHead.kind
 
 
-def load_model_files(model_dir: str, requested_max_length: int) -> ModelFiles:
-    """Check the optimum export layout and work out the max length; every problem is one StartupError line."""
-    root = Path(model_dir)
-    hint = "export one with: optimum-cli export openvino --model cross-encoder/ms-marco-MiniLM-L6-v2 " \
-           "--task text-classification --weight-format int8 DIR (see README)"
-    if not root.is_dir():
-        raise StartupError(f"model dir {root} does not exist; {hint}", EXIT_MODEL)
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise StartupError(f"model dir {root}: permission denied (the service's user must be able to read it)",
-                           EXIT_MODEL)
-    xml, tok = root / "openvino_model.xml", root / "tokenizer.json"
-    for path in (xml, xml.with_suffix(".bin"), tok):
-        if not path.is_file():
-            raise StartupError(f"model dir {root} has no {path.name}; {hint}", EXIT_MODEL)
-        if not os.access(path, os.R_OK):
-            raise StartupError(f"cannot read {path}: permission denied", EXIT_MODEL)
-    limits, name = [MAX_SUPPORTED_LENGTH], root.name
-    for filename, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
-        path = root / filename
-        if not path.exists():
-            continue  # optional; but one that exists and cannot be read is a broken directory
+def _read_json(path: Path) -> dict | None:
+    """An optional JSON object file: None when absent; a present one that cannot be read is a broken model."""
+    if not path.exists():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise StartupError(f"cannot read {path}: {exc.strerror or exc}", EXIT_MODEL) from None
+    except UnicodeDecodeError as exc:
+        raise StartupError(f"{path} is not UTF-8 text (byte {exc.start})", EXIT_MODEL) from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StartupError(f"{path} is not valid JSON: {exc}", EXIT_MODEL) from None
+    if not isinstance(data, dict):
+        raise StartupError(f"{path} is not a JSON object", EXIT_MODEL)
+    return data
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 8 <= value < 1_000_000 else None
+
+
+def pick_ir(root: Path, model_file: str) -> Path:
+    """The IR to serve: `model_file` inside `root`, else the first of IR_CANDIDATES present."""
+    if model_file:
+        xml = root / model_file
+        if not model_file.endswith(".xml") or not xml.is_file():
+            raise StartupError(f"model file {model_file} is not an .xml file in {root}", EXIT_MODEL)
+        return xml
+    for candidate in IR_CANDIDATES:
+        if (root / candidate).is_file():
+            return root / candidate
+    raise StartupError(f"model dir {root} has no OpenVINO IR (looked for {', '.join(IR_CANDIDATES)}); {EXPORT_HINT}",
+                       EXIT_MODEL)
+
+
+def pick_template(root: Path, template_path: str, model_type: str | None) -> PromptTemplate | None:
+    """A decoder reranker's prompt template: --prompt-template, else rerank_template.json beside the IR, else the
+    built-in one for the model_type; None for a cross-encoder. A decoder model_type without any is an error."""
+    path = Path(template_path) if template_path else root / TEMPLATE_FILE
+    if template_path or path.is_file():
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise StartupError(f"cannot read {path}: {exc.strerror or exc}", EXIT_MODEL) from None
+            raise StartupError(f"cannot read prompt template {path}: {exc.strerror or exc}",
+                               EXIT_CONFIG if template_path else EXIT_MODEL) from None
         except UnicodeDecodeError as exc:
-            raise StartupError(f"{path} is not UTF-8 text (byte {exc.start})", EXIT_MODEL) from None
+            raise StartupError(f"prompt template {path} is not UTF-8 text (byte {exc.start})", EXIT_MODEL) from None
         try:
-            data = json.loads(text)
+            return PromptTemplate.from_json(text, str(path))
         except ValueError as exc:
-            raise StartupError(f"{path} is not valid JSON: {exc}", EXIT_MODEL) from None
-        if not isinstance(data, dict):
-            raise StartupError(f"{path} is not a JSON object", EXIT_MODEL)
-        value = data.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 8 <= value < 1_000_000:
-            limits.append(value)
-        if filename == "config.json" and isinstance(data.get("_name_or_path"), str) and data["_name_or_path"]:
-            name = data["_name_or_path"]
-    model_limit = min(limits)
+            raise StartupError(f"prompt template {path}: {exc}", EXIT_CONFIG if template_path else EXIT_MODEL) \
+                from None
+    if model_type in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[model_type]
+    if model_type in DECODER_MODEL_TYPES:
+        raise StartupError(f"{root} holds a {model_type} model, a decoder: it needs its prompt template, in "
+                           f"{TEMPLATE_FILE} beside the IR or named by --prompt-template (see README, \"Model "
+                           f"families\")", EXIT_MODEL)
+    return None
+
+
+def load_model_files(model_dir: str | Path, requested_max_length: int, model_file: str = "",
+                     template_path: str = "", source: Mapping[str, Any] | None = None) -> ModelFiles:
+    """Check a model directory and work out the IR, the template and the max length; every problem is one
+    StartupError line."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise StartupError(f"model dir {root} does not exist; {EXPORT_HINT}", EXIT_MODEL)
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise StartupError(f"model dir {root}: permission denied (the service's user must be able to read it)",
+                           EXIT_MODEL)
+    xml, tok = pick_ir(root, model_file), root / "tokenizer.json"
+    for path in (xml, xml.with_suffix(".bin"), tok):
+        if not path.is_file():
+            raise StartupError(f"model dir {root} has no {path.relative_to(root)}; {EXPORT_HINT}", EXIT_MODEL)
+        if not os.access(path, os.R_OK):
+            raise StartupError(f"cannot read {path}: permission denied", EXIT_MODEL)
+    config = _read_json(root / "config.json") or {}
+    tokenizer_config = _read_json(root / "tokenizer_config.json") or {}
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    limits = []
+    positions = _positive_int(config.get("max_position_embeddings"))
+    if positions is not None:
+        pad = config.get("pad_token_id") if isinstance(config.get("pad_token_id"), int) else 1
+        limits.append(positions - pad - 1 if model_type in ROBERTA_MODEL_TYPES else positions)
+    if _positive_int(tokenizer_config.get("model_max_length")) is not None:
+        limits.append(tokenizer_config["model_max_length"])
+    model_limit = min(limits + [MAX_SUPPORTED_LENGTH])
     if requested_max_length > model_limit:
         raise StartupError(f"max_length {requested_max_length} exceeds the model's limit of {model_limit} tokens",
                            EXIT_CONFIG)
-    return ModelFiles(root, name, xml, tok, requested_max_length or model_limit)
+    name = root.name
+    if source and source.get("repo"):
+        name = str(source["repo"])
+    elif isinstance(config.get("_name_or_path"), str) and config["_name_or_path"]:
+        name = config["_name_or_path"]
+    pad_token_id = config.get("pad_token_id")
+    return ModelFiles(root, name, xml, tok, requested_max_length or min(model_limit, DEFAULT_MAX_LENGTH),
+                      model_type, pad_token_id if isinstance(pad_token_id, int) and pad_token_id >= 0 else None,
+                      pick_template(root, template_path, model_type), dict(source or {}))
 
 
-def static_buckets_for(config: Config, max_length: int) -> tuple[ShapeBucket, ...] | None:
-    """The buckets to compile, or None for dynamic shapes. Buckets longer than max_length are dropped, and the
-    largest remaining must reach max_length so that every truncated pair fits."""
+def decoder_pad_id(files: ModelFiles, tokenizer) -> int:
+    """The pad id a decoder graph compares input ids with: config.json's pad_token_id, else the tokenizer's pad
+    token (tokenizer_config.json), else its end-of-text token."""
+    if files.pad_token_id is not None:
+        return files.pad_token_id
+    tokenizer_config = _read_json(files.model_dir / "tokenizer_config.json") or {}
+    for key in ("pad_token", "eos_token"):
+        token = tokenizer_config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    return 0
+
+
+def make_head(files: ModelFiles, tokenizer, model, instruction: str = "") -> ModelHead:
+    """The head the model's files call for, its contract checked against the IR."""
+    if files.template is None:
+        return CrossEncoderHead(tokenizer, files.max_length, CrossEncoderHead.check_contract(model))
+    template = files.template
+    if instruction:
+        if not template.takes_instruction:
+            raise StartupError(f"instruction is set but the prompt template ({template.source}) takes none",
+                               EXIT_CONFIG)
+        template = PromptTemplate(template.template, instruction, template.add_special_tokens,
+                                  f"{template.source}, instruction from the configuration")
+    return DecoderRerankerHead(tokenizer, files.max_length, DecoderRerankerHead.check_contract(model), template,
+                               decoder_pad_id(files, tokenizer))
+
+
+# A bucket must hold the head's shortest pair (a decoder's prompt template alone can take 60 tokens) plus this many
+# tokens of query and document; a shorter one would be compiled for nothing, or fail the startup check.
+BUCKET_ROOM = 32
+
+
+def static_buckets_for(config: Config, max_length: int, min_pair_tokens: int = 0,
+                       log: Callable[[str], None] | None = None) -> tuple[ShapeBucket, ...] | None:
+    """The buckets to compile, or None for dynamic shapes. Buckets longer than max_length are dropped, and so are
+    those too short for the head's shortest pair plus BUCKET_ROOM tokens (with a line to `log`); the largest
+    remaining must reach max_length so that every truncated pair fits."""
     if not config.static_shapes:
         return None
-    kept = tuple(b for b in config.buckets if b.length <= max_length)
+    shortest = min_pair_tokens + BUCKET_ROOM if min_pair_tokens else 0
+    short = tuple(b for b in config.buckets if b.length < shortest and b.length <= max_length)
+    if short and log is not None:
+        log(f"skipping buckets {','.join(map(str, short))}: the model's shortest pair takes {min_pair_tokens} tokens "
+            f"(its prompt template), leaving no room for a query and a document")
+    kept = tuple(b for b in config.buckets if shortest <= b.length <= max_length)
     if not kept or max(b.length for b in kept) < max_length:
-        raise StartupError(f"buckets {','.join(map(str, config.buckets))} do not cover max_length {max_length}: "
-                           f"add a bucket of length {max_length} or lower --max-length", EXIT_CONFIG)
+        raise StartupError(f"buckets {','.join(map(str, config.buckets))} do not cover max_length {max_length}"
+                           + (f" with buckets of at least {shortest} tokens" if short else "")
+                           + f": add a bucket of length {max_length} or lower --max-length", EXIT_CONFIG)
     return kept

@@ -18,7 +18,7 @@ import numpy as np
 
 from .batcher import Reranker
 from .config import Config, ShapeBucket
-from .encoding import CrossEncoderHead
+from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter
 from .errors import EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
 
@@ -100,7 +100,7 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
     return float(max(np.abs(r - reference).max() for r in results))
 
 
-def compile_checked(core, model, config: Config, head: CrossEncoderHead, buckets: tuple[ShapeBucket, ...] | None,
+def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
                     counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
                     before_reference: Callable[[], None] = lambda: None) -> tuple[Reranker, Engine, ParityCheck]:
     """Compile for serving, compare with the f32 single-stream CPU reference, and apply `on_parity_failure`:
@@ -141,7 +141,7 @@ def compile_checked(core, model, config: Config, head: CrossEncoderHead, buckets
     return reranker, engine, ParityCheck(safe_diff, config.parity_tolerance, True, diff, properties)
 
 
-def _reference_scores(core, model, head: CrossEncoderHead, batch_size: int) -> np.ndarray:
+def _reference_scores(core, model, head: ModelHead, batch_size: int) -> np.ndarray:
     reference = Reranker(head, Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract,
                                       infer_requests=1), batch_size)
     try:

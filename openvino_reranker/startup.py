@@ -13,11 +13,11 @@ from .batcher import Reranker
 from .cache import ScoreCache
 from .checks import check_startup
 from .config import ENV_PREFIX, Config, is_loopback, load_api_key, load_config
-from .encoding import CrossEncoderHead
+from .encoding import load_tokenizer
 from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
 from .httpserver import RerankServer
-from .modeldir import ModelFiles, load_model_files, static_buckets_for
+from .modeldir import ModelFiles, load_model_files, make_head, static_buckets_for
 from .parity import ParityCheck, compile_checked
 from .service import RerankService
 from .systemd import COMPILE_BUDGET_US, sd_notify
@@ -47,12 +47,12 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None,
                    stop: threading.Event | None = None) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
     """Model files -> tokenizer -> Core (device, cache) -> the IR and its head -> a compile that passed the parity
     guard. Each step raises StartupError with its own exit code; a set `stop` cancels before the next compile."""
-    model_files = load_model_files(config.model_dir, config.max_length)
-    buckets = static_buckets_for(config, model_files.max_length)
-    tokenizer = CrossEncoderHead.load_tokenizer(model_files.tokenizer)
+    model_files = load_model_files(config.model, config.max_length, config.model_file, config.prompt_template)
+    tokenizer = load_tokenizer(model_files.tokenizer)
     core = open_core(config.device, config.cache_dir, core)
     model = read_model(core, model_files.xml)
-    head = CrossEncoderHead(tokenizer, model_files.max_length, CrossEncoderHead.check_contract(model))
+    head = make_head(model_files, tokenizer, model, config.instruction)
+    buckets = static_buckets_for(config, model_files.max_length, head.min_pair_tokens, log.warning)
     log.info("compiling %s on %s (%s)", model_files.xml, config.device,
              f"buckets {','.join(map(str, buckets))}" if buckets else "dynamic shapes")
 

@@ -7,7 +7,7 @@ from openvino_reranker.errors import EXIT_CONFIG, StartupError
 def test_defaults_match_the_design():
     c = load_config([], {})
     assert (c.host, c.port, c.device) == ("127.0.0.1", 18818, "NPU")
-    assert c.model_dir.endswith(".cache/openvino-models/rerankers/ms-marco-MiniLM-L6-v2-int8-ov")
+    assert c.model == "cross-encoder/ms-marco-MiniLM-L6-v2" and c.model_dir == "" and c.model_file == ""
     assert c.npu_busy_path == "/sys/class/accel/accel0/device/npu_busy_time_us"
     assert c.max_length == 0 and c.shape_mode == "auto" and c.is_npu and c.static_shapes
 
@@ -34,8 +34,9 @@ def test_every_option_has_a_flag_and_an_env_var():
     ([], {"OPENVINO_RERANKER_PORT": "-1"}, "OPENVINO_RERANKER_PORT"),
     (["--device", "TPU"], {}, "not a device"),
     (["--buckets", "8x"], {}, "ROWSxLENGTH"),
-    (["--buckets", "8x1024"], {}, "length 8..512"),
-    (["--max-length", "513"], {}, "--max-length"),
+    (["--buckets", "8x16384"], {}, "length 8..8192"),
+    (["--max-length", "8193"], {}, "--max-length"),
+    (["--model", " "], {}, "model: empty"),
     (["--shape-mode", "sometimes"], {}, "auto, static, dynamic"),
     (["--log-level", "loud"], {}, "DEBUG"),
     (["--no-such-flag"], {}, "unrecognized"),
@@ -59,3 +60,23 @@ def test_buckets_are_sorted_and_deduplicated():
 ])
 def test_shape_mode(device, mode, static):
     assert load_config(["--device", device, "--shape-mode", mode], {}).static_shapes is static
+
+
+def test_model_dir_is_the_model_and_cannot_be_given_with_model(tmp_path):
+    assert load_config(["--model-dir", str(tmp_path)], {}).model == str(tmp_path)
+    assert load_config([], {"OPENVINO_RERANKER_MODEL_DIR": str(tmp_path)}).model == str(tmp_path)
+    with pytest.raises(StartupError, match="either model or model_dir") as err:
+        load_config(["--model", "org/name", "--model-dir", str(tmp_path)], {})
+    assert err.value.exit_code == EXIT_CONFIG
+
+
+def test_an_export_in_the_old_default_dir_keeps_being_served(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config([], {}).model == "cross-encoder/ms-marco-MiniLM-L6-v2"  # nothing there: the Hub default
+    legacy = tmp_path / ".cache/openvino-models/rerankers/ms-marco-MiniLM-L6-v2-int8-ov"
+    legacy.mkdir(parents=True)
+    (legacy / "openvino_model.xml").write_text("<net/>")
+    assert load_config([], {}).model == str(legacy)
+    # naming a model, even the default one, serves what was named
+    assert load_config(["--model", "cross-encoder/ms-marco-MiniLM-L6-v2"], {}).model == \
+        "cross-encoder/ms-marco-MiniLM-L6-v2"
