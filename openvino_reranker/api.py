@@ -79,6 +79,7 @@ class RerankRequest:
     timeout_ms: int | None = None
     truncation: Truncation = TRUNCATE_RIGHT
     raw_scores: bool = False  # TEI: the model's logit instead of the 0..1 score
+    instruction: str | None = None  # decoder rerankers whose prompt template takes one; else the template's default
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class RequestLimits:
 
 
 NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms", "truncation_direction",
-                 "max_chunks_per_doc"}
+                 "max_chunks_per_doc", "instruction"}
 COHERE_UNSUPPORTED = {  # fields that would change results if they were ignored
     "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
     "relevant_spans": "relevant_spans is not supported: only scores are returned",
@@ -239,9 +240,13 @@ def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
             raise BadRequestError(f"documents[{doc.index}].id {doc.id!r} repeats documents[{first_seen[key]}].id",
                                   f"documents[{doc.index}].id")
         first_seen[key] = doc.index
+    instruction = None
+    if "instruction" in body:  # limited like a query: it is tokenized with every pair
+        instruction = _parse_string(body["instruction"], "instruction", limits.max_query_chars, "max_query_chars")
     return RerankRequest(query, documents, _parse_positive_int(body, "top_k"), _parse_bool(body, "return_documents"),
                          timeout_ms=_parse_bounded_int(body, "timeout_ms", TIMEOUT_MS),
-                         truncation=Truncation(_parse_side(body), max_chunks=_parse_max_chunks(body)))
+                         truncation=Truncation(_parse_side(body), max_chunks=_parse_max_chunks(body)),
+                         instruction=instruction)
 
 
 def _parse_side(body: dict) -> str:
@@ -515,6 +520,7 @@ class ServedModel:
     """What serves, as /readyz reports it: fixed once the startup check passed."""
 
     model: ModelFiles
+    head: Mapping[str, Any]  # the model head's description (kind, template, padding)
     engine: EngineInfo
     check: StartupCheck
     parity: ParityCheck
@@ -532,6 +538,9 @@ def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
         "execution_devices": list(engine.execution_devices),
         "model": served.model.name,
         "model_dir": str(served.model.model_dir),
+        "model_file": str(served.model.xml.relative_to(served.model.model_dir)),
+        "source": dict(served.model.source) or None,
+        "head": dict(served.head),
         "max_length": served.model.max_length,
         "num_labels": engine.num_labels,
         "inputs": list(engine.input_names),

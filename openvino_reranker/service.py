@@ -17,7 +17,7 @@ from .batcher import Reranker, WorkLimits
 from .checks import StartupCheck
 from .config import Config
 from .engine import EngineInfo, NpuBusyCounter
-from .errors import InferenceError, NotReadyError, OverloadedError
+from .errors import BadRequestError, InferenceError, NotReadyError, OverloadedError
 from .metrics import Metrics
 from .modeldir import ModelFiles
 from .parity import ParityCheck
@@ -125,7 +125,7 @@ class RerankService:
         import tokenizers
 
         self.reranker = reranker
-        self.served = ServedModel(model, engine_info, check, parity, self.config, {
+        self.served = ServedModel(model, reranker.head.describe(), engine_info, check, parity, self.config, {
             "server": __version__, "openvino": openvino.get_version(), "tokenizers": tokenizers.__version__,
             "numpy": np.__version__, "python": sys.version.split()[0]})
         self.readiness.reason = "ready"
@@ -164,12 +164,15 @@ class RerankService:
               use_cache: bool = True) -> ScoredPairs:
         if not self.readiness.started.is_set() or self.reranker is None:
             raise NotReadyError(f"not ready: {self.readiness.current_reason()}", headers={"Retry-After": "1"})
+        if request.instruction is not None and not self.reranker.head.takes_instruction:
+            raise BadRequestError(f"instruction is not supported: the model ({self.model_name}, a "
+                                  f"{self.reranker.head.kind}) takes no instruction", "instruction")
         limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone)
         with self.admission.slot():
             try:
                 queries = [d.query or request.query for d in request.documents]
                 scored = self.reranker.score_pairs(queries, [d.text for d in request.documents], limits,
-                                                   request.truncation, use_cache)
+                                                   request.truncation, use_cache, request.instruction)
             except InferenceError as exc:
                 self.readiness.record_inference(False, exc.message)
                 self.metrics.observe_failure()
