@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MAX_LENGTH, MAX_SUPPORTED_LENGTH, Config, ShapeBucket
+from .config import DEFAULT_MAX_LENGTH, MAX_SUPPORTED_LENGTH, OPTIONS, Config, ShapeBucket
 from .encoding import BUILTIN_TEMPLATES, CrossEncoderHead, DecoderRerankerHead, ModelHead, PromptTemplate
 from .errors import EXIT_CONFIG, EXIT_MODEL, StartupError
 
@@ -190,21 +190,39 @@ def make_head(files: ModelFiles, tokenizer, model, instruction: str = "") -> Mod
 BUCKET_ROOM = 32
 
 
+DEFAULT_BUCKETS = next(o.parse(o.default) for o in OPTIONS if o.name == "buckets")
+
+
+def longer_buckets(longest: int, rows: int, max_length: int) -> tuple[ShapeBucket, ...]:
+    """Buckets past the default ones for a max_length above them (decoder rerankers): each doubling of the length
+    halves the rows (at least 1), so a bucket holds about as many tokens as the longest default one; the last is
+    exactly max_length."""
+    out = []
+    while longest < max_length:
+        longest, rows = min(longest * 2, max_length), max(1, rows // 2)
+        out.append(ShapeBucket(rows, longest))
+    return tuple(out)
+
+
 def static_buckets_for(config: Config, max_length: int, min_pair_tokens: int = 0,
                        log: Callable[[str], None] | None = None) -> tuple[ShapeBucket, ...] | None:
-    """The buckets to compile, or None for dynamic shapes. Buckets longer than max_length are dropped, and so are
-    those too short for the head's shortest pair plus BUCKET_ROOM tokens (with a line to `log`); the largest
-    remaining must reach max_length so that every truncated pair fits."""
+    """The buckets to compile, or None for dynamic shapes. The default buckets grow to a max_length above 512
+    (`longer_buckets`); buckets longer than max_length are dropped, and so are those too short for the head's
+    shortest pair plus BUCKET_ROOM tokens (with a line to `log`); the largest remaining must reach max_length so
+    that every truncated pair fits."""
     if not config.static_shapes:
         return None
+    buckets = config.buckets
+    if buckets == DEFAULT_BUCKETS:
+        buckets = buckets + longer_buckets(max(b.length for b in buckets), max(b.rows for b in buckets), max_length)
     shortest = min_pair_tokens + BUCKET_ROOM if min_pair_tokens else 0
-    short = tuple(b for b in config.buckets if b.length < shortest and b.length <= max_length)
+    short = tuple(b for b in buckets if b.length < shortest and b.length <= max_length)
     if short and log is not None:
         log(f"skipping buckets {','.join(map(str, short))}: the model's shortest pair takes {min_pair_tokens} tokens "
             f"(its prompt template), leaving no room for a query and a document")
-    kept = tuple(b for b in config.buckets if shortest <= b.length <= max_length)
+    kept = tuple(b for b in buckets if shortest <= b.length <= max_length)
     if not kept or max(b.length for b in kept) < max_length:
-        raise StartupError(f"buckets {','.join(map(str, config.buckets))} do not cover max_length {max_length}"
+        raise StartupError(f"buckets {','.join(map(str, buckets))} do not cover max_length {max_length}"
                            + (f" with buckets of at least {shortest} tokens" if short else "")
                            + f": add a bucket of length {max_length} or lower --max-length", EXIT_CONFIG)
     return kept

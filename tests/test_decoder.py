@@ -246,3 +246,12 @@ def test_a_cross_encoder_refuses_an_instruction_and_readyz_names_its_head(cpu_se
     ready = request(cpu_server.port, "GET", "/readyz")[1]
     assert ready["head"]["kind"] == "cross-encoder" and ready["head"]["padding_side"] == "right"
     assert ready["model_file"] == "openvino_model.xml" and ready["source"] is None
+
+
+def test_default_buckets_grow_to_a_long_max_length_and_named_ones_do_not():
+    npu = load_config(["--device", "NPU"], {})
+    assert [str(b) for b in static_buckets_for(npu, 3000, 62)] == \
+        ["8x128", "8x256", "8x512", "4x1024", "2x2048", "1x3000"]
+    assert [str(b) for b in static_buckets_for(npu, 512)] == ["8x64", "8x128", "8x256", "8x512"]
+    with pytest.raises(StartupError, match="do not cover max_length 1024"):
+        static_buckets_for(load_config(["--device", "NPU", "--buckets", "8x128,8x512"], {}), 1024)
