@@ -499,13 +499,14 @@ def spawn_ready_server(model: TinyModel, extra=(), env_extra=None) -> tuple[subp
     proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", "CPU",
                              "--model-dir", str(model.path), "--cache-dir", "", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=server_env(env_extra))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if request(port, "GET", "/readyz")[0] == 200:
                 return proc, port
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)  # after a refused connection and after a 503 alike: no busy loop while it compiles
     proc.kill()
-    proc.wait()
-    pytest.fail("server.py did not become ready")
+    _, stderr = proc.communicate()
+    pytest.fail(f"server.py did not become ready (exit {proc.returncode}): {stderr[-2000:]}")
