@@ -103,7 +103,8 @@ def _expand(path: str) -> Path:
 
 
 def _clean_token(text: str | None) -> str | None:
-    return (text or "").strip() or None
+    """As huggingface_hub reads a token: line breaks anywhere removed, then spaces at the ends."""
+    return (text or "").replace("\r", "").replace("\n", "").strip() or None
 
 
 def _seconds(text: str | None) -> float:
