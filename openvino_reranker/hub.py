@@ -179,7 +179,9 @@ def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], requi
     `.no_exist/<commit>/<path>`, as huggingface_hub does, and not asked for again). Files already cached are not
     downloaded again. `on_progress(line)` gets one line per download started, then at most one line per
     `settings.progress_interval_s` while it runs, and a line saying why when the cache is used without asking the
-    Hub; this function prints nothing. Every failure is a StartupError with one line and an exit code (SPEC.md)."""
+    Hub; this function prints nothing. Every failure is a StartupError with one line and an exit code (SPEC.md).
+    `on_progress` may raise (StartupCancelled, say, when a signal asks startup to stop): the exception ends the fetch
+    at once, a partial download is kept for the next start and its lock is released."""
     for path in (*ir_candidates, *required, *optional):
         try:
             check_repo_file(path)
@@ -423,7 +425,10 @@ class _Fetch:
                     raise StartupError(f"{cut}; the partial download is kept and the next start resumes it",
                                        EXIT_DOWNLOAD) from None
                 self.progress(f"{cut}; resuming")
-        mismatch = _verify(partial, metadata.etag, metadata.size)
+        try:
+            mismatch = _verify(partial, metadata.etag, metadata.size)
+        except OSError as exc:
+            raise self._cache_error(exc) from None
         if mismatch:
             partial.unlink(missing_ok=True)
             raise StartupError(f"{path} of {self.repo_id} does not match its checksum ({mismatch}); the bad download "
@@ -609,10 +614,15 @@ class _Fetch:
         return commit if _COMMIT.fullmatch(commit) else None
 
     def _cached_state(self, commit: str, path: str) -> str:
-        if (self.repo_dir / "snapshots" / commit / path).is_file():  # a link to a blob that exists
-            return PRESENT
-        if (self.repo_dir / ".no_exist" / commit / path).is_file():
-            return ABSENT
+        try:
+            if (self.repo_dir / "snapshots" / commit / path).is_file():  # a link to a blob that exists
+                return PRESENT
+            if (self.repo_dir / ".no_exist" / commit / path).is_file():
+                return ABSENT
+        except OSError as exc:
+            raise StartupError(f"cannot read the Hub cache {self.settings.cache_dir} ({exc.strerror}: "
+                               f"{exc.filename}): make it readable for this user, or set HF_HUB_CACHE to another "
+                               f"directory", EXIT_MODEL) from None
         return UNKNOWN
 
     def _cached_ir(self, commit: str, ir_candidates, required, optional, strict: bool) -> tuple[str | None, str]:

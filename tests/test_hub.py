@@ -322,6 +322,24 @@ def test_progress_lines(hub, repo, tmp_path):
     assert any(line.startswith("downloading tokenizer.json (") for line in lines)
 
 
+def test_an_exception_from_on_progress_stops_the_fetch_and_keeps_the_partial_file(hub, repo, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def progress(line):
+        if line.startswith(f"downloading {INT8_BIN}: "):
+            raise Stop(line)
+
+    with pytest.raises(Stop):
+        fetch(hub, tmp_path, progress=progress)
+    partial = repo_dir(tmp_path) / "blobs" / (sha256(repo_files()[INT8_BIN]) + ".incomplete")
+    kept = partial.stat().st_size
+    assert 0 < kept < 300_000
+    result = fetch(hub, tmp_path)  # the lock was released; the download resumes where it stopped
+    assert hub.requests_to("cdn", "GET")[-1].header("Range") == f"bytes={kept}-"
+    assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN]
+
+
 def test_progress_lines_are_spaced_by_the_interval(hub, repo, tmp_path):
     lines = []
     s = settings(hub.endpoint, tmp_path)
