@@ -1,0 +1,563 @@
+"""The Hub fetcher (`openvino_reranker.hub`) against a local fake Hub and CDN (tests/fakehub.py): the protocol, the
+huggingface_hub cache layout, verification, resume, locking, offline use and every error's exit code. No network."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+from fakehub import FakeHub, Fault, git_blob_sha1, refused_endpoint, sha256, silent_endpoint
+
+from openvino_reranker import hub as hubmodule
+from openvino_reranker.errors import EXIT_CONFIG, EXIT_DOWNLOAD, EXIT_MODEL, StartupError
+from openvino_reranker.hub import FetchedModel, HubSettings, fetch_model, parse_repo_id
+
+REPO = "cross-encoder/tiny-reranker"
+INT8_XML, INT8_BIN = "openvino/openvino_model_qint8_quantized.xml", "openvino/openvino_model_qint8_quantized.bin"
+FP32_XML, FP32_BIN = "openvino/openvino_model.xml", "openvino/openvino_model.bin"
+IR_CANDIDATES = (INT8_XML, FP32_XML, "openvino_model.xml")
+REQUIRED = ("tokenizer.json",)
+OPTIONAL = ("config.json", "tokenizer_config.json")  # the repo has no tokenizer_config.json
+
+
+def repo_files(seed: int = 0) -> dict[str, bytes]:
+    weights = hashlib.shake_256(b"weights %d" % seed).digest(300_000)  # several download chunks
+    return {INT8_XML: b"<net name='int8'>%d</net>" % seed, INT8_BIN: weights,
+            FP32_XML: b"<net name='fp32'/>", FP32_BIN: weights[:1000],
+            "tokenizer.json": b'{"model": {"type": "WordPiece"}, "seed": %d}' % seed,
+            "config.json": b'{"num_labels": 1}', "README.md": b"# tiny"}
+
+
+LFS = {INT8_BIN, FP32_BIN}
+
+
+@pytest.fixture
+def hub():
+    fake = FakeHub()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def repo(hub) -> str:
+    """The standard repo's commit."""
+    return hub.add_repo(REPO, repo_files(), lfs=LFS)
+
+
+def settings(endpoint: str, cache: Path, token: str | None = None, offline: bool = False,
+             timeout_s: float = 5.0) -> HubSettings:
+    return HubSettings(endpoint=endpoint, token=token, offline=offline, cache_dir=cache,
+                       token_source="HF_TOKEN" if token else "", metadata_timeout_s=timeout_s,
+                       download_timeout_s=timeout_s, progress_interval_s=0.0)
+
+
+def fetch(hub_or_endpoint, cache: Path, repo_id: str = REPO, revision: str = "main", progress=None,
+          candidates=IR_CANDIDATES, required=REQUIRED, **kwargs) -> FetchedModel:
+    endpoint = hub_or_endpoint if isinstance(hub_or_endpoint, str) else hub_or_endpoint.endpoint
+    return fetch_model(repo_id, revision, candidates, required, OPTIONAL, settings(endpoint, cache, **kwargs),
+                       progress)
+
+
+def fails(exit_code: int, *args, **kwargs) -> str:
+    with pytest.raises(StartupError) as info:
+        fetch(*args, **kwargs)
+    assert info.value.exit_code == exit_code, str(info.value)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def repo_dir(cache: Path, repo_id: str = REPO) -> Path:
+    return cache / ("models--" + repo_id.replace("/", "--"))
+
+
+# ---------------------------------------------------------------------------------------------- names and settings
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cross-encoder/ms-marco-MiniLM-L6-v2", ("cross-encoder/ms-marco-MiniLM-L6-v2", "main")),
+    ("OpenVINO/bge-reranker-base-fp16-ov@v1.0", ("OpenVINO/bge-reranker-base-fp16-ov", "v1.0")),
+    ("org/name@refs/pr/3", ("org/name", "refs/pr/3")),
+    ("org/name@" + "a" * 40, ("org/name", "a" * 40)),
+    ("a/b", ("a/b", "main")),
+])
+def test_parse_repo_id_accepts_hub_ids(text, expected):
+    assert parse_repo_id(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "/abs/dir", "./dir/x", "../x/y", "~/models/x", "~user/x", "a/b/c", "single", "org/", "/name", "org/name@",
+    "org/-name", "org/name-", "org/.name", "org/na--me", "org/na..me", "org/name.git", "org/na me", "org/nämé",
+    "org/" + "x" * 97, "org/name@../x", "org/name@a//b", "org/name@-x", "org/name@x/", "",
+])
+def test_parse_repo_id_refuses_what_is_not_a_hub_id(text):
+    assert parse_repo_id(text) is None
+
+
+def test_settings_from_the_environment(tmp_path):
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    (home / "token").write_text("hf_from_file\n")
+    s = HubSettings.from_environ({"HF_HOME": str(home), "HF_ENDPOINT": "https://mirror.example/",
+                                  "HF_HUB_OFFLINE": "yes", "HF_HUB_ETAG_TIMEOUT": "3", "https_proxy": "http://p:1"})
+    assert s.endpoint == "https://mirror.example" and s.offline is True
+    assert s.cache_dir == home / "hub" and s.token == "hf_from_file" and s.token_source == str(home / "token")
+    assert s.metadata_timeout_s == 3 and s.download_timeout_s == 10 and dict(s.proxies) == {"https": "http://p:1"}
+
+    s = HubSettings.from_environ({"HF_HOME": str(home), "HF_TOKEN": " hf_env ", "HF_HUB_CACHE": str(tmp_path / "c"),
+                                  "HF_HUB_OFFLINE": "0"})
+    assert (s.token, s.token_source, s.cache_dir, s.offline) == ("hf_env", "HF_TOKEN", tmp_path / "c", False)
+
+    s = HubSettings.from_environ({"HOME": "/nonexistent", "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert s.endpoint == "https://huggingface.co" and s.cache_dir == tmp_path / "xdg" / "huggingface" / "hub"
+    assert s.token is None and s.offline is False
+    for value in ("1", "ON", "true", "True", "YES"):
+        assert HubSettings.from_environ({"HF_HUB_OFFLINE": value}).offline
+
+
+# ---------------------------------------------------------------------------------------------- fetching
+
+
+def test_fetch_fills_the_huggingface_hub_cache_layout(hub, repo, tmp_path):
+    files = repo_files()
+    result = fetch(hub, tmp_path)
+    root = repo_dir(tmp_path)
+    assert result == FetchedModel(REPO, "main", repo, root / "snapshots" / repo, INT8_XML, False)
+    assert (root / "refs" / "main").read_bytes() == repo.encode()  # no newline, as huggingface_hub writes it
+    expected_links = {
+        INT8_XML: f"../../../blobs/{git_blob_sha1(files[INT8_XML])}",  # a regular file: its git blob sha1
+        INT8_BIN: f"../../../blobs/{sha256(files[INT8_BIN])}",  # an LFS file: its sha256
+        "tokenizer.json": f"../../blobs/{git_blob_sha1(files['tokenizer.json'])}",
+        "config.json": f"../../blobs/{git_blob_sha1(files['config.json'])}",
+    }
+    snapshot = root / "snapshots" / repo
+    links = {str(p.relative_to(snapshot)): os.readlink(p) for p in snapshot.rglob("*") if p.is_symlink()}
+    assert links == expected_links
+    for path, target in links.items():
+        assert (snapshot / path).read_bytes() == files[path]
+        assert (snapshot / path).resolve() == (root / "blobs" / Path(target).name).resolve()
+    assert sorted(p.name for p in (root / "blobs").iterdir()) == sorted(Path(t).name for t in expected_links.values())
+    # the optional file the repo lacks is remembered as huggingface_hub remembers it
+    marker = root / ".no_exist" / repo / "tokenizer_config.json"
+    assert marker.is_file() and marker.read_bytes() == b""
+    locks = tmp_path / ".locks" / root.name
+    assert sorted(p.name for p in locks.iterdir()) == sorted(Path(t).name + ".lock" for t in expected_links.values())
+    assert (tmp_path / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
+
+
+def test_requests_speak_the_hub_protocol(hub, repo, tmp_path):
+    hub.known_tokens.add("hf_user")
+    fetch(hub, tmp_path, token="hf_user")
+    heads = hub.requests_to("hub", "HEAD")
+    assert heads[0].path == f"/{REPO}/resolve/main/{INT8_XML}"
+    # once the commit is known every file is asked for at that commit, so that all come from one commit
+    later = [r.path for r in heads[1:] if "/resolve/" in r.path]
+    assert later and all(f"/resolve/{repo}/" in path for path in later)
+    for request in hub.requests:
+        assert request.header("User-Agent") == f"openvino-reranker/{hubmodule.__version__}"
+        assert request.header("Accept-Encoding") == "identity"
+    assert all(r.header("Authorization") == "Bearer hf_user" for r in hub.requests_to("hub"))
+    cdn = hub.requests_to("cdn")
+    assert [r.method for r in cdn] == ["GET"]  # the LFS weights came from the CDN, the HEAD stopped at its redirect
+    assert cdn[0].header("Authorization") is None  # never the token to another host
+
+
+def test_a_second_fetch_downloads_nothing(hub, repo, tmp_path):
+    fetch(hub, tmp_path)
+    before = len(hub.requests)
+    result = fetch(hub, tmp_path)
+    again = hub.requests[before:]
+    # one HEAD (and the Hub's redirect) to learn the branch's commit; every file and every absence is in the cache
+    assert [r.method for r in again if r.method == "GET"] == []
+    assert [r.path for r in again if "/resolve/" in r.path] == [f"/{REPO}/resolve/main/{INT8_XML}"]
+    assert result.commit == repo and not result.from_cache_only
+
+
+def test_a_pinned_commit_in_the_cache_needs_no_request(hub, repo, tmp_path):
+    fetch(hub, tmp_path, revision=repo)
+    assert not (repo_dir(tmp_path) / "refs").exists()  # a commit needs no ref
+    before = len(hub.requests)
+    lines = []
+    result = fetch(hub, tmp_path, revision=repo, progress=lines.append)
+    assert len(hub.requests) == before
+    assert result.from_cache_only and result.commit == repo and "not contacted" in lines[-1]
+
+
+def test_the_first_ir_candidate_the_repo_has_is_chosen(hub, tmp_path):
+    files = {k: v for k, v in repo_files().items() if k not in (INT8_XML, INT8_BIN)}
+    commit = hub.add_repo(REPO, files, lfs=LFS)
+    result = fetch(hub, tmp_path)
+    assert result.ir_file == FP32_XML
+    assert (result.snapshot / FP32_BIN).read_bytes() == files[FP32_BIN]
+    assert (repo_dir(tmp_path) / ".no_exist" / commit / INT8_XML).is_file()
+
+
+def test_a_tag_maps_to_its_commit(hub, tmp_path):
+    first = hub.add_repo(REPO, repo_files(0), lfs=LFS, refs=("main", "v1"))
+    second = hub.add_commit(REPO, repo_files(1))  # main moves on, v1 stays
+    tagged = fetch(hub, tmp_path, revision="v1")
+    latest = fetch(hub, tmp_path)
+    assert (tagged.commit, latest.commit) == (first, second) and first != second
+    root = repo_dir(tmp_path)
+    assert (root / "refs" / "v1").read_text() == first and (root / "refs" / "main").read_text() == second
+    assert (tagged.snapshot / INT8_BIN).read_bytes() == repo_files(0)[INT8_BIN]
+    assert (latest.snapshot / "tokenizer.json").read_bytes() == repo_files(1)["tokenizer.json"]
+
+
+def test_a_renamed_repo_is_followed_by_its_relative_redirect(hub, tmp_path):
+    commit = hub.add_repo("new-org/tiny-reranker", repo_files(), lfs=LFS)
+    hub.renamed[REPO] = "new-org/tiny-reranker"
+    result = fetch(hub, tmp_path)
+    assert result.commit == commit and result.snapshot == repo_dir(tmp_path) / "snapshots" / commit
+    paths = [r.path for r in hub.requests_to("hub", "HEAD")]
+    assert paths[:2] == [f"/{REPO}/resolve/main/{INT8_XML}", f"/new-org/tiny-reranker/resolve/main/{INT8_XML}"]
+
+
+def test_a_gated_repo_needs_a_granted_token(hub, repo, tmp_path):
+    hub.gate(REPO, "hf_granted")
+    hub.known_tokens.add("hf_other_account")
+    message = fails(EXIT_MODEL, hub, tmp_path)
+    assert "gated" in message and "HF_TOKEN" in message and f"{hub.endpoint}/{REPO}" in message and "401" in message
+    message = fails(EXIT_MODEL, hub, tmp_path, token="hf_other_account")
+    assert "gated" in message and "token from HF_TOKEN has no access" in message and "403" in message
+    assert fetch(hub, tmp_path, token="hf_granted").commit == repo
+    assert all(r.header("Authorization") is None for r in hub.requests_to("cdn"))
+
+
+def test_a_token_the_hub_does_not_know_is_refused(hub, repo, tmp_path):
+    message = fails(EXIT_MODEL, hub, tmp_path, token="hf_revoked")
+    assert "refused the token from HF_TOKEN" in message and "401" in message
+
+
+def test_a_missing_repo(hub, tmp_path):
+    message = fails(EXIT_MODEL, hub, tmp_path, repo_id="nobody/nothing")
+    assert "no repository nobody/nothing" in message and "HF_TOKEN" in message
+
+
+def test_a_missing_revision(hub, repo, tmp_path):
+    message = fails(EXIT_MODEL, hub, tmp_path, revision="v9")
+    assert "has no revision 'v9'" in message
+
+
+def test_a_repo_without_any_ir_says_how_to_export_one(hub, tmp_path):
+    hub.add_repo(REPO, {"tokenizer.json": b"{}", "model.safetensors": b"x"}, lfs={"model.safetensors"})
+    message = fails(EXIT_MODEL, hub, tmp_path)
+    assert all(path in message for path in IR_CANDIDATES)
+    assert f"optimum-cli export openvino --model {REPO} --task text-classification DIR" in message
+    assert "--model DIR" in message and "--model-file" in message
+
+
+def test_an_ir_without_its_weights(hub, tmp_path):
+    hub.add_repo(REPO, {k: v for k, v in repo_files().items() if k != INT8_BIN}, lfs=LFS)
+    assert f"but not its weights {INT8_BIN}" in fails(EXIT_MODEL, hub, tmp_path)
+
+
+def test_a_missing_required_file(hub, tmp_path):
+    hub.add_repo(REPO, {k: v for k, v in repo_files().items() if k != "tokenizer.json"}, lfs=LFS)
+    assert "has no tokenizer.json, which the model needs" in fails(EXIT_MODEL, hub, tmp_path)
+
+
+@pytest.mark.parametrize("path", [INT8_BIN, "tokenizer.json"])  # an LFS file (sha256), a regular one (git sha1)
+def test_a_corrupt_download_is_deleted_and_refetched(hub, repo, tmp_path, path):
+    hub.fail(path, Fault("corrupt"))
+    message = fails(EXIT_DOWNLOAD, hub, tmp_path)
+    assert path in message and "checksum" in message and "deleted" in message
+    blobs = repo_dir(tmp_path) / "blobs"
+    expected_etag = sha256(repo_files()[path]) if path in LFS else git_blob_sha1(repo_files()[path])
+    assert not (blobs / expected_etag).exists() and not list(blobs.glob("*.incomplete"))
+    result = fetch(hub, tmp_path)  # the fault is spent: the next start fetches it again
+    assert (result.snapshot / path).read_bytes() == repo_files()[path]
+
+
+def test_a_cut_download_resumes_with_a_range_request(hub, repo, tmp_path):
+    hub.fail(INT8_BIN, Fault("cut", 100_000))
+    lines = []
+    result = fetch(hub, tmp_path, progress=lines.append)
+    gets = hub.requests_to("cdn", "GET")
+    assert [g.header("Range") for g in gets] == [None, "bytes=100000-"]
+    assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN]
+    assert any(line.startswith(f"resuming {INT8_BIN} at 100.0 of 300.0 kB") for line in lines)
+
+
+def test_a_cut_that_makes_no_progress_keeps_the_partial_file_for_the_next_start(hub, repo, tmp_path):
+    hub.fail(INT8_BIN, Fault("cut", 100_000), Fault("cut", 0))
+    message = fails(EXIT_DOWNLOAD, hub, tmp_path)
+    assert INT8_BIN in message and "kept" in message and "resumes" in message
+    partial = repo_dir(tmp_path) / "blobs" / (sha256(repo_files()[INT8_BIN]) + ".incomplete")
+    assert partial.stat().st_size == 100_000
+    before = len(hub.requests_to("cdn"))
+    result = fetch(hub, tmp_path)
+    assert [g.header("Range") for g in hub.requests_to("cdn")[before:]] == ["bytes=100000-"]
+    assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN] and not partial.exists()
+
+
+def test_a_server_that_ignores_range_is_read_from_the_start(hub, repo, tmp_path):
+    hub.fail(INT8_BIN, Fault("cut", 100_000), Fault("ignore_range"))
+    result = fetch(hub, tmp_path)
+    assert [g.header("Range") for g in hub.requests_to("cdn", "GET")] == [None, "bytes=100000-"]
+    assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN]
+
+
+def test_a_download_refused_by_the_cdn_or_a_hub_error_is_restartable(hub, repo, tmp_path):
+    hub.fail(INT8_BIN, Fault("status", 503))
+    assert "503" in fails(EXIT_DOWNLOAD, hub, tmp_path)
+    hub.fail(INT8_BIN, Fault("status", 403))
+    assert "403" in fails(EXIT_DOWNLOAD, hub, tmp_path)
+
+
+def test_progress_lines(hub, repo, tmp_path):
+    lines = []
+    fetch(hub, tmp_path, progress=lines.append)
+    assert f"downloading {INT8_BIN} (300.0 kB) from 127.0.0.1" in lines
+    steps = [line for line in lines if line.startswith(f"downloading {INT8_BIN}: ")]
+    assert len(steps) >= 2 and steps[-1] == f"downloading {INT8_BIN}: 300.0 of 300.0 kB"
+    assert any(line.startswith("downloading tokenizer.json (") for line in lines)
+
+
+def test_an_exception_from_on_progress_stops_the_fetch_and_keeps_the_partial_file(hub, repo, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def progress(line):
+        if line.startswith(f"downloading {INT8_BIN}: "):
+            raise Stop(line)
+
+    with pytest.raises(Stop):
+        fetch(hub, tmp_path, progress=progress)
+    partial = repo_dir(tmp_path) / "blobs" / (sha256(repo_files()[INT8_BIN]) + ".incomplete")
+    kept = partial.stat().st_size
+    assert 0 < kept < 300_000
+    result = fetch(hub, tmp_path)  # the lock was released; the download resumes where it stopped
+    assert hub.requests_to("cdn", "GET")[-1].header("Range") == f"bytes={kept}-"
+    assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN]
+
+
+def test_progress_lines_are_spaced_by_the_interval(hub, repo, tmp_path):
+    lines = []
+    s = settings(hub.endpoint, tmp_path)
+    fetch_model(REPO, "main", IR_CANDIDATES, REQUIRED, OPTIONAL,
+                HubSettings(**{**s.__dict__, "progress_interval_s": 3600.0}), lines.append)
+    assert not [line for line in lines if ": " in line and " of " in line]  # only the one line per file started
+    assert f"downloading {INT8_BIN} (300.0 kB) from 127.0.0.1" in lines
+
+
+# ---------------------------------------------------------------------------------------------- without the Hub
+
+
+def test_offline_serves_a_warm_cache_without_any_request(hub, repo, tmp_path):
+    fetch(hub, tmp_path)
+    before = len(hub.requests)
+    lines = []
+    result = fetch(hub, tmp_path, offline=True, progress=lines.append)
+    assert len(hub.requests) == before
+    assert result == FetchedModel(REPO, "main", repo, repo_dir(tmp_path) / "snapshots" / repo, INT8_XML, True,
+                                  lines[-1])
+    assert "HF_HUB_OFFLINE" in lines[-1]
+
+
+def test_offline_with_a_cold_cache_says_how_to_fetch(hub, repo, tmp_path):
+    message = fails(EXIT_MODEL, hub, tmp_path, offline=True)
+    assert "HF_HUB_OFFLINE is set" in message and str(tmp_path) in message and f"hf download {REPO}" in message
+    assert hub.requests == []
+    message = fails(EXIT_MODEL, hub, tmp_path, revision="v1", offline=True)
+    assert f"hf download {REPO} --revision v1" in message
+
+
+def test_offline_with_a_partial_snapshot_names_what_is_missing(hub, repo, tmp_path):
+    fetch(hub, tmp_path)
+    (repo_dir(tmp_path) / "snapshots" / repo / "tokenizer.json").unlink()
+    message = fails(EXIT_MODEL, hub, tmp_path, offline=True)
+    assert "lacks tokenizer.json" in message
+
+
+def test_an_unreachable_hub_falls_back_to_a_complete_cache(hub, repo, tmp_path):
+    fetch(hub, tmp_path)
+    endpoint, sock = refused_endpoint()
+    try:
+        lines = []
+        result = fetch(endpoint, tmp_path, progress=lines.append)
+        assert result.from_cache_only and result.commit == repo and result.ir_file == INT8_XML
+        assert "cannot reach the Hub" in lines[-1] and "served from the cache" in lines[-1]
+        message = fails(EXIT_DOWNLOAD, endpoint, tmp_path / "cold")
+        assert "cannot reach the Hub" in message and "not in the Hub cache" in message
+    finally:
+        sock.close()
+
+
+def test_a_hub_that_does_not_answer_times_out(tmp_path):
+    endpoint, sock = silent_endpoint()
+    try:
+        message = fails(EXIT_DOWNLOAD, endpoint, tmp_path, timeout_s=0.2)
+        assert "no answer within 0.2 s" in message
+    finally:
+        sock.close()
+
+
+def test_a_hub_answering_5xx_falls_back_to_the_cache(hub, repo, tmp_path):
+    fetch(hub, tmp_path)
+    hub.down_status = 503
+    assert fetch(hub, tmp_path).from_cache_only
+    message = fails(EXIT_DOWNLOAD, hub, tmp_path / "cold")
+    assert "503" in message
+
+
+# ---------------------------------------------------------------------------------------------- the cache's disk
+
+
+def test_a_full_disk_while_writing(hub, repo, tmp_path, monkeypatch):
+    def no_space(out, chunk):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hubmodule, "_append", no_space)
+    message = fails(EXIT_DOWNLOAD, hub, tmp_path)
+    assert "no space left" in message and str(tmp_path) in message and "more bytes" in message
+    assert "HF_HUB_CACHE" in message
+
+
+def test_free_space_is_checked_before_downloading(hub, repo, tmp_path, monkeypatch):
+    fetch(hub, tmp_path, candidates=(FP32_XML,))  # the small files are cached
+    monkeypatch.setattr(hubmodule.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    before = len(hub.requests_to("cdn"))
+    message = fails(EXIT_DOWNLOAD, hub, tmp_path)
+    assert f"{300_000} more bytes" in message and len(hub.requests_to("cdn")) == before
+
+
+def test_a_cache_that_cannot_be_written(hub, repo, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    message = fails(EXIT_MODEL, hub, not_a_dir / "hub")
+    assert "cannot write the Hub cache" in message and "HF_HUB_CACHE" in message
+
+
+def test_a_blob_another_process_is_writing_is_waited_for_not_downloaded_twice(hub, repo, tmp_path):
+    """The other process holds the blob's lock (flock, as huggingface_hub's filelock takes it) and finishes the
+    blob while this fetch waits; the fetch then links it and downloads nothing."""
+    data = repo_files()[INT8_BIN]
+    locks = tmp_path / ".locks" / repo_dir(tmp_path).name
+    locks.mkdir(parents=True)
+    other = os.open(locks / f"{sha256(data)}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    waiting, outcome = threading.Event(), {}
+
+    def progress(line):
+        if line.startswith(f"waiting for another process that is downloading {INT8_BIN}"):
+            waiting.set()
+
+    def run():
+        try:
+            outcome["result"] = fetch(hub, tmp_path, progress=progress)
+        except BaseException as exc:  # reported below
+            outcome["error"] = exc
+            waiting.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert waiting.wait(30), "the fetch never reported waiting for the lock"
+        assert "error" not in outcome and hub.requests_to("cdn") == []
+        blobs = repo_dir(tmp_path) / "blobs"
+        (blobs / sha256(data)).write_bytes(data)  # what the other process leaves behind
+    finally:
+        os.close(other)  # releases the lock
+        thread.join(30)
+    assert "error" not in outcome, outcome.get("error")
+    assert hub.requests_to("cdn") == [] and (outcome["result"].snapshot / INT8_BIN).read_bytes() == data
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def test_bad_file_names_and_endpoints_are_configuration_errors(hub, tmp_path):
+    for candidates in (("../escape.xml",), ("/abs.xml",), ("openvino/model.onnx",), ()):
+        assert fails(EXIT_CONFIG, hub, tmp_path, candidates=candidates)
+    assert "HF_ENDPOINT" in fails(EXIT_CONFIG, "huggingface.co", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- huggingface_hub itself
+
+
+def _python_with_huggingface_hub() -> str | None:
+    """An interpreter that has huggingface_hub: HUB_INTEROP_PYTHON, or this one; None when neither does."""
+    for python in (os.environ.get("HUB_INTEROP_PYTHON"), sys.executable):
+        if python and subprocess.run([python, "-c", "import huggingface_hub"], capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+INTEROP_SCRIPT = f"""
+import json, sys
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+paths = {{}}
+for name in json.loads(sys.argv[1]):
+    try:
+        paths[name] = hf_hub_download("{REPO}", name, revision="main")
+    except EntryNotFoundError:
+        paths[name] = None
+print(json.dumps(paths))
+"""
+
+
+def _tree(cache: Path) -> dict[str, str]:
+    """What a cache holds, by relative path: a link's target or a file's bytes' digest (lock files: only that they
+    exist; their content is the lock library's)."""
+    found = {}
+    for path in sorted(cache.rglob("*")):
+        rel = str(path.relative_to(cache))
+        if path.is_symlink():
+            found[rel] = "-> " + os.readlink(path)
+        elif path.is_file() and rel != "CACHEDIR.TAG":
+            found[rel] = "lock" if rel.startswith(".locks/") else hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def test_huggingface_hub_and_this_fetcher_share_one_cache(hub, repo, tmp_path):
+    """Runs when huggingface_hub is installed here or HUB_INTEROP_PYTHON names a Python that has it (the test
+    environment does not need it): hf_hub_download against the fake Hub fills a cache this fetcher serves offline,
+    this fetcher's cache is served by huggingface_hub offline, and both caches hold the same tree."""
+    python = _python_with_huggingface_hub()
+    if python is None:
+        pytest.skip("huggingface_hub is not installed (set HUB_INTEROP_PYTHON to a Python that has it)")
+    import json
+
+    names = [INT8_XML, INT8_BIN, "tokenizer.json", "config.json"]
+    absent = "tokenizer_config.json"  # huggingface_hub remembers its absence as this fetcher does
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+
+    def hf(cache: Path, offline: bool) -> dict[str, str]:
+        run_env = {**env, "HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(cache),
+                   "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+                   "HF_HUB_DISABLE_XET": "1"}
+        done = subprocess.run([python, "-c", INTEROP_SCRIPT, json.dumps([*names, absent])], capture_output=True,
+                              text=True, env=run_env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        paths = json.loads(done.stdout.strip().splitlines()[-1])
+        assert paths.pop(absent) is None
+        return paths
+
+    # huggingface_hub fills a cache; this fetcher serves it offline, the same files
+    by_hf = tmp_path / "by-huggingface-hub"
+    paths = hf(by_hf, offline=False)
+    ours = fetch(hub, by_hf, offline=True, candidates=(INT8_XML,), required=("tokenizer.json", "config.json"))
+    assert ours.commit == repo
+    for name in names:
+        assert Path(paths[name]) == ours.snapshot / name and Path(paths[name]).read_bytes() == repo_files()[name]
+
+    # this fetcher fills a cache; huggingface_hub serves it offline
+    by_us = tmp_path / "by-openvino-reranker"
+    fetch(hub, by_us, candidates=(INT8_XML,), required=("tokenizer.json", "config.json"))
+    paths = hf(by_us, offline=True)
+    for name in names:
+        assert Path(paths[name]).read_bytes() == repo_files()[name]
+
+    # the same tree: blobs, links, refs, absence markers, lock files
+    assert _tree(by_us) == _tree(by_hf)
+    assert any("/.no_exist/" in k for k in _tree(by_hf)) and any(k.startswith(".locks/") for k in _tree(by_hf))
