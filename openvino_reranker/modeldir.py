@@ -14,6 +14,7 @@ from typing import Any
 from .config import DEFAULT_MAX_LENGTH, MAX_SUPPORTED_LENGTH, OPTIONS, Config, ShapeBucket
 from .encoding import BUILTIN_TEMPLATES, CrossEncoderHead, DecoderRerankerHead, ModelHead, PromptTemplate
 from .errors import EXIT_CONFIG, EXIT_MODEL, StartupError
+from .hub import HubSettings, check_repo_file, fetch_model, parse_repo_id
 
 # The IR served when --model-file is not given: the first of these the model has. INT8 first, as the service is
 # meant to serve INT8: sentence-transformers publishes a fully quantized static INT8 IR (NNCF post-training
@@ -113,6 +114,31 @@ def pick_template(root: Path, template_path: str, model_type: str | None) -> Pro
                            f"{TEMPLATE_FILE} beside the IR or named by --prompt-template (see README, \"Model "
                            f"families\")", EXIT_MODEL)
     return None
+
+
+def locate_model(config: Config, environ: Mapping[str, str], on_progress: Callable[[str], None] | None = None
+                 ) -> tuple[Path, str, dict]:
+    """Where the model's files are: (directory, IR file inside it or '' for the default order, source). `--model`
+    is a directory when one exists at that path or it is written as a path; else a Hub id, fetched (or found in the
+    Hub cache) by `hub.fetch_model`, whose snapshot directory is then served like a local one."""
+    text = config.model
+    path = Path(os.path.expanduser(text))
+    parsed = None if path.is_dir() or text.startswith(("/", ".", "~")) else parse_repo_id(text)
+    if parsed is None:
+        if not path.is_dir() and "/" not in text:
+            raise StartupError(f"model {text!r} is neither a directory nor a Hub id (org/name or org/name@revision)",
+                               EXIT_CONFIG)
+        return path, config.model_file, {}
+    repo_id, revision = parsed
+    if config.model_file:
+        try:
+            check_repo_file(config.model_file)
+        except ValueError as exc:
+            raise StartupError(f"bad value for model_file: {exc}", EXIT_CONFIG) from None
+    fetched = fetch_model(repo_id, revision, (config.model_file,) if config.model_file else IR_CANDIDATES,
+                          REQUIRED_FILES, OPTIONAL_FILES, HubSettings.from_environ(environ), on_progress)
+    return fetched.snapshot, fetched.ir_file, {"repo": repo_id, "revision": revision, "commit": fetched.commit,
+                                               "from_cache_only": fetched.from_cache_only}
 
 
 def load_model_files(model_dir: str | Path, requested_max_length: int, model_file: str = "",

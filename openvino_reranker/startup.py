@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .batcher import Reranker
 from .cache import ScoreCache
@@ -17,7 +18,7 @@ from .encoding import load_tokenizer
 from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
 from .httpserver import RerankServer
-from .modeldir import ModelFiles, load_model_files, make_head, static_buckets_for
+from .modeldir import ModelFiles, load_model_files, locate_model, make_head, static_buckets_for
 from .parity import ParityCheck, compile_checked
 from .service import RerankService
 from .systemd import COMPILE_BUDGET_US, sd_notify
@@ -43,11 +44,27 @@ def bind_server(service: RerankService) -> RerankServer:
     return server
 
 
-def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None,
-                   stop: threading.Event | None = None) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
-    """Model files -> tokenizer -> Core (device, cache) -> the IR and its head -> a compile that passed the parity
-    guard. Each step raises StartupError with its own exit code; a set `stop` cancels before the next compile."""
-    model_files = load_model_files(config.model, config.max_length, config.model_file, config.prompt_template)
+def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, stop: threading.Event | None = None,
+                   environ: Mapping[str, str] | None = None, on_status: Callable[[str], None] | None = None
+                   ) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
+    """Model (fetched from the Hub when it is a Hub id) -> its files -> tokenizer -> Core (device, cache) -> the IR
+    and its head -> a compile that passed the parity guard. Each step raises StartupError with its own exit code; a
+    set `stop` cancels the download or before the next compile. `on_status` hears what it is doing (/readyz)."""
+
+    def on_progress(line: str) -> None:
+        if stop is not None and stop.is_set():
+            raise StartupCancelled("fetching the model")
+        log.info("%s", line)
+        if on_status is not None:
+            on_status(f"fetching the model: {line}")
+        sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS={line}")
+
+    model_dir, model_file, source = locate_model(config, os.environ if environ is None else environ, on_progress)
+    if on_status is not None:
+        on_status("loading and compiling the model")
+    model_files = load_model_files(model_dir, config.max_length, model_file, config.prompt_template, source)
+    if source:
+        log.info("model %s@%s, commit %s, from %s", source["repo"], source["revision"], source["commit"], model_dir)
     tokenizer = load_tokenizer(model_files.tokenizer)
     core = open_core(config.device, config.cache_dir, core)
     model = read_model(core, model_files.xml)
@@ -131,8 +148,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log.info("listening on http://%s:%d (not ready until the model is compiled)", host, port)
         if threading.current_thread() is threading.main_thread():
             install_signal_handlers(stop)
-        service.readiness.reason = "loading and compiling the model"
-        reranker, model_files, engine_info, parity = build_reranker(config, counter, core, stop)
+        service.readiness.reason = "loading the model"
+
+        def on_status(reason: str) -> None:
+            service.readiness.reason = reason
+
+        reranker, model_files, engine_info, parity = build_reranker(config, counter, core, stop, environ, on_status)
         service.readiness.reason = "running the startup check"
         try:
             if stop.is_set():
