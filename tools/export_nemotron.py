@@ -1,0 +1,285 @@
+"""Export nvidia/llama-nemotron-rerank-1b-v2 (a bidirectional Llama cross-encoder) to an OpenVINO IR that
+openvino-reranker serves.
+
+Usage:
+    python tools/export_nemotron.py --model nvidia/llama-nemotron-rerank-1b-v2 OUTPUT_DIR [--weight-format fp16]
+    python tools/export_nemotron.py --model /path/to/checkpoint OUTPUT_DIR [--weight-format fp32|fp16|int8]
+
+`--model` is a local checkpoint directory or a Hugging Face Hub id (`org/name`, with `--revision`); a Hub id is
+fetched with `huggingface_hub` (`HF_TOKEN`, `HF_ENDPOINT` and `HF_HUB_OFFLINE` apply). `--weight-format`: `fp32`,
+`fp16` (weights stored as FP16, the default), or `int8` (weight-only INT8 through `nncf.compress_weights`).
+
+Install, in an environment of its own (the service itself never imports torch). torch comes FIRST and from the
+CPU index: an unpinned or plain `pip install torch` pulls a multi-GB CUDA build:
+    python3 -m venv ~/.venvs/ov-export
+    ~/.venvs/ov-export/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    ~/.venvs/ov-export/bin/pip install '.[export]'      # in this repository: transformers, safetensors, nncf, ...
+
+Why a script: optimum-cli cannot export this model (its architecture is custom, defined by remote code). The
+model, as its remote code (`llama_bidirectional_model.py`: LlamaBidirectionalModel and
+LlamaBidirectionalForSequenceClassification) and vLLM's support for it define it:
+- config.json: `model_type: llama_bidirec`, the Llama 3.2 1B fields, `pooling: "avg"`, `temperature` (1.0);
+- weights: a standard Llama decoder stack (`model.embed_tokens`, `model.layers.N.*`, `model.norm`) plus
+  `score.weight`, a bias-free Linear from the hidden size to one logit;
+- attention is bidirectional: every layer's causal mask is replaced by the padding mask alone;
+- the last hidden state is mean-pooled over the attention mask, scored, and divided by `temperature`;
+- the prompt is `question:{query} \\n \\n passage:{passage}`, tokenized with the Llama 3 tokenizer's defaults
+  (BOS added), padding on the left, truncation cutting the end (the passage's end).
+This script loads the weights into transformers' own LlamaModel (no trust_remote_code: that code does not run on
+transformers 5), wraps it in a module that builds the bidirectional mask from `attention_mask`, runs the layers,
+mean-pools and applies the score head, and converts it with `openvino.convert_model`.
+
+Writes into OUTPUT_DIR:
+- `openvino_model.xml` / `.bin`: inputs `input_ids`, `attention_mask` (i64, [batch, sequence], both dynamic),
+  output `logits` (f32, [batch, 1]); padding may be on either side and with any id, the mask decides;
+- `tokenizer.json` (+ `tokenizer_config.json`, `special_tokens_map.json` when the checkpoint has them), copied;
+- `config.json`, the checkpoint's own (`model_type` `llama_bidirec`);
+- `rerank_template.json`: `{"template": "question:{query} \\n \\n passage:{document}", "add_special_tokens": true}`.
+Once written, the IR is compiled on the CPU (f32) and compared with the torch module on a padded batch; an fp32 IR
+that differs by more than 1e-3 is removed again (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+TEMPLATE = {"template": "question:{query} \n \n passage:{document}", "add_special_tokens": True}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# config.json keys that are the remote code's own, not LlamaConfig's
+NOT_LLAMA_KEYS = ("auto_map", "architectures", "model_type", "pooling", "temperature", "transformers_version",
+                  "torch_dtype", "dtype", "_name_or_path")
+FP32_TOLERANCE = 1e-3  # IR (f32 CPU) vs torch on the check batch; a real 1B model is far inside this
+try:  # optional until used: the module's class needs torch.nn.Module as its base
+    import torch
+
+    _TorchModule = torch.nn.Module
+except ImportError:
+    torch = None
+    _TorchModule = object
+
+INSTALL_HINT = ("install it first: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
+                "&& pip install '.[export]'")
+
+
+class ExportError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def require(module: str):
+    try:
+        return __import__(module)
+    except ImportError as exc:
+        raise ExportError(f"this needs the Python package '{module}' ({exc}); {INSTALL_HINT}") from None
+
+
+# ------------------------------------------------------------------------------------------------ the checkpoint
+
+
+def resolve_checkpoint(model: str, revision: str | None) -> Path:
+    """A local directory as is; anything else that looks like `org/name` is fetched from the Hub (only the
+    JSON and safetensors files)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise ExportError(f"--model {model}: no such directory (a Hub id looks like org/name)")
+    require("huggingface_hub")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+    except RepositoryNotFoundError:
+        raise ExportError(f"--model {model}: no such repository on the Hub, or it is gated (set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise ExportError(f"--model {model}: not in the local cache and the Hub cannot be reached") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ExportError(f"--model {model}: download failed: {str(exc).splitlines()[0]}") from None
+
+
+def read_config(checkpoint: Path) -> dict:
+    try:
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{checkpoint}: no config.json") from None
+    except (ValueError, OSError) as exc:
+        raise ExportError(f"{checkpoint / 'config.json'}: not readable JSON ({exc})") from None
+    if config.get("model_type") not in ("llama_bidirec", "llama"):
+        raise ExportError(f"{checkpoint}: model_type is {config.get('model_type')!r}; this script exports "
+                          "bidirectional Llama rerankers (model_type llama_bidirec)")
+    if config.get("pooling", "avg") != "avg":
+        raise ExportError(f"{checkpoint}: pooling {config['pooling']!r} is not supported, only 'avg' (mean)")
+    return config
+
+
+def read_weights(checkpoint: Path) -> dict:
+    """All tensors of the checkpoint's safetensors file(s), as float32."""
+    require("safetensors")
+    from safetensors.torch import load_file
+
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in checkpoint.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{checkpoint}: no *.safetensors weights")
+    tensors = {}
+    for name in files:
+        try:
+            tensors.update(load_file(str(checkpoint / name)))
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{checkpoint / name}: cannot read the weights ({exc})") from None
+    return {key: value.float() for key, value in tensors.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the module
+
+
+def build_reranker(config: dict, weights: dict):
+    """The torch module to convert: LlamaModel's weights and layers, a bidirectional padding mask, mean pooling,
+    the score head and the temperature."""
+    require("torch")
+    require("transformers")
+    from transformers import LlamaConfig, LlamaModel
+
+    llama_config = LlamaConfig(**{k: v for k, v in config.items() if k not in NOT_LLAMA_KEYS})
+    llama_config._attn_implementation = "sdpa"
+    decoder = LlamaModel(llama_config)
+    body = {key.removeprefix("model."): value for key, value in weights.items() if key != "score.weight"}
+    if "score.weight" not in weights:
+        raise ExportError("the checkpoint has no score.weight (the classification head): is it the reranker?")
+    missing, unexpected = decoder.load_state_dict(body, strict=False)
+    missing = [m for m in missing if "rotary_emb" not in m]
+    if missing or unexpected:
+        raise ExportError(f"the weights do not fit a Llama decoder: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}")
+    score = weights["score.weight"]
+    head = torch.nn.Linear(score.shape[1], score.shape[0], bias=False)
+    head.weight.data.copy_(score)
+    return BidirectionalMeanPoolReranker(decoder, head, float(config.get("temperature", 1.0))).eval()
+
+
+class BidirectionalMeanPoolReranker(_TorchModule):
+    """LlamaModel's embedding, layers and norm under a bidirectional padding mask, mean pooling over the mask, the
+    score head, divided by the temperature: the reranker's forward pass, traceable by openvino.convert_model."""
+
+    def __init__(self, decoder, head, temperature: float):
+        super().__init__()
+        self.decoder, self.head, self.temperature = decoder, head, temperature
+        for layer in decoder.layers:
+            layer.self_attn.is_causal = False
+
+    def forward(self, input_ids, attention_mask):
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(input_ids)
+        keep = attention_mask.to(hidden.dtype)
+        # positions as transformers' LlamaModel numbers them by default (0..n-1 whatever the padding), so that an
+        # unpadded pair scores exactly as the reference implementation scores it
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        rotary = decoder.rotary_emb(hidden, position_ids)
+        # bidirectional: every position may attend to every real (unpadded) position, and to nothing else
+        blocked = (1.0 - keep)[:, None, None, :] * torch.finfo(hidden.dtype).min
+        mask = blocked.expand(-1, 1, input_ids.shape[1], -1)
+        for layer in decoder.layers:
+            out = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = decoder.norm(hidden)
+        pooled = (hidden * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True)
+        return self.head(pooled) / self.temperature
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+
+
+def check_batch(vocab_size: int):
+    """A right- and left-padded batch to trace with and to compare torch and OpenVINO on."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    mask[2, :5] = 0
+    return ids, mask
+
+
+def convert(module, vocab_size: int, weight_format: str):
+    ov = require("openvino")
+    ids, mask = check_batch(vocab_size)
+    dynamic = ov.PartialShape([-1, -1])
+    with torch.no_grad():
+        ov_model = ov.convert_model(module, example_input={"input_ids": ids, "attention_mask": mask},
+                                    input=[("input_ids", dynamic, ov.Type.i64),
+                                           ("attention_mask", dynamic, ov.Type.i64)])
+    for port, name in zip(ov_model.inputs, ("input_ids", "attention_mask"), strict=True):
+        port.get_tensor().set_names({name})
+    ov_model.outputs[0].get_tensor().set_names({"logits"})
+    if weight_format == "int8":
+        ov_model = require("nncf").compress_weights(ov_model)
+    return ov_model
+
+
+def compare(module, xml: Path, vocab_size: int) -> float:
+    """Largest |IR - torch| logit on the check batch, the written IR compiled on the CPU at f32."""
+    ov = require("openvino")
+    ids, mask = check_batch(vocab_size)
+    with torch.no_grad():
+        expected = module(ids, mask).numpy()
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                         "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    got = compiled({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["logits"]
+    return float(abs(got - expected).max())
+
+
+def export(model: str, output: Path, weight_format: str, revision: str | None) -> float:
+    for name in ("torch", "transformers", "openvino", *(("nncf",) if weight_format == "int8" else ())):
+        require(name)
+    checkpoint = resolve_checkpoint(model, revision)
+    config = read_config(checkpoint)
+    if not (checkpoint / "tokenizer.json").is_file():
+        raise ExportError(f"{checkpoint}: no tokenizer.json")
+    module = build_reranker(config, read_weights(checkpoint))
+    vocab_size = module.decoder.embed_tokens.num_embeddings
+    ov_model = convert(module, vocab_size, weight_format)
+    ov = require("openvino")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        xml = output / "openvino_model.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=weight_format == "fp16")
+        diff = compare(module, xml, vocab_size)
+        if weight_format == "fp32" and diff > FP32_TOLERANCE:
+            xml.unlink()
+            xml.with_suffix(".bin").unlink()
+            raise ExportError(f"the converted IR differs from torch by {diff:.2e} (over {FP32_TOLERANCE}): removed")
+        for name in TOKENIZER_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, output / name)
+        shutil.copyfile(checkpoint / "config.json", output / "config.json")
+        (output / "rerank_template.json").write_text(json.dumps(TEMPLATE, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ExportError(f"{output}: cannot write ({exc.strerror or exc})") from None
+    return diff
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a bidirectional Llama reranker (llama-nemotron-rerank) "
+                                                 "to an OpenVINO IR for openvino-reranker.")
+    parser.add_argument("--model", required=True, help="checkpoint directory or Hub id (org/name)")
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--weight-format", choices=("fp32", "fp16", "int8"), default="fp16")
+    parser.add_argument("output", type=Path, help="directory to write the IR and its files into")
+    args = parser.parse_args(argv)
+    try:
+        diff = export(args.model, args.output, args.weight_format, args.revision)
+    except ExportError as exc:
+        print(f"export_nemotron: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} ({args.weight_format}); IR vs torch on a padded check batch: max |diff| {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
