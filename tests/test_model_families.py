@@ -95,3 +95,24 @@ def test_a_qwen3_reranker_is_served_with_its_built_in_template_and_no_flag():
     files = load_model_files(FIXTURES / "tiny-qwen3", 0)
     assert files.template is not None and files.template.source.startswith("built-in")
     assert not (Path(files.model_dir) / "rerank_template.json").exists()
+
+
+def test_chunking_and_instructions_work_with_a_decoder_head():
+    ref = reference("tiny-qwen3")
+    long_case = max(ref["cases"], key=lambda c: len(c["document"]))
+    args = ["--device", "CPU", *F32, "--model", str(FIXTURES / "tiny-qwen3"), "--max-length", "160",
+            "--cache-dir", "", "--instruction", "Judge whether the passage is relevant to the question"]
+    with RunningServer(args).wait_ready() as srv:
+        status, body = request(srv.port, "POST", "/rerank", {"query": long_case["query"], "max_chunks_per_doc": 50,
+                                                              "documents": [long_case["document"]]})[:2]
+        assert status == 200 and body["results"][0]["chunks"] > 1 and not body["results"][0]["truncated"]
+        ready = request(srv.port, "GET", "/readyz")[1]
+        assert ready["head"]["default_instruction"] == "Judge whether the passage is relevant to the question"
+        # the configured instruction is the default; a request's own wins; the reference case with that
+        # instruction scores the same either way
+        case = next(c for c in ref["cases"] if (c.get("instruction") or "").startswith("Judge"))
+        by_default = served_scores(srv.port, case["query"], None, [case])[0]
+        named = served_scores(srv.port, case["query"], case["instruction"], [case])[0]
+        assert abs(by_default - case["score"]) < SCORE_TOLERANCE and by_default == named
+        other = served_scores(srv.port, case["query"], "Find recipes", [case])[0]
+        assert abs(other - case["score"]) > SCORE_TOLERANCE  # the instruction does reach the model
