@@ -187,7 +187,35 @@ def logit_output(model, name: str = "logits") -> int:
     return named[0]
 
 
-class CrossEncoderHead:
+class ModelHead:
+    """What every head shares: chunking windows sized by the head (`window_size`), padding on the head's side with
+    its pad id, and the activation. Subclasses own the template, truncation and the contract."""
+
+    kind = ""
+    padding_side = "right"
+    max_length: int
+    pad_id: int
+    contract: ModelContract
+    _counter = None  # a copy of the tokenizer that neither truncates nor pads
+
+    def window_size(self, query: str, instruction: str | None) -> int:
+        raise NotImplementedError
+
+    def windows(self, query: str, text: str, max_chunks: int, instruction: str | None = None
+                ) -> tuple[list[str], bool]:
+        """A document as overlapping windows that each fit max_length together with the query (`split_windows`)."""
+        return split_windows(self._counter, text, max(8, self.window_size(query, instruction)), max_chunks)
+
+    def feed(self, encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket) -> dict[str, np.ndarray]:
+        return pad_pairs(encoded, rows, shape, self.contract.input_names, self.pad_id, self.contract.input_dtype,
+                         self.padding_side)
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """float64 scores from this head's logits; a non-finite logit is an InferenceError."""
+        return logits_to_scores(logits)
+
+
+class CrossEncoderHead(ModelHead):
     """BERT / RoBERTa / XLM-R cross-encoders exported with `optimum-cli export openvino --task
     text-classification`: the tokenizer's own pair template supplies the special tokens and type ids; truncation
     is longest-first at max_length (sentence-transformers' CrossEncoder behaviour); right padding with the
@@ -285,22 +313,12 @@ class CrossEncoderHead:
             truncated=truncated | shortened,
         )
 
-    def windows(self, query: str, text: str, max_chunks: int, instruction: str | None = None
-                ) -> tuple[list[str], bool]:
-        """A document as overlapping windows that each fit max_length together with the query (`split_windows`)."""
+    def window_size(self, query: str, instruction: str | None) -> int:
+        """Longest-first splits max_length between the query and the window: the window gets at least half."""
         query_tokens = len(self._counter.encode(query, add_special_tokens=False).ids)
-        size = max(8, self.max_length - self._specials() - min(query_tokens, self.max_length // 2))
-        return split_windows(self._counter, text, size, max_chunks)
-
-    def feed(self, encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket) -> dict[str, np.ndarray]:
-        return pad_pairs(encoded, rows, shape, self.contract.input_names, self.pad_id, self.contract.input_dtype,
-                         self.padding_side)
+        return self.max_length - self._specials() - min(query_tokens, self.max_length // 2)
 
     # ---- logits -> scores
-
-    def scores(self, logits: np.ndarray) -> np.ndarray:
-        """float64 scores from this head's logits; a non-finite logit is an InferenceError."""
-        return logits_to_scores(logits)
 
     def raw_scores(self, logits: np.ndarray) -> np.ndarray:
         """The logit whose sigmoid is the score: the single logit, or l1 - l0 for two."""
@@ -401,7 +419,7 @@ def _spans_tokens(offsets, span: tuple[int, int], specials) -> list[int]:
     return [i for i, (start, end) in enumerate(offsets) if not specials[i] and start < hi and end > lo]
 
 
-class DecoderRerankerHead:
+class DecoderRerankerHead(ModelHead):
     """Decoder rerankers served as one-logit classifiers: a Qwen3-Reranker (or Qwen2, Llama...) converted to
     `*ForSequenceClassification` with the "yes" minus "no" rows of its LM head and exported with `optimum-cli
     export openvino --task text-classification`, or a bidirectional Llama with mean pooling (nemotron-style,
@@ -498,22 +516,12 @@ class DecoderRerankerHead:
             drop += [i for i in query if i not in taken][:excess - len(drop)]
         return drop
 
-    def windows(self, query: str, text: str, max_chunks: int, instruction: str | None = None
-                ) -> tuple[list[str], bool]:
-        size = max(8, self.max_length - self.template_tokens(query, instruction))
-        return split_windows(self._counter, text, size, max_chunks)
-
-    def feed(self, encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket) -> dict[str, np.ndarray]:
-        return pad_pairs(encoded, rows, shape, self.contract.input_names, self.pad_id, self.contract.input_dtype,
-                         self.padding_side)
+    def window_size(self, query: str, instruction: str | None) -> int:
+        """What the template with this query and instruction leaves of max_length."""
+        return self.max_length - self.template_tokens(query, instruction)
 
     # ---- logits -> scores
-
-    def scores(self, logits: np.ndarray) -> np.ndarray:
-        return logits_to_scores(logits)
 
     def raw_scores(self, logits: np.ndarray) -> np.ndarray:
         return np.asarray(logits, dtype=np.float64)[:, 0]
 
-
-ModelHead = CrossEncoderHead | DecoderRerankerHead
