@@ -80,8 +80,8 @@ def drain(server: RerankServer, service: RerankService, end_grace: threading.Eve
     `end_grace` is set), stop accepting, let in-flight requests finish for up to drain_timeout_s, then return.
 
     The grace is for a load balancer: closing the listening socket resets the connections still waiting in its
-    accept backlog, whose requests were already sent, and HAProxy does not retry a request whose connection was
-    reset after it was sent. Once its health checks have seen /readyz at 503 it opens no more connections here."""
+    accept backlog, whose requests were already sent, and HAProxy can retry such a request only if it held it
+    whole. Once its health checks have seen /readyz at 503 it opens no more connections here."""
     config = service.config
     sd_notify("STOPPING=1")
     service.start_draining()
