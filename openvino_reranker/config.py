@@ -196,6 +196,9 @@ OPTIONS = (
     Option("max_header_bytes", _int(1024, 1 << 20), "65536",
            "largest request line plus headers, read before the API key is checked; beyond it 414 or 431"),
     Option("max_connections", _int(1, 100_000), "128", "open client connections; beyond it 503 at once"),
+    Option("drain_grace_s", _int(0, 3600), "0",
+           "on SIGTERM, seconds to keep serving with /readyz at 503 before the drain, so that a load balancer "
+           "stops sending requests first (0 = drain at once)"),
     Option("drain_timeout_s", _int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
     Option("failures_before_unready", _int(1, 1000), "3",
            "consecutive inference failures that flip /readyz to 503 (a success flips it back)"),
@@ -243,6 +246,7 @@ class Config:
     first_byte_timeout_s: int
     max_header_bytes: int
     max_connections: int
+    drain_grace_s: int
     drain_timeout_s: int
     failures_before_unready: int
     api_key: str

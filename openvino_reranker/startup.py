@@ -92,26 +92,38 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
     return reranker, model_files, engine.info(), parity
 
 
-def drain(server: RerankServer, service: RerankService) -> None:
-    """Stop accepting, let in-flight requests finish for up to drain_timeout_s, then return."""
-    log.info("stopping: no new connections; draining for up to %ss", service.config.drain_timeout_s)
+def drain(server: RerankServer, service: RerankService, end_grace: threading.Event | None = None) -> None:
+    """/readyz turns 503 and every answer says Connection: close; after drain_grace_s of serving so (or once
+    `end_grace` is set), stop accepting, let in-flight requests finish for up to drain_timeout_s, then return.
+
+    The grace is for a load balancer: closing the listening socket resets the connections still waiting in its
+    accept backlog, whose requests were already sent, and HAProxy can retry such a request only if it held it
+    whole. Once its health checks have seen /readyz at 503 it opens no more connections here."""
+    config = service.config
     sd_notify("STOPPING=1")
     service.start_draining()
+    if config.drain_grace_s:
+        log.info("stopping: /readyz answers 503; still serving for %ss so that load balancers stop sending "
+                 "requests here", config.drain_grace_s)
+        (end_grace or threading.Event()).wait(config.drain_grace_s)
+    log.info("stopping: no new connections; draining for up to %ss", config.drain_timeout_s)
     server.shutdown()
     server.server_close()
-    if not service.in_flight.wait_idle(service.config.drain_timeout_s):
+    if not service.in_flight.wait_idle(config.drain_timeout_s):
         log.warning("drain time over with requests still in flight; exiting anyway")
 
 
 WATCH_INTERVAL_S = 0.5  # how often the main thread looks for a scoring thread that ended
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT drain and exit 0 (also during startup, before READY=1). SIGHUP is ignored with a log
-    line: the configuration is read only at startup, and exiting on a hangup would stop a service that systemd
-    does not restart after a clean exit."""
+def install_signal_handlers(stop: threading.Event, end_grace: threading.Event) -> None:
+    """SIGTERM and SIGINT drain and exit 0 (also during startup, before READY=1); a second one ends the drain's
+    grace period at once. SIGHUP is ignored with a log line: the configuration is read only at startup, and
+    exiting on a hangup would stop a service that systemd does not restart after a clean exit."""
 
     def on_stop(signum, frame):
+        if stop.is_set():
+            end_grace.set()
         stop.set()
 
     def on_hangup(signum, frame):
@@ -128,6 +140,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal."""
     stop = stop or threading.Event()
+    end_grace = threading.Event()  # a second SIGTERM/SIGINT
     server = None
     try:
         config = load_config(argv, environ)
@@ -147,7 +160,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                          name="http").start()
         log.info("listening on http://%s:%d (not ready until the model is compiled)", host, port)
         if threading.current_thread() is threading.main_thread():
-            install_signal_handlers(stop)
+            install_signal_handlers(stop, end_grace)
         service.readiness.reason = "loading the model"
 
         def on_status(reason: str) -> None:
@@ -178,7 +191,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                              service.scoring_stopped())
                 exit_code = EXIT_SCORING_STOPPED
                 break
-        drain(server, service)
+        drain(server, service, end_grace)
         service.release_model()
         return exit_code
     except StartupCancelled as exc:

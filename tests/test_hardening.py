@@ -276,6 +276,28 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(fake_server):
         request(fake.port, "GET", "/healthz")
 
 
+def test_drain_grace_keeps_serving_with_readyz_503_until_it_ends(fake_server):
+    fake = fake_server("--drain-grace-s", "60").start(FakeEngine())
+    kept_alive = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=10)  # opened before the drain
+    assert request(fake.port, "GET", "/healthz", conn=kept_alive)[0] == 200
+    end_grace = threading.Event()
+    drainer, _ = in_background(drain, fake.srv, fake.service, end_grace)
+    wait_until(lambda: request(fake.port, "GET", "/readyz")[0] == 503, 10, "/readyz turning 503")
+    status, ready, _ = request(fake.port, "GET", "/readyz")
+    assert ready["reason"] == "draining: shutting down"
+    # still accepting connections and scoring, every answer closing its connection (a balancer opens a new one)
+    for conn in (None, kept_alive):
+        status, payload, resp = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["a"]}, conn=conn)
+        assert status == 200 and payload["results"][0]["index"] == 0 and resp.getheader("Connection") == "close"
+    kept_alive.close()
+    assert drainer.is_alive()  # the grace (60 s) has not ended by itself
+    end_grace.set()
+    drainer.join(10)
+    assert not drainer.is_alive()
+    with pytest.raises(OSError):  # no longer accepting
+        request(fake.port, "GET", "/healthz")
+
+
 def test_drain_gives_up_after_its_timeout(fake_server):
     engine = FakeEngine("gated")
     fake = fake_server("--drain-timeout-s", "0").start(engine)

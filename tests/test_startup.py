@@ -6,7 +6,7 @@ import socket
 
 import openvino as ov
 import pytest
-from conftest import FakeCore, RunningServer, request, run_server, spawn_ready_server
+from conftest import FakeCore, RunningServer, request, run_server, spawn_ready_server, wait_until
 
 from openvino_reranker.engine import check_device_available
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, StartupError
@@ -113,6 +113,19 @@ def test_sigterm_stops_the_server_with_exit_0(tiny_model):
     try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_sigterm_ends_the_drain_grace(tiny_model):
+    proc, port = spawn_ready_server(tiny_model, ("--drain-grace-s", "600"))
+    try:
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: request(port, "GET", "/readyz")[0] == 503, 10, "/readyz turning 503")
+        assert request(port, "GET", "/healthz")[0] == 200  # serving through the grace
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0  # not 600 s later
     finally:
         proc.kill()
         proc.wait()
