@@ -23,6 +23,7 @@ from conftest import (
     run_server,
     server_env,
     spawn_ready_server,
+    wait_until,
 )
 
 from openvino_reranker.batcher import ENCODE_SLICE, Reranker, WorkLimits
@@ -257,13 +258,15 @@ def test_sigterm_during_startup_exits_0_without_ready(tiny_model, tmp_path):
 
 def test_sighup_is_logged_and_ignored(tiny_model):
     proc, port = spawn_ready_server(tiny_model)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # until the pipe closes
+    reader.start()
     try:
         proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)  # the handler runs on the main thread between its waits
+        wait_until(lambda: any("SIGHUP ignored" in line for line in lines), what="the SIGHUP log line")
         assert proc.poll() is None and request(port, "GET", "/readyz")[0] == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        assert "SIGHUP ignored" in proc.stderr.read()
     finally:
         proc.kill()
         proc.wait()
