@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,7 @@ def logit_output(model, name: str = "logits") -> int:
     return named[0]
 
 
-class ModelHead:
+class ModelHead(ABC):
     """What every head shares: chunking windows sized by the head (`window_size`), padding on the head's side with
     its pad id, and the activation. Subclasses own the template, truncation and the contract."""
 
@@ -198,8 +199,9 @@ class ModelHead:
     contract: ModelContract
     _counter = None  # a copy of the tokenizer that neither truncates nor pads
 
+    @abstractmethod
     def window_size(self, query: str, instruction: str | None) -> int:
-        raise NotImplementedError
+        """Tokens of a document that fit in one pair with this query (and instruction)."""
 
     def windows(self, query: str, text: str, max_chunks: int, instruction: str | None = None
                 ) -> tuple[list[str], bool]:
