@@ -198,13 +198,14 @@ def decoder_pad_id(files: ModelFiles, tokenizer) -> int:
 
 def make_head(files: ModelFiles, tokenizer, model, instruction: str = "") -> ModelHead:
     """The head the model's files call for, its contract checked against the IR."""
-    if files.template is None:
-        return CrossEncoderHead(tokenizer, files.max_length, CrossEncoderHead.check_contract(model))
     template = files.template
+    if instruction and (template is None or not template.takes_instruction):
+        takes_none = "the model is a cross-encoder" if template is None else \
+            f"the prompt template ({template.source}) has no {{instruction}}"
+        raise StartupError(f"instruction is set but {takes_none}: it takes no instruction", EXIT_CONFIG)
+    if template is None:
+        return CrossEncoderHead(tokenizer, files.max_length, CrossEncoderHead.check_contract(model))
     if instruction:
-        if not template.takes_instruction:
-            raise StartupError(f"instruction is set but the prompt template ({template.source}) takes none",
-                               EXIT_CONFIG)
         template = PromptTemplate(template.template, instruction, template.add_special_tokens,
                                   f"{template.source}, instruction from the configuration")
     return DecoderRerankerHead(tokenizer, files.max_length, DecoderRerankerHead.check_contract(model), template,

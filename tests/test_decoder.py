@@ -255,3 +255,18 @@ def test_default_buckets_grow_to_a_long_max_length_and_named_ones_do_not():
     assert [str(b) for b in static_buckets_for(npu, 512)] == ["8x64", "8x128", "8x256", "8x512"]
     with pytest.raises(StartupError, match="do not cover max_length 1024"):
         static_buckets_for(load_config(["--device", "NPU", "--buckets", "8x128,8x512"], {}), 1024)
+
+
+@pytest.mark.parametrize("name, needle", [("tiny-xlmr", "the model is a cross-encoder"),
+                                          ("tiny-nemotron", "has no {instruction}")])
+def test_an_instruction_for_a_model_that_takes_none_stops_startup(name, needle):
+    import openvino as ov
+    from conftest import ROOT
+
+    from openvino_reranker.encoding import load_tokenizer
+    from openvino_reranker.modeldir import make_head
+
+    files = load_model_files(ROOT / "tests" / "fixtures" / "models" / name, 64)
+    with pytest.raises(StartupError, match=needle.replace("{", r"\{").replace("}", r"\}")) as err:
+        make_head(files, load_tokenizer(files.tokenizer), ov.Core().read_model(str(files.xml)), "find it")
+    assert err.value.exit_code == EXIT_CONFIG
