@@ -399,10 +399,13 @@ def render_native_error(error: ServiceError) -> dict:
     return {"ok": False, "error": {"type": error.error_type, "message": error.message, "field": error.field}}
 
 
-def _cohere_results(request: RerankRequest, scored: ScoredPairs) -> list[dict]:
+def _cohere_results(request: RerankRequest, scored: ScoredPairs, values=None) -> list[dict]:
+    """Cohere-shaped results, best first: `relevance_score` is `values` (the scores unless given, e.g. the logits
+    infinity's raw_scores asks for), `document` the object as sent."""
+    values = scored.scores if values is None else values
     results = []
     for i in rank(scored.scores, request.top_k):
-        item: dict[str, Any] = {"index": i, "relevance_score": float(scored.scores[i])}
+        item: dict[str, Any] = {"index": i, "relevance_score": float(values[i])}
         if request.return_documents:
             item["document"] = request.documents[i].original
         results.append(item)
@@ -459,13 +462,7 @@ def render_tei_error(error: ServiceError) -> dict:
 def render_infinity(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
     """infinity's answer, which vLLM's clients parse too: infinity_client requires model and usage with both
     prompt_tokens and total_tokens, and object, when present, to be "rerank"."""
-    values = scored.raw_scores if request.raw_scores else scored.scores
-    results = []
-    for i in rank(scored.scores, request.top_k):
-        item: dict[str, Any] = {"index": i, "relevance_score": float(values[i])}
-        if request.return_documents:
-            item["document"] = request.documents[i].original
-        results.append(item)
+    results = _cohere_results(request, scored, scored.raw_scores if request.raw_scores else scored.scores)
     tokens = int(scored.lengths.sum())
     return {"object": "rerank", "id": ctx.request_id, "created": int(time.time()), "model": ctx.model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
