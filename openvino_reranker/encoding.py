@@ -437,18 +437,19 @@ class DecoderRerankerHead(ModelHead):
     padding_side = "left"
 
     def __init__(self, tokenizer, max_length: int, contract: ModelContract, template: PromptTemplate, pad_id: int):
-        self.tokenizer = _copy(tokenizer)
+        # one copy that neither truncates nor pads: the head truncates by token positions itself
+        self.tokenizer = self._counter = _copy(tokenizer)
         self.max_length = max_length
         self.contract = contract
         self.template = template
         self.pad_id = pad_id
         self.takes_instruction = template.takes_instruction
-        self._counter = _copy(tokenizer)
-        self.min_pair_tokens = self.template_tokens() + 2
+        empty = self.template_tokens()
+        self.min_pair_tokens = empty + 2
         if self.min_pair_tokens > max_length:
             raise StartupError(f"max_length {max_length} cannot hold the prompt template ({template.source}), "
-                               f"which takes {self.template_tokens()} tokens with an empty query and document: "
-                               f"raise --max-length", EXIT_CONFIG)
+                               f"which takes {empty} tokens with an empty query and document: raise --max-length",
+                               EXIT_CONFIG)
 
     @classmethod
     def check_contract(cls, model) -> ModelContract:

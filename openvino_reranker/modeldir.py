@@ -45,6 +45,7 @@ class ModelFiles:
     max_length: int  # effective, after the model's limit and the config
     model_type: str | None = None  # config.json's
     pad_token_id: int | None = None  # config.json's: decoder graphs compare input ids with it
+    pad_tokens: tuple[str, ...] = ()  # tokenizer_config.json's pad_token then eos_token, when it names them
     template: PromptTemplate | None = None  # set for decoder rerankers
     source: Mapping[str, Any] = field(default_factory=dict)  # a Hub model's repo, revision and commit
 
@@ -160,10 +161,13 @@ def load_model_files(model_dir: str | Path, requested_max_length: int, model_fil
     config = _read_json(root / "config.json") or {}
     tokenizer_config = _read_json(root / "tokenizer_config.json") or {}
     model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
+    pad_token_id = config.get("pad_token_id")
+    pad_token_id = pad_token_id if isinstance(pad_token_id, int) and not isinstance(pad_token_id, bool) and \
+        pad_token_id >= 0 else None
     limits = []
     positions = _positive_int(config.get("max_position_embeddings"))
     if positions is not None:
-        pad = config.get("pad_token_id") if isinstance(config.get("pad_token_id"), int) else 1
+        pad = 1 if pad_token_id is None else pad_token_id
         limits.append(positions - pad - 1 if model_type in ROBERTA_MODEL_TYPES else positions)
     if _positive_int(tokenizer_config.get("model_max_length")) is not None:
         limits.append(tokenizer_config["model_max_length"])
@@ -176,10 +180,15 @@ def load_model_files(model_dir: str | Path, requested_max_length: int, model_fil
         name = str(source["repo"])
     elif isinstance(config.get("_name_or_path"), str) and config["_name_or_path"]:
         name = config["_name_or_path"]
-    pad_token_id = config.get("pad_token_id")
+    pad_tokens = []
+    for key in ("pad_token", "eos_token"):
+        token = tokenizer_config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and token:
+            pad_tokens.append(token)
     return ModelFiles(root, name, xml, tok, requested_max_length or min(model_limit, DEFAULT_MAX_LENGTH),
-                      model_type, pad_token_id if isinstance(pad_token_id, int) and pad_token_id >= 0 else None,
-                      pick_template(root, template_path, model_type), dict(source or {}))
+                      model_type, pad_token_id, tuple(pad_tokens), pick_template(root, template_path, model_type),
+                      dict(source or {}))
 
 
 def decoder_pad_id(files: ModelFiles, tokenizer) -> int:
@@ -187,11 +196,8 @@ def decoder_pad_id(files: ModelFiles, tokenizer) -> int:
     token (tokenizer_config.json), else its end-of-text token."""
     if files.pad_token_id is not None:
         return files.pad_token_id
-    tokenizer_config = _read_json(files.model_dir / "tokenizer_config.json") or {}
-    for key in ("pad_token", "eos_token"):
-        token = tokenizer_config.get(key)
-        token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+    for token in files.pad_tokens:
+        if tokenizer.token_to_id(token) is not None:
             return tokenizer.token_to_id(token)
     return 0
 

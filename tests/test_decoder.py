@@ -270,3 +270,19 @@ def test_an_instruction_for_a_model_that_takes_none_stops_startup(name, needle):
     with pytest.raises(StartupError, match=needle.replace("{", r"\{").replace("}", r"\}")) as err:
         make_head(files, load_tokenizer(files.tokenizer), ov.Core().read_model(str(files.xml)), "find it")
     assert err.value.exit_code == EXIT_CONFIG
+
+
+def test_without_a_pad_token_id_the_decoder_pads_with_the_tokenizers_pad_then_eos_token(tmp_path, tokenizer):
+    from openvino_reranker.modeldir import decoder_pad_id
+
+    named = load_model_files(write_model(tmp_path / "p", {"model_type": "qwen3"},
+                                         tokenizer_config={"pad_token": {"content": "<|im_end|>"},
+                                                           "eos_token": "<|endoftext|>"}), 0)
+    assert named.pad_tokens == ("<|im_end|>", "<|endoftext|>")
+    assert decoder_pad_id(named, tokenizer) == tokenizer.token_to_id("<|im_end|>")
+    eos_only = load_model_files(write_model(tmp_path / "e", {"model_type": "qwen3"},
+                                            tokenizer_config={"pad_token": "<none>", "eos_token": "<|endoftext|>"}), 0)
+    assert decoder_pad_id(eos_only, tokenizer) == tokenizer.token_to_id("<|endoftext|>")
+    config_wins = load_model_files(write_model(tmp_path / "c", {"model_type": "qwen3", "pad_token_id": 7},
+                                               tokenizer_config={"pad_token": "<|im_end|>"}), 0)
+    assert decoder_pad_id(config_wins, tokenizer) == 7
