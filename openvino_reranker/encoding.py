@@ -22,6 +22,7 @@ import numpy as np
 from .config import ShapeBucket
 from .errors import EXIT_CONFIG, EXIT_MODEL, PayloadTooLargeError, StartupError, error_reason
 from .scoring import logits_to_scores
+from .textcut import TextCutter
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,6 @@ class ModelContract:
     input_dtype: type = np.int64
 
 
-_WORD = re.compile(r"[^ ]+")
-
-
 @dataclass(frozen=True)
 class Truncation:
     """How a request wants its pairs cut to max_length: from the end (`right`, the default) or the start (`left`,
@@ -71,26 +69,6 @@ class Truncation:
 
 
 TRUNCATE_RIGHT = Truncation()
-
-
-def cut_to_words(text: str, words: int, side: str = "right") -> str:
-    """`text` up to the end of its `words`-th space-separated word that holds a letter or a digit (from the start
-    of its `words`-th last such word with side="left"); the whole text if it has fewer. Its cost is proportional
-    to `words`, not to the text: it is what keeps a 100,000-character document from costing seconds of
-    tokenizing. Tokenizers that split at spaces (WordPiece, byte-level BPE, Metaspace) give at least one token per
-    such word and never join tokens across a space, so the cut text's tokens are the first (last) tokens of the
-    whole text, and there are at least `words` of them. `CrossEncoderHead.encode` picks `words` so that
-    longest-first truncation keeps exactly what it keeps of the whole text."""
-    if side == "left":  # the same, counted from the end: the text from the start of its `words`-th last word
-        flipped = cut_to_words(text[::-1], words)
-        return text[len(text) - len(flipped):]
-    count = 0
-    for match in _WORD.finditer(text):
-        if any(c.isalnum() for c in match.group()):
-            count += 1
-            if count == words:
-                return text[:match.end()]
-    return text
 
 
 def pad_pairs(encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket, input_names: Sequence[str],
@@ -113,14 +91,14 @@ def pad_pairs(encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket, in
     return {name: feed[name] for name in input_names}
 
 
-def split_windows(counter, text: str, size: int, max_chunks: int) -> tuple[list[str], bool]:
-    """`text` as overlapping windows of at most `size` tokens (of the tokenizer `counter`, which adds no special
-    tokens and does not truncate), cut at word starts and ends (the tokenizer's own word ids and offsets), a quarter
-    of a window overlapping the next; at most `max_chunks` of them. Returns the windows and whether text was left
-    over. A text that fits is one window: itself."""
+def split_windows(cutter: TextCutter, text: str, size: int, max_chunks: int) -> tuple[list[str], bool]:
+    """`text` as overlapping windows of at most `size` tokens (of `cutter`'s tokenizer, which adds no special tokens
+    and does not truncate), cut at word starts and ends (the tokenizer's own word ids and offsets), a quarter of a
+    window overlapping the next; at most `max_chunks` of them. Returns the windows and whether text was left over.
+    A text that fits is one window: itself."""
     step = size - size // 4
-    text = cut_to_words(text, step * max_chunks + size)  # nothing past what the windows can reach
-    enc = counter.encode(text, add_special_tokens=False)
+    text = cutter.cut(text, step * max_chunks + size)  # nothing past what the windows can reach
+    enc = cutter.tokenizer.encode(text, add_special_tokens=False)
     n, words, offsets = len(enc.ids), enc.word_ids, enc.offsets
     if n <= size:
         return [text], False
@@ -198,6 +176,7 @@ class ModelHead(ABC):
     pad_id: int
     contract: ModelContract
     _counter = None  # a copy of the tokenizer that neither truncates nor pads
+    _cutter: TextCutter  # cuts long texts to what truncation keeps, with _counter
 
     @abstractmethod
     def window_size(self, query: str, instruction: str | None) -> int:
@@ -206,7 +185,7 @@ class ModelHead(ABC):
     def windows(self, query: str, text: str, max_chunks: int, instruction: str | None = None
                 ) -> tuple[list[str], bool]:
         """A document as overlapping windows that each fit max_length together with the query (`split_windows`)."""
-        return split_windows(self._counter, text, max(8, self.window_size(query, instruction)), max_chunks)
+        return split_windows(self._cutter, text, max(8, self.window_size(query, instruction)), max_chunks)
 
     def feed(self, encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket) -> dict[str, np.ndarray]:
         return pad_pairs(encoded, rows, shape, self.contract.input_names, self.pad_id, self.contract.input_dtype,
@@ -243,6 +222,7 @@ class CrossEncoderHead(ModelHead):
         left.enable_truncation(max_length, strategy="longest_first", direction="left")
         self._tokenizers = {"right": tokenizer, "left": left}
         self._counter = _copy(tokenizer)  # counts a query's tokens, untruncated
+        self._cutter = TextCutter(self._counter)
         self.min_pair_tokens = self._specials() + 2  # the special tokens, one query token and one document token
 
     @classmethod
@@ -291,17 +271,17 @@ class CrossEncoderHead(ModelHead):
     def encode(self, query: str | Sequence[str], texts: Sequence[str], truncation: Truncation = TRUNCATE_RIGHT,
                instruction: str | None = None) -> EncodedPairs:
         """Pairs as the tokenizer's pair template makes them, truncated longest-first to max_length on the side
-        asked for (each text is first cut to what that truncation can keep, see `cut_to_words`). `query` is one
+        asked for (each text is first cut to what that truncation can keep, see `TextCutter`). `query` is one
         query for every text, or one per text. A cross-encoder takes no instruction (the service refuses one)."""
         side = truncation.side
         tokenizer = self._tokenizers[side]
         queries = [query] * len(texts) if isinstance(query, str) else list(query)
         # Longest-first keeps at most max_length tokens of a document, and splits the budget by which of the query
-        # and the document is longer: a document cut after more words than both max_length and the query's
-        # tokens keeps both, so it is cut there (the query, at most max_query_chars, is never cut).
-        words = {q: max(self.max_length, len(self._counter.encode(q, add_special_tokens=False).ids) + 1)
-                 for q in set(queries)}
-        texts = [cut_to_words(text, words[q], side) for q, text in zip(queries, texts, strict=True)]
+        # and the document is longer: a document cut to more tokens than both max_length and the query's tokens
+        # keeps both, so it is cut there (the query, at most max_query_chars, is never cut).
+        keep = {q: max(self.max_length, len(self._counter.encode(q, add_special_tokens=False).ids) + 1)
+                for q in set(queries)}
+        texts = [self._cutter.cut(text, keep[q], side) for q, text in zip(queries, texts, strict=True)]
         shortened = np.zeros(len(texts), dtype=bool)
         if truncation.max_document_tokens is not None and truncation.max_document_tokens < self.max_length:
             texts, shortened = first_tokens(self._counter, texts, truncation.max_document_tokens)
@@ -439,6 +419,7 @@ class DecoderRerankerHead(ModelHead):
     def __init__(self, tokenizer, max_length: int, contract: ModelContract, template: PromptTemplate, pad_id: int):
         # one copy that neither truncates nor pads: the head truncates by token positions itself
         self.tokenizer = self._counter = _copy(tokenizer)
+        self._cutter = TextCutter(self._counter)
         self.max_length = max_length
         self.contract = contract
         self.template = template
@@ -483,8 +464,8 @@ class DecoderRerankerHead(ModelHead):
                instruction: str | None = None) -> EncodedPairs:
         queries = [query] * len(texts) if isinstance(query, str) else list(query)
         side = truncation.side
-        # a document keeps at most max_length tokens, and each space-separated word is at least one
-        texts = [cut_to_words(text, self.max_length, side) for text in texts]
+        # a document keeps at most max_length tokens (fewer: the template takes some)
+        texts = [self._cutter.cut(text, self.max_length, side) for text in texts]
         shortened = np.zeros(len(texts), dtype=bool)
         if truncation.max_document_tokens is not None and truncation.max_document_tokens < self.max_length:
             texts, shortened = first_tokens(self._counter, texts, truncation.max_document_tokens)

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, Truncation, cut_to_words, pad_pairs
+from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, Truncation, pad_pairs
+from openvino_reranker.textcut import BertRuns, TextCutter
 
 
 def encoded(lengths):
@@ -117,7 +118,9 @@ def test_a_huge_document_is_cut_cheaply(tiny_model):
     import time
     head = fake_head(tiny_model.path / "tokenizer.json", 128)
     text = ("xqzj" * 25 + " ") * 980  # 99k characters: the wedge from the robustness issue
-    assert len(cut_to_words(text, 128)) < 13_000 and len(cut_to_words(text, 128, "left")) < 13_000
+    cutter = TextCutter(head._counter)
+    # 128 one-token words take 13k characters; the window doubles, so it may hold up to twice that
+    assert len(cutter.cut(text, 128)) < 27_000 and len(cutter.cut(text, 128, "left")) < 27_000
     started = time.perf_counter()
     got = head.encode("q", [text] * 19)
     assert time.perf_counter() - started < 5  # generous: the point is not seconds per document
@@ -125,12 +128,94 @@ def test_a_huge_document_is_cut_cheaply(tiny_model):
     assert got.ids[0].tolist() == want.ids
 
 
-@pytest.mark.parametrize("text, words, expected", [
-    ("a b c", 2, "a b"), ("a  b   c", 2, "a  b"), ("! a ? b c", 2, "! a ? b"), ("abc", 5, "abc"), ("", 3, ""),
-    ("a\nb c", 1, "a\nb"),
+# Texts with few or no spaces: one long "word", CJK, emoji, combining marks (of two classes, which NFC reorders), a
+# run of one punctuation character, digits (grouped in threes by Llama 3's pre-tokenizer), control characters.
+RUNS = st.sampled_from(["a", "中", "\U0001f600", "\u0301", "\u0323\u0301", ",", "7", "\x00", "e\u0301", "\u00a0",
+                        "\u200b", "\t", "-", "ab", "1,2"])
+RUN_TEXTS = st.lists(st.tuples(RUNS, st.integers(1, 400)), min_size=1, max_size=6).map(
+    lambda parts: "".join(piece * count for piece, count in parts))
+FIXTURE_TOKENIZERS = ["tiny-bert-qint8", "tiny-llama", "tiny-nemotron", "tiny-qwen3", "tiny-xlmr"]
+
+
+@pytest.fixture(scope="module")
+def cutters(tiny_model):
+    """A TextCutter for each tokenizer family the fixtures hold (WordPiece, byte-level BPE with and without NFC,
+    Unigram with NFKC), the tests' own tiny WordPiece, and the trained byte-level BPE and Unigram above."""
+    from conftest import ROOT
+    from tokenizers import Tokenizer
+
+    tokenizers = [Tokenizer.from_file(str(ROOT / "tests" / "fixtures" / "models" / name / "tokenizer.json"))
+                  for name in FIXTURE_TOKENIZERS]
+    tokenizers += [Tokenizer.from_file(str(tiny_model.path / "tokenizer.json")), bpe_tokenizer(), unigram_tokenizer()]
+    for tok in tokenizers:
+        tok.no_truncation()
+        tok.no_padding()
+    return [TextCutter(tok) for tok in tokenizers]
+
+
+def assert_cut_keeps(cutter, text, keep, side):
+    tok = cutter.tokenizer
+    cut = cutter.cut(text, keep, side)
+    whole = tok.encode(text, add_special_tokens=False).ids
+    got = tok.encode(cut, add_special_tokens=False).ids
+    if side == "right":
+        assert got[:keep] == whole[:keep], (text[:80], cut[:80])
+    else:
+        assert got[-keep:] == whole[-keep:], (text[-80:], cut[-80:])
+    assert (len(got) >= keep) == (len(whole) >= keep)
+    return cut
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(RUN_TEXTS, st.tuples(TEXTS, RUN_TEXTS, TEXTS).map("".join)),
+       keep=st.sampled_from([1, 5, 24, 60]), side=st.sampled_from(["right", "left"]))
+def test_cutting_texts_without_spaces_keeps_the_tokens_truncation_keeps(cutters, text, keep, side):
+    for cutter in cutters:
+        assert_cut_keeps(cutter, text, keep, side)
+
+
+@pytest.mark.parametrize("text", [",", "中", "\U0001f600", "a", "\u0301\u0323", "\x00", " ", "7", "e\u0301\u0323"],
+                         ids=["comma", "cjk", "emoji", "letter", "marks", "nul", "space", "digit", "accented"])
+def test_a_two_megabyte_run_costs_what_its_kept_tokens_cost(cutters, text):
+    """Each family, each side: the cut of a 2 MB run of one character keeps the tokens and is short, or, where the
+    run is few tokens (a 2 MB word is one unknown token for WordPiece), is found without tokenizing 2 MB."""
+    import time
+
+    run = text * (2_000_000 // len(text.encode()))
+    for cutter in cutters:
+        for side in ("right", "left"):
+            started = time.perf_counter()
+            cut = cutter.cut("q " + run + " z" if side == "left" else run, 512, side)
+            elapsed = time.perf_counter() - started
+            assert len(cut) < 60_000 or elapsed < 1.5, (cutter.tokenizer.model, side, len(cut), elapsed)
+
+
+@pytest.mark.parametrize("source", ["tiny", "exported"])
+def test_bert_runs_shorten_without_changing_a_token(tiny_model, source):
+    from conftest import ROOT
+    from tokenizers import Tokenizer
+
+    path = tiny_model.path if source == "tiny" else ROOT / "tests" / "fixtures" / "models" / "tiny-bert-qint8"
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    runs = BertRuns.for_tokenizer(tok)
+    assert runs is not None and runs.max_word_chars == 100
+    cases = ["a" * 5000 + " b", "x" + " \t\n" * 300 + "y", "[SE\x00P] a", "e" + "\u0301" * 900 + "f",
+             "\U0001f600" * 3000, "abc\x00" * 400, "中" * 300 + "a" * 300, "\u00e9" * 500 + "!"]
+    for text in cases:
+        short = runs.shorten(text)
+        assert tok.encode(short, add_special_tokens=False).ids == tok.encode(text, add_special_tokens=False).ids
+    assert len(runs.shorten("a" * 5000)) == 101 and runs.shorten("x   y") == "x y"
+    if source == "exported":  # sentence-transformers' export lists [SEP] as an added token, matched before cleaning
+        assert runs.shorten("[SE\x00P]") == "[SE\x00P]"  # deleting the NUL would spell it
+    assert BertRuns.for_tokenizer(bpe_tokenizer()) is None
+
+
+@pytest.mark.parametrize("text, keep, side, expected", [
+    ("a b c", 5, "right", "a b c"), ("", 3, "right", ""), ("short", 1, "left", "short"),
 ])
-def test_cut_to_words(text, words, expected):
-    assert cut_to_words(text, words) == expected
+def test_a_text_shorter_than_the_first_window_is_whole(tiny_model, text, keep, side, expected):
+    head = fake_head(tiny_model.path / "tokenizer.json", 64)
+    assert TextCutter(head._counter).cut(text, keep, side) == expected
 
 
 def test_max_document_tokens_keeps_the_first_tokens(tiny_model):

@@ -1,0 +1,241 @@
+"""Cutting a long text to what truncation can keep before the tokenizer sees it whole.
+
+A request may carry documents of megabytes; truncation keeps a few hundred tokens of each. Tokenizing the whole text
+and throwing most of it away costs time and memory in proportion to the text's tokens (a 2 MB run of commas is two
+million tokens: about a gigabyte and seconds). `TextCutter.cut` gives a prefix (or, for left truncation, a suffix)
+whose tokenization starts (ends) with exactly the tokens the whole text's tokenization starts (ends) with, as many as
+asked for, and costs about what tokenizing those tokens costs, whatever the script, spacing or word length.
+
+How it knows where to cut, from the tokenizer's own pipeline (normalizer, pre-tokenizer, model):
+- Tokens never cross a pre-tokenizer word (the tokenizer's `word_ids`), and a word's tokens depend only on that
+  word. It tokenizes a window of the text (about four characters per token wanted, doubled until enough) and keeps
+  the tokens of the words the window holds whole: for a prefix, every word before its last two (the last may be cut
+  in the middle, and a pre-tokenizer's look-ahead reaches one word back); for a suffix, every word but the first with
+  BERT's pre-tokenizer (it splits at every space and punctuation character), and otherwise every word after a space that
+  follows a non-space character (where every supported pre-tokenizer starts a new word whatever came before: WordPiece's
+  and Metaspace's split there, and the byte-level regexes of GPT-2, Llama 3 and Qwen give a space to the word after
+  it), so a word the window's start cut or misaligned (digits grouped in threes) is never counted.
+- Unicode normalization (NFC, NFKC) reorders a run of combining marks as a whole, so a cut inside such a run could
+  move marks that the whole text keeps elsewhere. When the window's edge falls inside a run and the tokenizer's
+  normalizer reorders marks, the text is first normalized by that normalizer itself (linear, once): normalized text
+  is in canonical order, its normalization is itself, and a cut no longer moves anything.
+- A run longer than the window without such a boundary (one 2 MB "word", CJK or emoji without spaces, a run of one
+  punctuation character under a byte-level tokenizer) is taken as its tokens away from the cut: all of them but the
+  `margin` tokens next to the cut, where `margin` is twice the longest vocabulary entry in characters (at least 16).
+  This is done for BPE and Unigram only, and relies on a long word's tokens far from its end not depending on its
+  end, which the property tests check on each tokenizer family but which is not a theorem. Never for WordPiece,
+  where a word longer than `max_input_chars_per_word` is one unknown token, so its first tokens depend on its length.
+Some text is many characters and few tokens under the BERT family's pipeline (BertNormalizer, BertPreTokenizer,
+WordPiece: the default model's): a 2 MB word is one unknown token, a 2 MB run of spaces or control characters none.
+For such a tokenizer, a text whose first window is not enough is first shortened by rules that change none of its
+tokens (`BertRuns`): characters the normalizer deletes are deleted, a run of spaces becomes one, and a run of
+letters, digits and symbols longer than `max_input_chars_per_word` + 1 keeps that many (the word stays one unknown
+token). These are linear passes of compiled regular expressions, so such a text costs milliseconds, not the
+tokenizer's second per 2 MB.
+A text that is not longer than the window is returned whole, so short texts cost one `len`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import unicodedata
+
+import numpy as np
+
+_FIRST_WINDOW_CHARS_PER_TOKEN = 4  # English averages about 4.5; denser scripts stop at the first window
+_MIN_MARGIN = 16
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """The most characters one vocabulary entry spells (WordPiece's continuation prefix not counted; a byte-level
+    entry counts its bytes, never fewer than its characters)."""
+    model = json.loads(tokenizer.to_str()).get("model", {})
+    prefix = model.get("continuing_subword_prefix") or ""
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    return max((len(t) - (len(prefix) if prefix and t.startswith(prefix) else 0) for t in vocab), default=1)
+
+
+class TextCutter:
+    """Cuts texts for one tokenizer (a copy that adds no special tokens, neither truncates nor pads)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        # WordPiece makes a word longer than max_input_chars_per_word one unknown token, so the tokens of a word's
+        # start depend on its length: only BPE and Unigram words are taken in part
+        config = json.loads(tokenizer.to_str())
+        local = (config.get("model") or {}).get("type") in ("BPE", "Unigram")
+        # BERT's pre-tokenizer splits at every space and around every punctuation character whatever came before:
+        # in a suffix, every word but the first is the whole text's (other pre-tokenizers: after a space, below)
+        self.words_are_local = (config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+        self.margin = max(_MIN_MARGIN, 2 * _longest_token_chars(tokenizer)) if local else None
+        normalizer = tokenizer.normalizer
+        # NFC/NFD/NFKC/NFKD put U+0323 (class 220) before U+0301 (class 230); BERT's accent stripping removes both
+        self.reorders_marks = normalizer is not None and normalizer.normalize_str("\u0301\u0323") == "\u0323\u0301"
+        self.runs = BertRuns.for_tokenizer(tokenizer)
+
+    def cut(self, text: str, keep: int, side: str = "right") -> str:
+        """A prefix of `text` (a suffix with side="left") that the tokenizer turns into the same first (last) `keep`
+        tokens as the whole text, or the whole text when it has no more than that. It may be a prefix of the text
+        as the tokenizer's normalizer writes it (see the module's docstring), which tokenizes the same."""
+        size = _FIRST_WINDOW_CHARS_PER_TOKEN * (keep + (self.margin or _MIN_MARGIN))
+        normalized = shortened = False
+        while size < len(text):
+            edge = size if side == "right" else len(text) - size
+            if self.reorders_marks and not normalized and _inside_mark_run(text, edge):
+                text, normalized = self.tokenizer.normalizer.normalize_str(text), True
+                continue
+            window = text[:size] if side == "right" else text[len(text) - size:]
+            if self._exact_tokens(window, side) >= keep:
+                return window
+            if self.runs is not None and not shortened:
+                text, shortened = self.runs.shorten(text), True
+                continue
+            size *= 2
+        return text
+
+    def _exact_tokens(self, window: str, side: str) -> int:
+        """How many tokens at the kept end of `window` are the whole text's tokens: those of whole words (see the
+        module's docstring), or, if more, all but the `margin` tokens next to the cut."""
+        enc = self.tokenizer.encode(window, add_special_tokens=False)
+        n = len(window)
+        if side == "right":
+            ends = [end for _, end in enc.offsets]
+            last_two = _distinct_from_end(enc.word_ids, 2)
+            edge = min((start for (start, _), w in zip(enc.offsets, enc.word_ids) if w in last_two), default=0)
+        else:  # mirrored: distances from the window's end, from the last token back
+            ends = [n - start for start, _ in reversed(enc.offsets)]
+            if self.words_are_local:
+                first = enc.word_ids[0] if enc.word_ids else None
+                edge = n - next((start for (start, _), w in zip(enc.offsets, enc.word_ids) if w != first), n)
+            else:
+                edge = n - _left_sync_point(window)
+        whole = 0
+        for end in ends:
+            if end > edge:
+                break
+            whole += 1
+        return whole if self.margin is None else max(whole, len(ends) - self.margin)
+
+
+class BertRuns:
+    """Token-preserving shortening for a BertNormalizer + BertPreTokenizer + WordPiece tokenizer, by the rules of
+    the `tokenizers` library's implementation: clean_text deletes `\\0`, U+FFFD and every character of Unicode
+    category C* but tab, CR and LF, and makes every White_Space character a space; accent stripping (on when asked,
+    or when lowercasing and not asked) deletes category Mn after NFD; the pre-tokenizer splits at White_Space and
+    keeps each punctuation character (ASCII punctuation, category P*) alone; CJK ideographs are padded with spaces;
+    a word longer than max_input_chars_per_word characters is the unknown token."""
+
+    def __init__(self, max_word_chars: int, clean_text: bool, strip_marks: bool, added: list[str]):
+        self.max_word_chars = max_word_chars
+        self.clean_text, self.strip_marks = clean_text, strip_marks
+        self.added = added  # added tokens are matched before normalization: deleting must not make one
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> BertRuns | None:
+        config = json.loads(tokenizer.to_str())
+        model, normalizer, pre = config.get("model") or {}, config.get("normalizer"), config.get("pre_tokenizer")
+        if model.get("type") != "WordPiece" or (pre or {}).get("type") != "BertPreTokenizer" or \
+                (normalizer is not None and normalizer.get("type") != "BertNormalizer"):
+            return None
+        normalizer = normalizer or {"clean_text": False, "strip_accents": False, "lowercase": False}
+        strip = normalizer.get("strip_accents")
+        strip = normalizer.get("lowercase", True) if strip is None else strip
+        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        return cls(int(model.get("max_input_chars_per_word", 100)), bool(normalizer.get("clean_text", True)),
+                   bool(strip), added)
+
+    def shorten(self, text: str) -> str:
+        """`text` with the same tokens and no more characters: deleted characters deleted (unless that would
+        spell an added token), runs of spaces as one, runs of word characters longer than max_word_chars + 1 cut
+        to that. Works on the code points as a numpy array: linear, a few bytes per character."""
+        kinds_of = _bert_table()
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        kinds = kinds_of[codes]
+        deleted = (kinds == _CONTROL) if self.clean_text else np.zeros(len(codes), dtype=bool)
+        if self.strip_marks:
+            deleted |= kinds == _NONSPACING
+        if deleted.any():
+            kept = _text(codes[~deleted])
+            if all(kept.count(t) == text.count(t) for t in self.added):
+                codes, kinds = codes[~deleted], kinds[~deleted]
+        space = kinds == _SPACE
+        drop = space & np.r_[False, space[:-1]]  # a space after a space
+        word = np.r_[False, kinds == _WORD, False]
+        edges = np.flatnonzero(word[1:] != word[:-1])  # starts and ends of the runs of word characters, paired
+        for start, end in zip(edges[::2], edges[1::2]):
+            if end - start > self.max_word_chars + 1:
+                drop[start + self.max_word_chars + 1:end] = True
+        return _text(codes[~drop])
+
+
+def _text(codes: np.ndarray) -> str:
+    return codes.tobytes().decode("utf-32-le", "surrogatepass")
+
+
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # BERT's "Chinese characters"
+_WHITE_SPACE = "\t\n\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029" \
+               "\u202f\u205f\u3000"  # the White_Space characters that clean_text keeps (the others are Cc: deleted)
+_OTHER, _WORD, _SPACE, _CONTROL, _NONSPACING = range(5)
+
+
+@functools.cache
+def _bert_table() -> np.ndarray:
+    """Each code point's kind for BertRuns, from this Python's Unicode database: _CONTROL (what clean_text deletes:
+    categories Cc, Cf, Cs, Co but tab, CR, LF; and U+FFFD), _NONSPACING (Mn), _SPACE, _WORD (certainly inside a
+    word: a letter, digit or symbol outside ASCII punctuation and CJK whose NFD holds only such characters and Mn)
+    and _OTHER. An unassigned code point is _OTHER: a newer Unicode than this Python's may make it anything, so it
+    is never deleted and always ends a run. Planes 3 to 14, but for the tags and variation selectors, are
+    unassigned and planes 15 and 16 private use (Co): they are filled without asking about each code point."""
+    table = np.full(0x110000, _OTHER, dtype=np.uint8)
+    category = unicodedata.category
+    cjk = np.zeros(0x110000, dtype=bool)
+    for lo, hi in _CJK:
+        cjk[lo:hi + 1] = True
+    for code in (*range(0x323B0), *range(0xE0000, 0xE0200)):
+        ch = chr(code)
+        cat = category(ch)
+        if (cat in ("Cc", "Cf", "Cs", "Co") and ch not in "\t\n\r") or code == 0xFFFD:
+            table[code] = _CONTROL
+        elif cat == "Mn":
+            table[code] = _NONSPACING
+        elif ch in _WHITE_SPACE:
+            table[code] = _SPACE
+        elif cat[0] in "LNS" and not (code < 128 and not ch.isalnum()) and not cjk[code] and (
+                not unicodedata.decomposition(ch) or all(category(c)[0] in "LNS" or category(c) == "Mn"
+                                                         for c in unicodedata.normalize("NFD", ch))):
+            table[code] = _WORD
+    table[0xF0000:0xFFFFE] = _CONTROL  # private use
+    table[0x100000:0x10FFFE] = _CONTROL
+    return table
+
+
+def _inside_mark_run(text: str, edge: int) -> bool:
+    """Whether the characters on both sides of `edge` are combining marks (a run that the cut would split)."""
+    return 0 < edge < len(text) and bool(unicodedata.combining(text[edge - 1])) and \
+        bool(unicodedata.combining(text[edge]))
+
+
+def _left_sync_point(window: str) -> int:
+    """Where a suffix's words start to be the whole text's: the first space that follows a non-space character (the
+    window's length if there is none)."""
+    at = 0
+    while True:
+        space = window.find(" ", at + 1)
+        if space < 0:
+            return len(window)
+        if not window[space - 1].isspace():
+            return space
+        at = space
+
+
+def _distinct_from_end(words, count: int) -> list:
+    """The last `count` distinct word ids (None, an added token, counts as a word of its own)."""
+    seen: list = []
+    for w in reversed(words):
+        if not seen or seen[-1] != w:
+            seen.append(w)
+            if len(seen) == count:
+                break
+    return seen
