@@ -1,8 +1,9 @@
 """HTTP/1.1 framing, checked on the raw bytes: the request head is read and its header lines kept
 (`HeadReader`), and the body's framing is worked out once from them (`read_framing`), refusing every header block
 a proxy in front could read differently. http.client's own header parser drops a line without a colon (and every
-header after it), folds obs-fold lines, takes EOF for the end of the headers and has no bound on their total size,
-and `str.isdigit()` accepts lengths `int()` refuses: each of those is a 400 here."""
+header after it), folds obs-fold lines, takes EOF for the end of the headers, has no bound on their total size and
+counts the blank line among its 100 headers, and `str.isdigit()` accepts lengths `int()` refuses: none of it is
+used here."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from .errors import HttpProtocolError
 # obs-text (0x80-0xff), space and tab: any other control character (a bare CR, NUL, \x1c) is refused. The target
 # is visible ASCII: http.server splits the line with str.split(), which also splits at \x1c-\x1f, \x85 and \xa0.
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") [\x21-\x7e]+ HTTP/([0-9])\.[0-9]\r?\n")  # an ASCII target
+REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r?\n")  # an ASCII target
 HEADER_LINE_RE = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)\r?\n")
 TOKEN_RE = re.compile(_TOKEN)
 CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' passes str.isdigit() and fails int()
 
 SHOWN_CHARS = 200  # client-sent text (a path) shown in a log line or an error message
+MAX_HEADER_LINES = 100  # header lines in one request; more are a 431
+MAX_HEADER_LINE_BYTES = 65536  # one header line, its line end included; longer is a 431
 
 
 def printable(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -107,10 +110,26 @@ class HeadReader:
         if self.budget < 0:
             self.problem = "too_large"
             return b""
-        if len(line) == limit:  # over http.client's own line limit: it raises LineTooLong (431)
+        if len(line) == limit:  # the caller's line limit reached: read_header_lines refuses it (431)
             return line
         if not line.endswith(b"\n"):
             self.problem = "ended"
             return b""
         self.lines.append(line)
         return line
+
+    def read_header_lines(self) -> list[bytes]:
+        """The header lines after the request line, up to the blank line (which is not returned). More than
+        MAX_HEADER_LINES lines or a line over MAX_HEADER_LINE_BYTES is a 431. When the head did not arrive whole,
+        `problem` is set and what arrived is returned."""
+        start = len(self.lines)
+        while True:
+            line = self.readline(MAX_HEADER_LINE_BYTES + 1)
+            if self.problem:
+                return self.lines[start:]
+            if len(line) > MAX_HEADER_LINE_BYTES:
+                raise HttpProtocolError(431, f"a header line is longer than {MAX_HEADER_LINE_BYTES} bytes")
+            if line in (b"\r\n", b"\n"):
+                return self.lines[start:-1]
+            if len(self.lines) - start > MAX_HEADER_LINES:
+                raise HttpProtocolError(431, f"more than {MAX_HEADER_LINES} header lines")

@@ -4,6 +4,7 @@ read and checked with `framing`, not left to http.server alone."""
 
 from __future__ import annotations
 
+import email.parser
 import hmac
 import logging
 import re
@@ -188,36 +189,48 @@ class RerankHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def parse_request(self) -> bool:
-        """A strict request line, then http.server's parser with the header lines read through the HeadReader,
-        then what that parser cannot see (read_framing)."""
+        """http.server's parse_request, done here on the raw bytes: a strict request line, the header lines read
+        through the HeadReader and bounded (read_header_lines), then what http.server's parser cannot see
+        (read_framing). False when the request was refused (and answered)."""
         line = REQUEST_LINE_RE.fullmatch(self.raw_requestline)
         if line is None:
             self.send_error(HTTPStatus.BAD_REQUEST, "malformed request line (expected: METHOD /path HTTP/1.1, single "
                                                     "spaces, an ASCII path)")
             return False
-        if line.group(2) == b"0":  # http.server would answer HTTP/0.9 with a bare body: no status line, no headers
-            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.0 and HTTP/1.1 only")
+        method, target, major, minor = (part.decode("ascii") for part in line.groups())
+        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+        self.command, self.path = method, target
+        if major != "1":  # HTTP/0.9 would be answered with a bare body: no status line, no headers
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{major}.{minor} is not supported: HTTP/1.0 "
+                                                                   f"and HTTP/1.1 only")
             return False
-        real_rfile, self.rfile = self.rfile, self._head
+        self.request_version = f"HTTP/1.{minor}"
+        self.close_connection = minor == "0"
         try:
-            if not super().parse_request():
-                return False
-        finally:
-            self.rfile = real_rfile
-        if self._head.problem:
-            self._refuse_head(self._head, in_request_line=False)
-            return False
-        try:
-            self._framing = read_framing(self._head.lines[:-1], self.request_version >= "HTTP/1.1")
+            lines = self._head.read_header_lines()
         except HttpProtocolError as exc:
             self._refuse(exc)
             return False
-        return True
-
-    def handle_expect_100(self):
-        """Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its
-        headers (401, 411, 413, ...) gets its final answer instead, and its client need not send the body."""
-        self._expect_continue = True
+        if self._head.problem:
+            self._refuse_head(self._head, in_request_line=False)
+            return False
+        self.headers = email.parser.Parser(_class=self.MessageClass).parsestr(
+            b"".join([*lines, b"\r\n"]).decode("latin-1"))
+        try:
+            self._framing = read_framing(lines, self.request_version >= "HTTP/1.1")
+        except HttpProtocolError as exc:
+            self._refuse(exc)
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        # Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its headers
+        # (401, 411, 413, ...) gets its final answer instead, and its client need not send the body
+        self._expect_continue = self.headers.get("Expect", "").lower() == "100-continue" and minor != "0"
+        if self.path.startswith("//"):  # as http.server does (gh-87389)
+            self.path = "/" + self.path.lstrip("/")
         return True
 
     def _refuse_head(self, head: HeadReader, in_request_line: bool) -> None:

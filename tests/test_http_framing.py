@@ -271,6 +271,34 @@ def test_the_header_block_is_capped_at_max_header_bytes(fake_server):
     assert_serving(fake.port)
 
 
+def with_header_lines(count: int) -> bytes:
+    """GET /healthz with exactly `count` header lines: Host, count - 2 others, Connection: close."""
+    others = b"".join(b"X-Line-%d: v\r\n" % i for i in range(count - 2))
+    return b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + others + b"Connection: close\r\n\r\n"
+
+
+def test_100_header_lines_pass_and_101_are_431(fake_server):
+    """SPEC: more than 100 header lines are refused. http.client counts the blank line too, so its limit refused
+    exactly 100 (issue 16)."""
+    fake = fake_server().start(FakeEngine())
+    responses, closed = exchange(fake.port, with_header_lines(100))
+    assert [r[0] for r in responses] == [200] and closed
+    message = assert_refused(*exchange(fake.port, with_header_lines(101)), 431)
+    assert "more than 100 header lines" in message
+    assert_serving(fake.port)
+
+
+def test_a_header_line_may_take_65536_bytes_with_its_crlf(fake_server):
+    """The line limit http.client had, kept now that the header lines are read here."""
+    fake = fake_server("--max-header-bytes", "200000").start(FakeEngine())
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    line = b"X-Long: " + b"v" * (65536 - 10) + b"\r\n"
+    assert len(line) == 65536
+    assert [r[0] for r in exchange(fake.port, head + line + b"\r\n")[0]] == [200]
+    message = assert_refused(*exchange(fake.port, head + b"X" + line + b"\r\n"), 431)
+    assert "65536" in message
+
+
 def test_the_cap_answers_before_the_head_ends(fake_server):
     """Not buffered beyond the cap: the 431 comes as soon as it is crossed, with no blank line sent."""
     fake = fake_server("--max-header-bytes", "4096").start(FakeEngine())
