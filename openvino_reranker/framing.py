@@ -70,6 +70,18 @@ def read_framing(lines: Sequence[bytes], http11: bool) -> Framing:
     return Framing(int(lengths[0]) if lengths else None, bool(encodings))
 
 
+def connection_options(values: Sequence[str]) -> frozenset[str]:
+    """The options of the Connection header lines `values`: each a comma-separated list of tokens, compared
+    case-insensitively (RFC 9110 7.6.1; empty list elements are allowed and ignored)."""
+    return frozenset(option.strip(" \t").lower() for value in values for option in value.split(",")) - {""}
+
+
+def keeps_alive(http11: bool, options: frozenset[str]) -> bool:
+    """Whether the connection persists after the answer (RFC 9112 9.3): never with a `close` option anywhere; on
+    HTTP/1.1 by default; on HTTP/1.0 only with a `keep-alive` option."""
+    return "close" not in options and (http11 or "keep-alive" in options)
+
+
 def _line_fault(line: bytes) -> str:
     """What is wrong with a header line HEADER_LINE_RE refused."""
     if line[:1] in (b" ", b"\t"):

@@ -46,7 +46,16 @@ from .errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from .framing import REQUEST_LINE_RE, SHOWN_CHARS, Framing, HeadReader, printable, read_framing
+from .framing import (
+    REQUEST_LINE_RE,
+    SHOWN_CHARS,
+    Framing,
+    HeadReader,
+    connection_options,
+    keeps_alive,
+    printable,
+    read_framing,
+)
 from .service import RerankService
 
 log = logging.getLogger("openvino_reranker")
@@ -205,7 +214,6 @@ class RerankHandler(BaseHTTPRequestHandler):
                                                                    f"and HTTP/1.1 only")
             return False
         self.request_version = f"HTTP/1.{minor}"
-        self.close_connection = minor == "0"
         try:
             lines = self._head.read_header_lines()
         except HttpProtocolError as exc:
@@ -221,11 +229,8 @@ class RerankHandler(BaseHTTPRequestHandler):
         except HttpProtocolError as exc:
             self._refuse(exc)
             return False
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
+        options = connection_options(self.headers.get_all("Connection", []))
+        self.close_connection = not keeps_alive(minor != "0", options)
         # Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its headers
         # (401, 411, 413, ...) gets its final answer instead, and its client need not send the body
         self._expect_continue = self.headers.get("Expect", "").lower() == "100-continue" and minor != "0"
@@ -409,6 +414,11 @@ class RerankHandler(BaseHTTPRequestHandler):
         headers = dict(headers or {})
         if self._body_pending() or self.server.service.draining or self.reaped:
             headers["Connection"] = "close"  # an unread body would be parsed as the next request
+        closing = headers.get("Connection", "").lower() == "close"  # the server closes: linger for what follows
+        if not closing and self.close_connection:  # the client's close option, or HTTP/1.0 without keep-alive
+            headers["Connection"] = "close"
+        elif not closing and self.request_version == "HTTP/1.0":
+            headers["Connection"] = "keep-alive"  # an HTTP/1.0 client keeps the connection only when told so
         self._status = status
         try:
             self.send_response(status)
@@ -417,7 +427,7 @@ class RerankHandler(BaseHTTPRequestHandler):
             self.send_header("X-Request-ID", self.request_id)
             for name, value in headers.items():
                 self.send_header(name, value)
-            if headers.get("Connection", "").lower() == "close":
+            if closing:
                 self.close_connection = True
                 self._linger = True
             self.end_headers()

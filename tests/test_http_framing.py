@@ -154,6 +154,38 @@ def test_a_proper_request_after_a_clean_one_still_keeps_alive(fake_server):
     assert [r[0] for r in exchange(fake.port, folded_looking)[0]] == [200]
 
 
+LAST = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"  # ends a pipelined exchange
+
+
+@pytest.mark.parametrize("version, connection, closes", [
+    (b"1.1", [b"close"], True),
+    (b"1.1", [b"TE, close"], True),  # libwww-perl
+    (b"1.1", [b"te ,\tCLOSE "], True),
+    (b"1.1", [b"keep-alive, close"], True),
+    (b"1.1", [b"TE", b"close"], True),  # several Connection lines
+    (b"1.1", [b",close,"], True),
+    (b"1.1", [b"TE"], False),
+    (b"1.1", [b"closed, x-close"], False),  # only the token close closes
+    (b"1.1", [], False),
+    (b"1.0", [], True),
+    (b"1.0", [b"keep-alive"], False),
+    (b"1.0", [b"TE, Keep-Alive"], False),
+    (b"1.0", [b"TE", b"keep-alive"], False),
+    (b"1.0", [b"keep-alive, close"], True),
+])
+def test_connection_options_are_a_token_list(fake_server, version, connection, closes):
+    """RFC 9112 9.6: a close token anywhere in the comma-separated Connection list, on any of its lines, closes
+    after the answer, which says `Connection: close`; an HTTP/1.0 keep-alive token anywhere keeps the connection
+    open and the answer says `Connection: keep-alive` (issue 16: `Connection: TE, close` kept it open)."""
+    fake = fake_server().start(FakeEngine())
+    fields = b"".join(b"Connection: " + value + b"\r\n" for value in connection)
+    first = b"GET /healthz HTTP/" + version + b"\r\nHost: x\r\n" + fields + b"\r\n"
+    responses, closed = exchange(fake.port, first + LAST)
+    assert closed and [r[0] for r in responses] == ([200] if closes else [200, 200])
+    said = responses[0][1].get("connection")
+    assert said == ("close" if closes else "keep-alive" if version == b"1.0" else None)
+
+
 def test_a_head_cut_short_by_the_client_is_400_not_a_request(fake_server):
     """http.client treats EOF as the end of the headers: a half-closed, incomplete head must not be served."""
     fake = fake_server().start(FakeEngine())
