@@ -21,6 +21,7 @@ REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.
 HEADER_LINE_RE = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)\r?\n")
 TOKEN_RE = re.compile(_TOKEN)
 CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' passes str.isdigit() and fails int()
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # an X-Request-ID echoed as sent
 
 SHOWN_CHARS = 200  # client-sent text (a path) shown in a log line or an error message
 MAX_HEADER_LINES = 100  # header lines in one request; more are a 431
@@ -68,6 +69,18 @@ def read_framing(lines: Sequence[bytes], http11: bool) -> Framing:
     if hosts > 1 or (http11 and hosts == 0):
         raise HttpProtocolError(400, f"an HTTP/1.1 request needs exactly one Host header, not {hosts}")
     return Framing(int(lengths[0]) if lengths else None, bool(encodings))
+
+
+def client_request_id(lines: Sequence[bytes]) -> str | None:
+    """The request's own X-Request-ID (the first, if sent more than once) when it is 1-128 characters of
+    A-Za-z0-9._:-, else None. Found in the raw header lines, so that the refusal of a malformed head still echoes
+    it (http.server's parser loses every header after a line without a colon)."""
+    for line in lines:
+        m = HEADER_LINE_RE.fullmatch(line)
+        if m is not None and m.group(1).lower() == b"x-request-id":
+            value = m.group(2).decode("latin-1").strip(" \t")
+            return value if REQUEST_ID_RE.fullmatch(value) else None
+    return None
 
 
 def connection_options(values: Sequence[str]) -> frozenset[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import email.parser
 import hmac
 import logging
-import re
 import select
 import socket
 import sys
@@ -51,6 +50,7 @@ from .framing import (
     SHOWN_CHARS,
     Framing,
     HeadReader,
+    client_request_id,
     connection_options,
     keeps_alive,
     printable,
@@ -222,6 +222,8 @@ class RerankHandler(BaseHTTPRequestHandler):
         if self._head.problem:
             self._refuse_head(self._head, in_request_line=False)
             return False
+        # the head has been read whole: from here on every answer, refusals included, carries the client's own id
+        self.request_id = client_request_id(lines) or self.request_id
         self.headers = email.parser.Parser(_class=self.MessageClass).parsestr(
             b"".join([*lines, b"\r\n"]).decode("latin-1"))
         try:
@@ -285,7 +287,6 @@ class RerankHandler(BaseHTTPRequestHandler):
         started = self._started = time.perf_counter()
         self._arrived = time.monotonic()  # deadlines count from here
         self._log: dict[str, Any] = {}
-        self.request_id = self._request_id()
         path = self.path.split("?", 1)[0]
         route = ROUTES.get(path)
         self._dialect = route.dialect if route else NATIVE  # route_score narrows it once the body is decoded
@@ -317,10 +318,6 @@ class RerankHandler(BaseHTTPRequestHandler):
             extra = "".join(f" {k}={v}" for k, v in self._log.items())
             log.info("request id=%s method=%s route=%s status=%s ms=%.1f%s", self.request_id, self.command,
                      printable(path), self._status, elapsed * 1000, extra)
-
-    def _request_id(self) -> str:
-        given = self.headers.get("X-Request-ID", "")
-        return given if re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given) else uuid.uuid4().hex
 
     def _check_auth(self) -> None:
         key = self.server.service.api_key

@@ -186,6 +186,39 @@ def test_connection_options_are_a_token_list(fake_server, version, connection, c
     assert said == ("close" if closes else "keep-alive" if version == b"1.0" else None)
 
 
+RID = b"X-Request-ID: rid-16.4\r\n"
+CLOSE = b"Connection: close\r\n"
+
+REFUSED_AFTER_THE_HEAD = [
+    ("trace_501", b"TRACE /healthz HTTP/1.1\r\nHost: x\r\n" + RID + b"\r\n", 501),
+    ("brew_501", b"BREW /rerank HTTP/1.1\r\nHost: x\r\n" + RID + b"\r\n", 501),
+    ("repeated_host", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n" + RID + b"\r\n", 400),
+    ("missing_host", b"GET /healthz HTTP/1.1\r\n" + RID + b"\r\n", 400),
+    ("repeated_length", post_head(b"0", b"Content-Length: 5\r\n" + RID), 400),
+    ("bad_length", post_head(b"+2", RID) + b"{}", 400),
+    ("no_colon_before_it", b"GET /healthz HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n" + RID + b"\r\n", 400),
+    ("folded_line_before_it", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n more\r\n" + RID + b"\r\n", 400),
+    ("nul_in_a_value", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n" + RID + b"\r\n", 400),
+    ("empty_transfer_encoding", post_head(b"2", b"Transfer-Encoding: \r\n" + RID) + b"{}", 400),
+    ("chunked_411", post_head(b"2", b"Transfer-Encoding: chunked\r\n" + RID) + b"{}", 411),
+    ("too_large_413", post_head(b"99999999", RID), 413),
+    ("media_type_415", b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + RID + CLOSE + b"\r\n{}", 415),
+    ("not_found_404", b"GET /nowhere HTTP/1.1\r\nHost: x\r\n" + RID + CLOSE + b"\r\n", 404),
+    ("method_405", b"GET /rerank HTTP/1.1\r\nHost: x\r\n" + RID + CLOSE + b"\r\n", 405),
+]
+
+
+@pytest.mark.parametrize("data, status", [c[1:] for c in REFUSED_AFTER_THE_HEAD],
+                         ids=[c[0] for c in REFUSED_AFTER_THE_HEAD])
+def test_every_answer_after_the_head_echoes_the_request_id(fake_server, data, status):
+    """SPEC: every response carries the request's own X-Request-ID when it sent a valid one; refusals made from a
+    head read whole (501, 400 for its framing, ...) made a new id (issue 16)."""
+    fake = fake_server().start(FakeEngine())
+    [(got, headers, _)], closed = exchange(fake.port, data)
+    assert got == status and closed
+    assert headers["x-request-id"] == "rid-16.4"
+
+
 def test_a_head_cut_short_by_the_client_is_400_not_a_request(fake_server):
     """http.client treats EOF as the end of the headers: a half-closed, incomplete head must not be served."""
     fake = fake_server().start(FakeEngine())
