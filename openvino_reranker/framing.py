@@ -28,6 +28,16 @@ MAX_HEADER_LINES = 100  # header lines in one request; more are a 431
 MAX_HEADER_LINE_BYTES = 65536  # one header line, its line end included; longer is a 431
 
 
+def first_byte_fault(first: bytes) -> str | None:
+    """Why no request can begin with the byte `first`, else None. A request line begins with its method, a token
+    (RFC 9110 5.6.2), and an empty line may come before it (RFC 9112 2.2): any other byte (a TLS handshake's 0x16,
+    NUL, whitespace, a JSON body) is refused as soon as it arrives, not after read_timeout_s without an LF."""
+    if first in (b"\r", b"\n") or TOKEN_RE.fullmatch(first):
+        return None
+    hint = " (a TLS handshake? This port speaks plain HTTP)" if first == b"\x16" else ""
+    return f"the byte 0x{first[0]:02x} cannot begin a request: a request line begins with a method, a token{hint}"
+
+
 def printable(text: str, limit: int = SHOWN_CHARS) -> str:
     """Client-sent text as logs and messages show it: control and non-ASCII characters escaped (a terminal escape
     or a forged log line does not get through), at most about `limit` characters."""

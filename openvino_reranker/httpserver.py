@@ -52,6 +52,7 @@ from .framing import (
     HeadReader,
     client_request_id,
     connection_options,
+    first_byte_fault,
     keeps_alive,
     printable,
     read_framing,
@@ -176,6 +177,10 @@ class RerankHandler(BaseHTTPRequestHandler):
 
     def _handle_request(self) -> None:
         """http.server's handle_one_request, with the request line and headers read through a HeadReader."""
+        fault = first_byte_fault(self.rfile.peek(1)[:1])  # _await_first_byte has seen it arrive: no wait
+        if fault is not None:
+            self._refuse(HttpProtocolError(400, fault))
+            return
         head = self._head = HeadReader(self.rfile, self.server.config.max_header_bytes)
         line = head.readline()
         if head.problem:

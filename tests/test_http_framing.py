@@ -282,6 +282,33 @@ def test_a_trickled_head_is_cut_off_at_read_timeout(fake_server):
     assert_serving(fake.port)
 
 
+@pytest.mark.parametrize("data", [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32),  # a TLS ClientHello: no LF for a long while
+    b"\x00",
+    b"\x80\x2e\x01\x00\x02",  # an SSLv2-style hello
+    b" GET /healthz HTTP/1.1",  # whitespace cannot begin a method
+    b'{"query": "q"',  # a body without its request line
+    b"\r\n\x16\x03\x01\x02\x00",  # after the empty line RFC 9112 allows: the next first byte is checked too
+], ids=["tls", "nul", "sslv2", "space", "brace", "crlf_then_tls"])
+def test_a_first_byte_that_cannot_begin_a_request_is_refused_at_once(fake_server, data):
+    """A request line starts with its method, a token (or with an empty line): anything else is refused with 400
+    and a close as soon as it arrives, not after read_timeout_s without an LF (issue 16)."""
+    fake = fake_server("--read-timeout-s", "10").start(FakeEngine())
+    started = time.monotonic()
+    responses, closed = exchange(fake.port, data, timeout_s=8)
+    assert time.monotonic() - started < 2
+    assert "cannot begin a request" in assert_refused(responses, closed)
+    assert_serving(fake.port)
+
+
+def test_a_leading_empty_line_still_begins_a_request(fake_server):
+    fake = fake_server().start(FakeEngine())
+    for data in (b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n" + CLOSE + b"\r\n",
+                 b"\nGET /healthz HTTP/1.1\r\nHost: x\r\n" + CLOSE + b"\r\n"):
+        responses, closed = exchange(fake.port, data)
+        assert [r[0] for r in responses] == [200] and closed
+
+
 def test_a_connection_that_never_speaks_is_closed_at_first_byte_timeout(fake_server):
     fake = fake_server("--first-byte-timeout-s", "1", "--idle-timeout-s", "5").start(FakeEngine())
     with socket.create_connection(("127.0.0.1", fake.port)) as silent:
