@@ -22,6 +22,10 @@ HEADER_LINE_RE = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)\r?\n
 TOKEN_RE = re.compile(_TOKEN)
 CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' passes str.isdigit() and fails int()
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # an X-Request-ID echoed as sent
+# An absolute-form request target (RFC 9112 3.2.2): scheme://authority then the path and query, no fragment. The
+# authority's host is an IP literal in brackets or a reg-name / IPv4 address (RFC 3986 3.2.2), then an optional port.
+ABSOLUTE_FORM_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^#]*)")
+AUTHORITY_RE = re.compile(r"(\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(:[0-9]*)?")
 
 SHOWN_CHARS = 200  # client-sent text (a path) shown in a log line or an error message
 MAX_HEADER_LINES = 100  # header lines in one request; more are a 431
@@ -45,6 +49,46 @@ def printable(text: str, limit: int = SHOWN_CHARS) -> str:
     if len(shown) > limit or len(text) > limit:
         return f"{shown[:limit]}...({len(text)} characters)"
     return shown
+
+
+@dataclass(frozen=True)
+class RequestTarget:
+    """The request target as routes see it, and the host an absolute-form target names."""
+
+    path: str  # the path and query (origin-form, or an absolute-form's), or "*"
+    host: str | None = None  # an absolute-form target's authority: it replaces the Host header for the request
+
+
+def parse_target(target: str, method: str) -> RequestTarget:
+    """The request target's form (RFC 9112 3.2): origin-form `/path?query`; absolute-form
+    `http://host[:port]/path?query`, which a server must accept, the scheme in any case, its host replacing the
+    Host header as nginx does (the host is not compared with this server's names: no Host is, and nginx's default
+    server serves any); asterisk-form `*` for OPTIONS. A 400 for anything else: an `https://` target (this port
+    speaks plain HTTP), another scheme, userinfo (RFC 9110 4.2.4), an empty or malformed host, a fragment, an
+    authority-form target (CONNECT's), `*` with another method."""
+    if target.startswith("/"):
+        return RequestTarget(target)
+    if target == "*":
+        if method != "OPTIONS":
+            raise HttpProtocolError(400, f"the request target * (asterisk-form) is for OPTIONS only, not {method}")
+        return RequestTarget(target)
+    absolute = ABSOLUTE_FORM_RE.fullmatch(target)
+    if absolute is None:
+        raise HttpProtocolError(400, f"malformed request target {printable(target, 80)!r} (expected /path or "
+                                     f"http://host/path)")
+    scheme, authority, path = absolute.groups()
+    if scheme.lower() == "https":
+        raise HttpProtocolError(400, "an https:// request target on a plain-HTTP connection: this port does not "
+                                     "speak TLS (send /path, or http://host/path)")
+    if scheme.lower() != "http":
+        raise HttpProtocolError(400, f"the request target's scheme is {printable(scheme, 20)!r}: only http:// is "
+                                     f"served")
+    if "@" in authority:
+        raise HttpProtocolError(400, "the request target has userinfo (user@host), which an http URI must not have")
+    if not AUTHORITY_RE.fullmatch(authority):
+        raise HttpProtocolError(400, f"the request target's host {printable(authority, 80)!r} is empty or malformed "
+                                     f"(expected host or host:port)")
+    return RequestTarget(path if path.startswith("/") else "/" + path, authority)
 
 
 @dataclass(frozen=True)

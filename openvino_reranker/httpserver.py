@@ -54,6 +54,7 @@ from .framing import (
     connection_options,
     first_byte_fault,
     keeps_alive,
+    parse_target,
     printable,
     read_framing,
 )
@@ -233,9 +234,14 @@ class RerankHandler(BaseHTTPRequestHandler):
             b"".join([*lines, b"\r\n"]).decode("latin-1"))
         try:
             self._framing = read_framing(lines, self.request_version >= "HTTP/1.1")
+            target = parse_target(self.path, self.command)
         except HttpProtocolError as exc:
             self._refuse(exc)
             return False
+        if target.host is not None:  # absolute-form: its host replaces Host for the request (RFC 9112 3.2.2)
+            del self.headers["Host"]
+            self.headers["Host"] = target.host
+        self.path = target.path
         options = connection_options(self.headers.get_all("Connection", []))
         self.close_connection = not keeps_alive(minor != "0", options)
         # Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its headers

@@ -219,6 +219,73 @@ def test_every_answer_after_the_head_echoes_the_request_id(fake_server, data, st
     assert headers["x-request-id"] == "rid-16.4"
 
 
+def scoring_request(target: bytes, host: bytes | None = b"Host: x\r\n", version: bytes = b"1.1") -> bytes:
+    return (b"POST " + target + b" HTTP/" + version + b"\r\n" + (host or b"") + b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n" % len(BODY) + CLOSE + b"\r\n" + BODY)
+
+
+@pytest.mark.parametrize("target", [
+    b"http://127.0.0.1:18818/rerank",
+    b"HTTP://LOCALHOST/rerank",  # the scheme and the host are case-insensitive
+    b"hTtP://[::1]:18818/rerank?x=1",  # an IPv6 literal; the query is ignored as on any path
+    b"http://reranker.internal//rerank",  # any host is served, as by nginx's default server
+    b"http://127.0.0.1:/rerank",  # an empty port is the default one (RFC 3986)
+])
+def test_an_absolute_form_target_is_routed_by_its_path(fake_server, target):
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form; it got a 404 (issue 16)."""
+    fake = fake_server().start(FakeEngine())
+    [(status, _, body)], closed = exchange(fake.port, scoring_request(target))
+    assert status == 200 and body["ok"] is True and len(body["results"]) == 2 and closed
+
+
+def test_the_absolute_form_host_replaces_the_host_header(fake_server, monkeypatch):
+    fake = fake_server().start(FakeEngine())
+    seen = []
+    route_healthz = RerankHandler.route_healthz
+
+    def record(handler, route):
+        seen.append(handler.headers.get_all("Host"))
+        route_healthz(handler, route)
+
+    monkeypatch.setattr(RerankHandler, "route_healthz", record)
+    head = b"GET http://reranker.internal:18818/healthz HTTP/1.1\r\nHost: other.example\r\n" + CLOSE + b"\r\n"
+    assert [r[0] for r in exchange(fake.port, head)[0]] == [200]
+    # HTTP/1.0 may leave Host out; HTTP/1.1 still needs exactly one (RFC 9112 3.2), as nginx does
+    assert [r[0] for r in exchange(fake.port, b"GET http://h10.example/healthz HTTP/1.0\r\n\r\n")[0]] == [200]
+    assert seen == [["reranker.internal:18818"], ["h10.example"]]
+    assert "Host" in assert_refused(*exchange(fake.port, b"GET http://x/healthz HTTP/1.1\r\n" + CLOSE + b"\r\n"))
+
+
+@pytest.mark.parametrize("target, needle", [
+    (b"https://127.0.0.1:18818/rerank", "https"),  # this port speaks plain HTTP only
+    (b"ftp://127.0.0.1/rerank", "scheme"),
+    (b"http:///rerank", "host"),  # an empty host (RFC 9110 4.2.1: reject)
+    (b"http://:18818/rerank", "host"),
+    (b"http://user:secret@127.0.0.1/rerank", "userinfo"),  # RFC 9110 4.2.4
+    (b"http://127.0.0.1:80x/rerank", "host"),
+    (b"http://[::1/rerank", "host"),
+    (b"http://exa mple/rerank", "request line"),  # two spaces: not even a request line
+    (b"http:/127.0.0.1/rerank", "request target"),
+    (b"http://127.0.0.1/rerank#top", "request target"),  # a fragment is never sent
+    (b"rerank", "request target"),  # neither /path nor scheme://
+    (b"127.0.0.1:18818", "request target"),  # authority-form is for CONNECT
+    (b"*", "OPTIONS"),  # asterisk-form is for OPTIONS
+])
+def test_a_malformed_or_https_target_is_400(fake_server, target, needle):
+    fake = fake_server().start(FakeEngine())
+    assert needle in assert_refused(*exchange(fake.port, scoring_request(target)))
+    assert_serving(fake.port)
+
+
+def test_options_asterisk_is_a_request_with_no_route(fake_server):
+    """Asterisk-form (RFC 9112 3.2.4) names no resource here: a 404 as before, on a connection that stays open."""
+    fake = fake_server().start(FakeEngine())
+    options = b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"
+    [(status, headers, body), (after, _, _)], closed = exchange(fake.port, options + LAST)
+    assert status == 404 and body["error"]["type"] == "not_found" and "connection" not in headers
+    assert after == 200 and closed
+
+
 def test_a_head_cut_short_by_the_client_is_400_not_a_request(fake_server):
     """http.client treats EOF as the end of the headers: a half-closed, incomplete head must not be served."""
     fake = fake_server().start(FakeEngine())
