@@ -162,10 +162,9 @@ def _line_fault(line: bytes) -> str:
 
 
 class HeadReader:
-    """Stands in for rfile while the request line and headers are read (http.server reads the headers from
-    `self.rfile`). Keeps each raw line for read_framing, reads at most `budget` bytes in all (a line is not
-    buffered past it), and turns EOF, a timeout or a reset before the blank line into `problem` and an empty
-    line, where http.client would take EOF for the end of a complete head."""
+    """Reads the request line and the header lines from rfile. Keeps each raw line for read_framing, reads at most
+    `budget` bytes in all (a line is not buffered past it), and turns EOF, a timeout or a reset before the blank
+    line into `problem` and an empty line, where http.client would take EOF for the end of a complete head."""
 
     def __init__(self, rfile, budget: int):
         self.rfile = rfile

@@ -1,6 +1,6 @@
 """HTTP: the routes (derived from the dialect table), the request handler and the server (connection bound,
 slow-client reaper). Parsing, scoring and rendering are called from here, never done here; the request head is
-read and checked with `framing`, not left to http.server alone."""
+read and checked with `framing`: http.server's own parser is not used."""
 
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ class RerankHandler(BaseHTTPRequestHandler):
         self.reaped = False
 
     def _handle_request(self) -> None:
-        """http.server's handle_one_request, with the request line and headers read through a HeadReader."""
+        """http.server's handle_one_request: the first byte checked, then the request line and headers read
+        through a HeadReader."""
         fault = first_byte_fault(self.rfile.peek(1)[:1])  # _await_first_byte has seen it arrive: no wait
         if fault is not None:
             self._refuse(HttpProtocolError(400, fault))
