@@ -18,7 +18,7 @@ from .checks import StartupCheck
 from .config import TIMEOUT_MS, Config, IntRange
 from .encoding import TRUNCATE_RIGHT, Truncation
 from .engine import EngineInfo
-from .errors import BadRequestError, PayloadTooLargeError, ServiceError
+from .errors import DOCUMENTS, BadRequestError, DocumentNames, PayloadTooLargeError, ServiceError
 from .modeldir import ModelFiles
 from .parity import REFERENCE_PROPERTIES, ParityCheck
 from .scoring import ScoredPairs, rank
@@ -80,6 +80,7 @@ class RerankRequest:
     truncation: Truncation = TRUNCATE_RIGHT
     raw_scores: bool = False  # TEI: the model's logit instead of the 0..1 score
     instruction: str | None = None  # decoder rerankers whose prompt template takes one; else the template's default
+    names: DocumentNames = DOCUMENTS  # how the body named its documents (errors found after parsing name them so)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ COHERE_UNSUPPORTED = {  # fields that would change results if they were ignored
     "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
     "relevant_spans": "relevant_spans is not supported: only scores are returned",
 }
+TEI_TEXTS = DocumentNames("texts", "texts")
+BARE_PAIRS = DocumentNames("pairs", "")  # a bare array: its entries are [0], [1], ...
 MAX_TOKENS = IntRange(1, 1_000_000)
 MAX_CHUNKS = IntRange(1, 1000)
 
@@ -185,7 +188,7 @@ def _parse_text(value: Any, path: str, limits: RequestLimits) -> str:
 
 
 def _parse_documents(body: dict, limits: RequestLimits, parse_one: Callable[[int, Any], Document],
-                     key: str = "documents") -> tuple:
+                     key: str = DOCUMENTS.array) -> tuple:
     if key not in body:
         raise BadRequestError(f"{key} is required", key)
     docs = body[key]
@@ -213,7 +216,7 @@ def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
     query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:
-        path = f"documents[{i}]"
+        path = DOCUMENTS.entry(i)
         if isinstance(doc, str):
             return Document(i, _parse_text(doc, path, limits))
         if not isinstance(doc, dict):
@@ -274,7 +277,7 @@ def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
     query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:
-        path = f"documents[{i}]"
+        path = DOCUMENTS.entry(i)
         if isinstance(doc, str):
             return Document(i, _parse_text(doc, path, limits), original={"text": doc})
         if not isinstance(doc, dict):
@@ -298,15 +301,15 @@ def parse_tei(body: Any, limits: RequestLimits) -> RerankRequest:
     query = _parse_query(body, limits)
 
     def parse_one(i: int, text: Any) -> Document:
-        return Document(i, _parse_text(text, f"texts[{i}]", limits))
+        return Document(i, _parse_text(text, TEI_TEXTS.entry(i), limits))
 
-    texts = _parse_documents(body, limits, parse_one, "texts")
+    texts = _parse_documents(body, limits, parse_one, TEI_TEXTS.array)
     truncate = body.get("truncate", True)
     if not isinstance(truncate, bool):
         raise BadRequestError(f"truncate must be true or false, not {_type_name(truncate)}", "truncate")
     return RerankRequest(query, texts, _parse_positive_int(body, "top_n"), _parse_bool(body, "return_text"),
                          truncation=Truncation(_parse_side(body), None, truncate, _parse_max_chunks(body)),
-                         raw_scores=_parse_bool(body, "raw_scores"))
+                         raw_scores=_parse_bool(body, "raw_scores"), names=TEI_TEXTS)
 
 
 INFINITY_KEYS = ("model", "top_n", "raw_scores")  # on /rerank, any of these makes a body infinity/vLLM-shaped
@@ -323,7 +326,7 @@ def parse_infinity(body: Any, limits: RequestLimits) -> RerankRequest:
     query = _parse_query(body, limits)
 
     def parse_one(i: int, doc: Any) -> Document:
-        path = f"documents[{i}]"
+        path = DOCUMENTS.entry(i)
         if isinstance(doc, dict) and "text" in doc:
             return Document(i, _parse_text(doc["text"], f"{path}.text", limits), original=doc["text"])
         return Document(i, _parse_text(doc, path, limits), original=doc)
@@ -340,7 +343,7 @@ def parse_pairs(body: Any, limits: RequestLimits) -> RerankRequest:
     RAG integration). Strict, like the native body."""
 
     def parse_one(i: int, pair: Any) -> Document:
-        path = f"[{i}]"
+        path = BARE_PAIRS.entry(i)
         if not isinstance(pair, dict):
             raise BadRequestError(f"{path} must be an object with query and passage, not {_type_name(pair)}", path)
         for name in sorted(pair.keys() - {"query", "passage"}):
@@ -350,8 +353,8 @@ def parse_pairs(body: Any, limits: RequestLimits) -> RerankRequest:
         query = _parse_query(pair, limits, f"{path}.query")
         return Document(i, _parse_text(pair["passage"], f"{path}.passage", limits), query=query)
 
-    pairs = _parse_list(body, limits, parse_one, "pairs")
-    return RerankRequest(pairs[0].query, pairs, None, False)
+    pairs = _parse_list(body, limits, parse_one, BARE_PAIRS.array)
+    return RerankRequest(pairs[0].query, pairs, None, False, names=BARE_PAIRS)
 
 
 def _without_nulls(body: dict) -> dict:

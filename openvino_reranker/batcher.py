@@ -20,8 +20,10 @@ from .cache import ScoreCache
 from .encoding import TRUNCATE_RIGHT, EncodedPairs, ModelHead, Truncation
 from .engine import NpuBusyCounter
 from .errors import (
+    DOCUMENTS,
     ClientGoneError,
     DeadlineExceededError,
+    DocumentNames,
     InferenceError,
     NotReadyError,
     PayloadTooLargeError,
@@ -37,12 +39,14 @@ ENCODE_SLICE = 64  # documents tokenized at a time between deadline and token-bu
 
 @dataclass(frozen=True)
 class WorkLimits:
-    """Per-request bounds checked by the scoring path: a deadline (time.monotonic()), a token budget, and a probe
-    that says whether the client is still there."""
+    """Per-request bounds checked by the scoring path: a deadline (time.monotonic()), a token budget, a probe that
+    says whether the client is still there, and how the 413s these checks raise name the request's documents (the
+    field its body used: `texts` in a TEI body)."""
 
     deadline: float | None = None
     max_total_tokens: int | None = None
     client_gone: Callable[[], bool] = lambda: False
+    names: DocumentNames = DOCUMENTS
 
     def check(self) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -389,10 +393,9 @@ class Reranker:
         t0 = time.perf_counter()
         encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], limits, truncation, instruction)
         if not truncation.allowed and encoded.truncated.any():
-            first = int(origins[encoded.truncated].min())
-            raise PayloadTooLargeError(f"documents[{first}] with the query is longer than max_length "
-                                       f"({self.head.max_length} tokens) and truncation was not allowed",
-                                       f"documents[{first}]")
+            first = limits.names.entry(int(origins[encoded.truncated].min()))
+            raise PayloadTooLargeError(f"{first} with the query is longer than max_length ({self.head.max_length} "
+                                       f"tokens) and truncation was not allowed", first)
         t1 = time.perf_counter()
         limits.check()
         busy_before = self.busy_counter.read() if self.busy_counter else None
@@ -429,8 +432,8 @@ class Reranker:
                 counted = start + len(part.lengths)
                 raise PayloadTooLargeError(
                     f"the request has {'at least ' if counted < len(texts) else ''}{total} tokens after truncation "
-                    f"(in its first {counted} of {len(texts)} distinct documents); the limit (max_total_tokens) is "
-                    f"{limits.max_total_tokens}", "documents")
+                    f"(in its first {counted} of {len(texts)} distinct {limits.names.array}); the limit "
+                    f"(max_total_tokens) is {limits.max_total_tokens}", limits.names.array)
             parts.append(part)
         return EncodedPairs.concat(parts)
 

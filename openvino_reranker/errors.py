@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 
 class ServiceError(Exception):
@@ -81,6 +82,22 @@ class ClientGoneError(ServiceError):
     """The client closed its connection: the work is dropped and nothing is sent (logged as status 499)."""
 
     status, error_type = 499, "client_closed_request"
+
+
+@dataclass(frozen=True)
+class DocumentNames:
+    """How a request body names its documents, so that an error found after parsing (the token budget, a pair too
+    long to score untruncated) names the field the client sent: `documents` and `documents[3]` in a native, Cohere
+    or infinity body, `texts` and `texts[3]` in a TEI body, `pairs` and `[3]` for a bare array of pairs."""
+
+    array: str = "documents"  # the whole list
+    entry_prefix: str = "documents"  # what precedes one entry's [index]
+
+    def entry(self, index: int) -> str:
+        return f"{self.entry_prefix}[{index}]"
+
+
+DOCUMENTS = DocumentNames()
 
 
 class StartupError(Exception):

@@ -1,8 +1,9 @@
 """HTTP/1.1 framing, checked on the raw bytes: the request head is read and its header lines kept
 (`HeadReader`), and the body's framing is worked out once from them (`read_framing`), refusing every header block
 a proxy in front could read differently. http.client's own header parser drops a line without a colon (and every
-header after it), folds obs-fold lines, takes EOF for the end of the headers and has no bound on their total size,
-and `str.isdigit()` accepts lengths `int()` refuses: each of those is a 400 here."""
+header after it), folds obs-fold lines, takes EOF for the end of the headers, has no bound on their total size and
+counts the blank line among its 100 headers, and `str.isdigit()` accepts lengths `int()` refuses: none of it is
+used here."""
 
 from __future__ import annotations
 
@@ -16,12 +17,29 @@ from .errors import HttpProtocolError
 # obs-text (0x80-0xff), space and tab: any other control character (a bare CR, NUL, \x1c) is refused. The target
 # is visible ASCII: http.server splits the line with str.split(), which also splits at \x1c-\x1f, \x85 and \xa0.
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") [\x21-\x7e]+ HTTP/([0-9])\.[0-9]\r?\n")  # an ASCII target
+REQUEST_LINE_RE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r?\n")  # an ASCII target
 HEADER_LINE_RE = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)\r?\n")
 TOKEN_RE = re.compile(_TOKEN)
 CONTENT_LENGTH_RE = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' passes str.isdigit() and fails int()
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # an X-Request-ID echoed as sent
+# An absolute-form request target (RFC 9112 3.2.2): scheme://authority then the path and query, no fragment. The
+# authority's host is an IP literal in brackets or a reg-name / IPv4 address (RFC 3986 3.2.2), then an optional port.
+ABSOLUTE_FORM_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^#]*)")
+AUTHORITY_RE = re.compile(r"(\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]+)(:[0-9]*)?")
 
 SHOWN_CHARS = 200  # client-sent text (a path) shown in a log line or an error message
+MAX_HEADER_LINES = 100  # header lines in one request; more are a 431
+MAX_HEADER_LINE_BYTES = 65536  # one header line, its line end included; longer is a 431
+
+
+def first_byte_fault(first: bytes) -> str | None:
+    """Why no request can begin with the byte `first`, else None. A request line begins with its method, a token
+    (RFC 9110 5.6.2), and an empty line may come before it (RFC 9112 2.2): any other byte (a TLS handshake's 0x16,
+    NUL, whitespace, a JSON body) is refused as soon as it arrives, not after read_timeout_s without an LF."""
+    if first in (b"\r", b"\n") or TOKEN_RE.fullmatch(first):
+        return None
+    hint = " (a TLS handshake? This port speaks plain HTTP)" if first == b"\x16" else ""
+    return f"the byte 0x{first[0]:02x} cannot begin a request: a request line begins with a method, a token{hint}"
 
 
 def printable(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -31,6 +49,46 @@ def printable(text: str, limit: int = SHOWN_CHARS) -> str:
     if len(shown) > limit or len(text) > limit:
         return f"{shown[:limit]}...({len(text)} characters)"
     return shown
+
+
+@dataclass(frozen=True)
+class RequestTarget:
+    """The request target as routes see it, and the host an absolute-form target names."""
+
+    path: str  # the path and query (origin-form, or an absolute-form's), or "*"
+    host: str | None = None  # an absolute-form target's authority: it replaces the Host header for the request
+
+
+def parse_target(target: str, method: str) -> RequestTarget:
+    """The request target's form (RFC 9112 3.2): origin-form `/path?query`; absolute-form
+    `http://host[:port]/path?query`, which a server must accept, the scheme in any case, its host replacing the
+    Host header as nginx does (the host is not compared with this server's names: no Host is, and nginx's default
+    server serves any); asterisk-form `*` for OPTIONS. A 400 for anything else: an `https://` target (this port
+    speaks plain HTTP), another scheme, userinfo (RFC 9110 4.2.4), an empty or malformed host, a fragment, an
+    authority-form target (CONNECT's), `*` with another method."""
+    if target.startswith("/"):
+        return RequestTarget(target)
+    if target == "*":
+        if method != "OPTIONS":
+            raise HttpProtocolError(400, f"the request target * (asterisk-form) is for OPTIONS only, not {method}")
+        return RequestTarget(target)
+    absolute = ABSOLUTE_FORM_RE.fullmatch(target)
+    if absolute is None:
+        raise HttpProtocolError(400, f"malformed request target {printable(target, 80)!r} (expected /path or "
+                                     f"http://host/path)")
+    scheme, authority, path = absolute.groups()
+    if scheme.lower() == "https":
+        raise HttpProtocolError(400, "an https:// request target on a plain-HTTP connection: this port does not "
+                                     "speak TLS (send /path, or http://host/path)")
+    if scheme.lower() != "http":
+        raise HttpProtocolError(400, f"the request target's scheme is {printable(scheme, 20)!r}: only http:// is "
+                                     f"served")
+    if "@" in authority:
+        raise HttpProtocolError(400, "the request target has userinfo (user@host), which an http URI must not have")
+    if not AUTHORITY_RE.fullmatch(authority):
+        raise HttpProtocolError(400, f"the request target's host {printable(authority, 80)!r} is empty or malformed "
+                                     f"(expected host or host:port)")
+    return RequestTarget(path if path.startswith("/") else "/" + path, authority)
 
 
 @dataclass(frozen=True)
@@ -67,6 +125,30 @@ def read_framing(lines: Sequence[bytes], http11: bool) -> Framing:
     return Framing(int(lengths[0]) if lengths else None, bool(encodings))
 
 
+def client_request_id(lines: Sequence[bytes]) -> str | None:
+    """The request's own X-Request-ID (the first, if sent more than once) when it is 1-128 characters of
+    A-Za-z0-9._:-, else None. Found in the raw header lines, so that the refusal of a malformed head still echoes
+    it (http.server's parser loses every header after a line without a colon)."""
+    for line in lines:
+        m = HEADER_LINE_RE.fullmatch(line)
+        if m is not None and m.group(1).lower() == b"x-request-id":
+            value = m.group(2).decode("latin-1").strip(" \t")
+            return value if REQUEST_ID_RE.fullmatch(value) else None
+    return None
+
+
+def connection_options(values: Sequence[str]) -> frozenset[str]:
+    """The options of the Connection header lines `values`: each a comma-separated list of tokens, compared
+    case-insensitively (RFC 9110 7.6.1; empty list elements are allowed and ignored)."""
+    return frozenset(option.strip(" \t").lower() for value in values for option in value.split(",")) - {""}
+
+
+def keeps_alive(http11: bool, options: frozenset[str]) -> bool:
+    """Whether the connection persists after the answer (RFC 9112 9.3): never with a `close` option anywhere; on
+    HTTP/1.1 by default; on HTTP/1.0 only with a `keep-alive` option."""
+    return "close" not in options and (http11 or "keep-alive" in options)
+
+
 def _line_fault(line: bytes) -> str:
     """What is wrong with a header line HEADER_LINE_RE refused."""
     if line[:1] in (b" ", b"\t"):
@@ -80,10 +162,9 @@ def _line_fault(line: bytes) -> str:
 
 
 class HeadReader:
-    """Stands in for rfile while the request line and headers are read (http.server reads the headers from
-    `self.rfile`). Keeps each raw line for read_framing, reads at most `budget` bytes in all (a line is not
-    buffered past it), and turns EOF, a timeout or a reset before the blank line into `problem` and an empty
-    line, where http.client would take EOF for the end of a complete head."""
+    """Reads the request line and the header lines from rfile. Keeps each raw line for read_framing, reads at most
+    `budget` bytes in all (a line is not buffered past it), and turns EOF, a timeout or a reset before the blank
+    line into `problem` and an empty line, where http.client would take EOF for the end of a complete head."""
 
     def __init__(self, rfile, budget: int):
         self.rfile = rfile
@@ -107,10 +188,26 @@ class HeadReader:
         if self.budget < 0:
             self.problem = "too_large"
             return b""
-        if len(line) == limit:  # over http.client's own line limit: it raises LineTooLong (431)
+        if len(line) == limit:  # the caller's line limit reached: read_header_lines refuses it (431)
             return line
         if not line.endswith(b"\n"):
             self.problem = "ended"
             return b""
         self.lines.append(line)
         return line
+
+    def read_header_lines(self) -> list[bytes]:
+        """The header lines after the request line, up to the blank line (which is not returned). More than
+        MAX_HEADER_LINES lines or a line over MAX_HEADER_LINE_BYTES is a 431. When the head did not arrive whole,
+        `problem` is set and what arrived is returned."""
+        start = len(self.lines)
+        while True:
+            line = self.readline(MAX_HEADER_LINE_BYTES + 1)
+            if self.problem:
+                return self.lines[start:]
+            if len(line) > MAX_HEADER_LINE_BYTES:
+                raise HttpProtocolError(431, f"a header line is longer than {MAX_HEADER_LINE_BYTES} bytes")
+            if line in (b"\r\n", b"\n"):
+                return self.lines[start:-1]
+            if len(self.lines) - start > MAX_HEADER_LINES:
+                raise HttpProtocolError(431, f"more than {MAX_HEADER_LINES} header lines")

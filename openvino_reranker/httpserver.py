@@ -1,12 +1,12 @@
 """HTTP: the routes (derived from the dialect table), the request handler and the server (connection bound,
 slow-client reaper). Parsing, scoring and rendering are called from here, never done here; the request head is
-read and checked with `framing`, not left to http.server alone."""
+read and checked with `framing`: http.server's own parser is not used."""
 
 from __future__ import annotations
 
+import email.parser
 import hmac
 import logging
-import re
 import select
 import socket
 import sys
@@ -45,7 +45,19 @@ from .errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from .framing import REQUEST_LINE_RE, SHOWN_CHARS, Framing, HeadReader, printable, read_framing
+from .framing import (
+    REQUEST_LINE_RE,
+    SHOWN_CHARS,
+    Framing,
+    HeadReader,
+    client_request_id,
+    connection_options,
+    first_byte_fault,
+    keeps_alive,
+    parse_target,
+    printable,
+    read_framing,
+)
 from .service import RerankService
 
 log = logging.getLogger("openvino_reranker")
@@ -165,7 +177,12 @@ class RerankHandler(BaseHTTPRequestHandler):
         self.reaped = False
 
     def _handle_request(self) -> None:
-        """http.server's handle_one_request, with the request line and headers read through a HeadReader."""
+        """http.server's handle_one_request: the first byte checked, then the request line and headers read
+        through a HeadReader."""
+        fault = first_byte_fault(self.rfile.peek(1)[:1])  # _await_first_byte has seen it arrive: no wait
+        if fault is not None:
+            self._refuse(HttpProtocolError(400, fault))
+            return
         head = self._head = HeadReader(self.rfile, self.server.config.max_header_bytes)
         line = head.readline()
         if head.problem:
@@ -188,36 +205,51 @@ class RerankHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def parse_request(self) -> bool:
-        """A strict request line, then http.server's parser with the header lines read through the HeadReader,
-        then what that parser cannot see (read_framing)."""
+        """http.server's parse_request, done here on the raw bytes: a strict request line, the header lines read
+        through the HeadReader and bounded (read_header_lines), then what http.server's parser cannot see
+        (read_framing). False when the request was refused (and answered)."""
         line = REQUEST_LINE_RE.fullmatch(self.raw_requestline)
         if line is None:
             self.send_error(HTTPStatus.BAD_REQUEST, "malformed request line (expected: METHOD /path HTTP/1.1, single "
                                                     "spaces, an ASCII path)")
             return False
-        if line.group(2) == b"0":  # http.server would answer HTTP/0.9 with a bare body: no status line, no headers
-            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.0 and HTTP/1.1 only")
+        method, target, major, minor = (part.decode("ascii") for part in line.groups())
+        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+        self.command, self.path = method, target
+        if major != "1":  # HTTP/0.9 would be answered with a bare body: no status line, no headers
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{major}.{minor} is not supported: HTTP/1.0 "
+                                                                   f"and HTTP/1.1 only")
             return False
-        real_rfile, self.rfile = self.rfile, self._head
+        self.request_version = f"HTTP/1.{minor}"
         try:
-            if not super().parse_request():
-                return False
-        finally:
-            self.rfile = real_rfile
-        if self._head.problem:
-            self._refuse_head(self._head, in_request_line=False)
-            return False
-        try:
-            self._framing = read_framing(self._head.lines[:-1], self.request_version >= "HTTP/1.1")
+            lines = self._head.read_header_lines()
         except HttpProtocolError as exc:
             self._refuse(exc)
             return False
-        return True
-
-    def handle_expect_100(self):
-        """Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its
-        headers (401, 411, 413, ...) gets its final answer instead, and its client need not send the body."""
-        self._expect_continue = True
+        if self._head.problem:
+            self._refuse_head(self._head, in_request_line=False)
+            return False
+        # the head has been read whole: from here on every answer, refusals included, carries the client's own id
+        self.request_id = client_request_id(lines) or self.request_id
+        self.headers = email.parser.Parser(_class=self.MessageClass).parsestr(
+            b"".join([*lines, b"\r\n"]).decode("latin-1"))
+        try:
+            self._framing = read_framing(lines, self.request_version >= "HTTP/1.1")
+            target = parse_target(self.path, self.command)
+        except HttpProtocolError as exc:
+            self._refuse(exc)
+            return False
+        if target.host is not None:  # absolute-form: its host replaces Host for the request (RFC 9112 3.2.2)
+            del self.headers["Host"]
+            self.headers["Host"] = target.host
+        self.path = target.path
+        options = connection_options(self.headers.get_all("Connection", []))
+        self.close_connection = not keeps_alive(minor != "0", options)
+        # Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its headers
+        # (401, 411, 413, ...) gets its final answer instead, and its client need not send the body
+        self._expect_continue = self.headers.get("Expect", "").lower() == "100-continue" and minor != "0"
+        if self.path.startswith("//"):  # as http.server does (gh-87389)
+            self.path = "/" + self.path.lstrip("/")
         return True
 
     def _refuse_head(self, head: HeadReader, in_request_line: bool) -> None:
@@ -267,7 +299,6 @@ class RerankHandler(BaseHTTPRequestHandler):
         started = self._started = time.perf_counter()
         self._arrived = time.monotonic()  # deadlines count from here
         self._log: dict[str, Any] = {}
-        self.request_id = self._request_id()
         path = self.path.split("?", 1)[0]
         route = ROUTES.get(path)
         self._dialect = route.dialect if route else NATIVE  # route_score narrows it once the body is decoded
@@ -299,10 +330,6 @@ class RerankHandler(BaseHTTPRequestHandler):
             extra = "".join(f" {k}={v}" for k, v in self._log.items())
             log.info("request id=%s method=%s route=%s status=%s ms=%.1f%s", self.request_id, self.command,
                      printable(path), self._status, elapsed * 1000, extra)
-
-    def _request_id(self) -> str:
-        given = self.headers.get("X-Request-ID", "")
-        return given if re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given) else uuid.uuid4().hex
 
     def _check_auth(self) -> None:
         key = self.server.service.api_key
@@ -396,6 +423,11 @@ class RerankHandler(BaseHTTPRequestHandler):
         headers = dict(headers or {})
         if self._body_pending() or self.server.service.draining or self.reaped:
             headers["Connection"] = "close"  # an unread body would be parsed as the next request
+        closing = headers.get("Connection", "").lower() == "close"  # the server closes: linger for what follows
+        if not closing and self.close_connection:  # the client's close option, or HTTP/1.0 without keep-alive
+            headers["Connection"] = "close"
+        elif not closing and self.request_version == "HTTP/1.0":
+            headers["Connection"] = "keep-alive"  # an HTTP/1.0 client keeps the connection only when told so
         self._status = status
         try:
             self.send_response(status)
@@ -404,7 +436,7 @@ class RerankHandler(BaseHTTPRequestHandler):
             self.send_header("X-Request-ID", self.request_id)
             for name, value in headers.items():
                 self.send_header(name, value)
-            if headers.get("Connection", "").lower() == "close":
+            if closing:
                 self.close_connection = True
                 self._linger = True
             self.end_headers()

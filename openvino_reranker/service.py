@@ -167,7 +167,7 @@ class RerankService:
         if request.instruction is not None and not self.reranker.head.takes_instruction:
             raise BadRequestError(f"instruction is not supported: the model ({self.model_name}, a "
                                   f"{self.reranker.head.kind}) takes no instruction", "instruction")
-        limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone)
+        limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone, request.names)
         with self.admission.slot():
             try:
                 queries = [d.query or request.query for d in request.documents]

@@ -42,6 +42,50 @@ def test_limits_are_413_naming_the_limit_and_field(fake_server, args, body, fiel
     assert payload["error"]["field"] == field and limit in payload["error"]["message"]
 
 
+LONG_TEXT = "solar power " * 100  # over the fake engine's 64 tokens per pair
+
+
+def field_and_message(payload) -> tuple[str | None, str]:
+    """An error's field and message in any dialect's shape (native, Cohere/infinity, TEI)."""
+    if isinstance(payload.get("error"), dict):
+        return payload["error"]["field"], payload["error"]["message"]
+    return payload["field"], payload.get("message") or payload["error"]
+
+
+@pytest.mark.parametrize("args, path, body, status, field", [
+    # a pair too long to score untruncated (only TEI can ask for that): the body's own `texts`
+    ([], "/rerank", {"query": "q", "texts": ["a", LONG_TEXT], "truncate": False}, 413, "texts[1]"),
+    # the token budget, found after parsing: the list as each dialect's body names it
+    (["--max-total-tokens", "12"], "/rerank", {"query": "q", "documents": DOCS}, 413, "documents"),
+    (["--max-total-tokens", "12"], "/v1/rerank", {"query": "q", "documents": DOCS}, 413, "documents"),
+    (["--max-total-tokens", "12"], "/v2/rerank", {"query": "q", "documents": DOCS}, 413, "documents"),
+    (["--max-total-tokens", "12"], "/rerank", {"query": "q", "texts": DOCS}, 413, "texts"),
+    (["--max-total-tokens", "12"], "/rerank", {"query": "q", "documents": DOCS, "model": "m"}, 413, "documents"),
+    (["--max-total-tokens", "12"], "/rerank", [{"query": "q", "passage": d} for d in DOCS], 413, "pairs"),
+    # found while parsing: each dialect's entry path
+    (["--max-document-chars", "20"], "/rerank", {"query": "q", "documents": ["a", "b" * 21]}, 413, "documents[1]"),
+    (["--max-document-chars", "20"], "/v2/rerank", {"query": "q", "documents": ["a", "b" * 21]}, 413,
+     "documents[1]"),
+    (["--max-document-chars", "20"], "/rerank", {"query": "q", "texts": ["a", "b" * 21]}, 413, "texts[1]"),
+    (["--max-document-chars", "20"], "/rerank", {"query": "q", "documents": ["a", "b" * 21], "top_n": 1}, 413,
+     "documents[1]"),
+    (["--max-document-chars", "20"], "/rerank", [{"query": "q", "passage": "a"}, {"query": "q", "passage": "b" * 21}],
+     413, "[1].passage"),
+    ([], "/v1/rerank", {"query": "q", "documents": ["a", {"text": " "}]}, 400, "documents[1].text"),
+    ([], "/rerank", {"query": "q", "texts": ["a", 7]}, 400, "texts[1]"),
+    ([], "/rerank", {"query": "q", "documents": ["a", ""], "raw_scores": True}, 400, "documents[1]"),
+    ([], "/rerank", [{"query": "q", "passage": "a"}, {"query": "q", "passage": ""}], 400, "[1].passage"),
+])
+def test_errors_name_the_documents_as_the_body_does(fake_server, args, path, body, status, field):
+    """Every dialect's errors that name its documents use the body's own field: `texts` in a TEI body, never the
+    native `documents` (issue 16: truncate=false named documents[1] on a TEI body)."""
+    fake = fake_server(*args).start(FakeEngine())
+    got, payload, _ = request(fake.port, "POST", path, body)
+    named, message = field_and_message(payload)
+    assert got == status and named == field, payload
+    assert field in message and ("documents" in message) == ("documents" in field), message
+
+
 def test_a_huge_string_is_refused_before_tokenizing(fake_server, monkeypatch):
     fake = fake_server("--max-body-bytes", str(60 * 1024 * 1024)).start(FakeEngine())
     calls = []

@@ -154,6 +154,138 @@ def test_a_proper_request_after_a_clean_one_still_keeps_alive(fake_server):
     assert [r[0] for r in exchange(fake.port, folded_looking)[0]] == [200]
 
 
+LAST = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"  # ends a pipelined exchange
+
+
+@pytest.mark.parametrize("version, connection, closes", [
+    (b"1.1", [b"close"], True),
+    (b"1.1", [b"TE, close"], True),  # libwww-perl
+    (b"1.1", [b"te ,\tCLOSE "], True),
+    (b"1.1", [b"keep-alive, close"], True),
+    (b"1.1", [b"TE", b"close"], True),  # several Connection lines
+    (b"1.1", [b",close,"], True),
+    (b"1.1", [b"TE"], False),
+    (b"1.1", [b"closed, x-close"], False),  # only the token close closes
+    (b"1.1", [], False),
+    (b"1.0", [], True),
+    (b"1.0", [b"keep-alive"], False),
+    (b"1.0", [b"TE, Keep-Alive"], False),
+    (b"1.0", [b"TE", b"keep-alive"], False),
+    (b"1.0", [b"keep-alive, close"], True),
+])
+def test_connection_options_are_a_token_list(fake_server, version, connection, closes):
+    """RFC 9112 9.6: a close token anywhere in the comma-separated Connection list, on any of its lines, closes
+    after the answer, which says `Connection: close`; an HTTP/1.0 keep-alive token anywhere keeps the connection
+    open and the answer says `Connection: keep-alive` (issue 16: `Connection: TE, close` kept it open)."""
+    fake = fake_server().start(FakeEngine())
+    fields = b"".join(b"Connection: " + value + b"\r\n" for value in connection)
+    first = b"GET /healthz HTTP/" + version + b"\r\nHost: x\r\n" + fields + b"\r\n"
+    responses, closed = exchange(fake.port, first + LAST)
+    assert closed and [r[0] for r in responses] == ([200] if closes else [200, 200])
+    said = responses[0][1].get("connection")
+    assert said == ("close" if closes else "keep-alive" if version == b"1.0" else None)
+
+
+RID = b"X-Request-ID: rid-16.4\r\n"
+CLOSE = b"Connection: close\r\n"
+
+REFUSED_AFTER_THE_HEAD = [
+    ("trace_501", b"TRACE /healthz HTTP/1.1\r\nHost: x\r\n" + RID + b"\r\n", 501),
+    ("brew_501", b"BREW /rerank HTTP/1.1\r\nHost: x\r\n" + RID + b"\r\n", 501),
+    ("repeated_host", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n" + RID + b"\r\n", 400),
+    ("missing_host", b"GET /healthz HTTP/1.1\r\n" + RID + b"\r\n", 400),
+    ("repeated_length", post_head(b"0", b"Content-Length: 5\r\n" + RID), 400),
+    ("bad_length", post_head(b"+2", RID) + b"{}", 400),
+    ("no_colon_before_it", b"GET /healthz HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n" + RID + b"\r\n", 400),
+    ("folded_line_before_it", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n more\r\n" + RID + b"\r\n", 400),
+    ("nul_in_a_value", b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n" + RID + b"\r\n", 400),
+    ("empty_transfer_encoding", post_head(b"2", b"Transfer-Encoding: \r\n" + RID) + b"{}", 400),
+    ("chunked_411", post_head(b"2", b"Transfer-Encoding: chunked\r\n" + RID) + b"{}", 411),
+    ("too_large_413", post_head(b"99999999", RID), 413),
+    ("media_type_415", b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + RID + CLOSE + b"\r\n{}", 415),
+    ("not_found_404", b"GET /nowhere HTTP/1.1\r\nHost: x\r\n" + RID + CLOSE + b"\r\n", 404),
+    ("method_405", b"GET /rerank HTTP/1.1\r\nHost: x\r\n" + RID + CLOSE + b"\r\n", 405),
+]
+
+
+@pytest.mark.parametrize("data, status", [c[1:] for c in REFUSED_AFTER_THE_HEAD],
+                         ids=[c[0] for c in REFUSED_AFTER_THE_HEAD])
+def test_every_answer_after_the_head_echoes_the_request_id(fake_server, data, status):
+    """SPEC: every response carries the request's own X-Request-ID when it sent a valid one; refusals made from a
+    head read whole (501, 400 for its framing, ...) made a new id (issue 16)."""
+    fake = fake_server().start(FakeEngine())
+    [(got, headers, _)], closed = exchange(fake.port, data)
+    assert got == status and closed
+    assert headers["x-request-id"] == "rid-16.4"
+
+
+def scoring_request(target: bytes, host: bytes | None = b"Host: x\r\n", version: bytes = b"1.1") -> bytes:
+    return (b"POST " + target + b" HTTP/" + version + b"\r\n" + (host or b"") + b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n" % len(BODY) + CLOSE + b"\r\n" + BODY)
+
+
+@pytest.mark.parametrize("target", [
+    b"http://127.0.0.1:18818/rerank",
+    b"HTTP://LOCALHOST/rerank",  # the scheme and the host are case-insensitive
+    b"hTtP://[::1]:18818/rerank?x=1",  # an IPv6 literal; the query is ignored as on any path
+    b"http://reranker.internal//rerank",  # any host is served, as by nginx's default server
+    b"http://127.0.0.1:/rerank",  # an empty port is the default one (RFC 3986)
+])
+def test_an_absolute_form_target_is_routed_by_its_path(fake_server, target):
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form; it got a 404 (issue 16)."""
+    fake = fake_server().start(FakeEngine())
+    [(status, _, body)], closed = exchange(fake.port, scoring_request(target))
+    assert status == 200 and body["ok"] is True and len(body["results"]) == 2 and closed
+
+
+def test_the_absolute_form_host_replaces_the_host_header(fake_server, monkeypatch):
+    fake = fake_server().start(FakeEngine())
+    seen = []
+    route_healthz = RerankHandler.route_healthz
+
+    def record(handler, route):
+        seen.append(handler.headers.get_all("Host"))
+        route_healthz(handler, route)
+
+    monkeypatch.setattr(RerankHandler, "route_healthz", record)
+    head = b"GET http://reranker.internal:18818/healthz HTTP/1.1\r\nHost: other.example\r\n" + CLOSE + b"\r\n"
+    assert [r[0] for r in exchange(fake.port, head)[0]] == [200]
+    # HTTP/1.0 may leave Host out; HTTP/1.1 still needs exactly one (RFC 9112 3.2), as nginx does
+    assert [r[0] for r in exchange(fake.port, b"GET http://h10.example/healthz HTTP/1.0\r\n\r\n")[0]] == [200]
+    assert seen == [["reranker.internal:18818"], ["h10.example"]]
+    assert "Host" in assert_refused(*exchange(fake.port, b"GET http://x/healthz HTTP/1.1\r\n" + CLOSE + b"\r\n"))
+
+
+@pytest.mark.parametrize("target, needle", [
+    (b"https://127.0.0.1:18818/rerank", "https"),  # this port speaks plain HTTP only
+    (b"ftp://127.0.0.1/rerank", "scheme"),
+    (b"http:///rerank", "host"),  # an empty host (RFC 9110 4.2.1: reject)
+    (b"http://:18818/rerank", "host"),
+    (b"http://user:secret@127.0.0.1/rerank", "userinfo"),  # RFC 9110 4.2.4
+    (b"http://127.0.0.1:80x/rerank", "host"),
+    (b"http://[::1/rerank", "host"),
+    (b"http://exa mple/rerank", "request line"),  # two spaces: not even a request line
+    (b"http:/127.0.0.1/rerank", "request target"),
+    (b"http://127.0.0.1/rerank#top", "request target"),  # a fragment is never sent
+    (b"rerank", "request target"),  # neither /path nor scheme://
+    (b"127.0.0.1:18818", "request target"),  # authority-form is for CONNECT
+    (b"*", "OPTIONS"),  # asterisk-form is for OPTIONS
+])
+def test_a_malformed_or_https_target_is_400(fake_server, target, needle):
+    fake = fake_server().start(FakeEngine())
+    assert needle in assert_refused(*exchange(fake.port, scoring_request(target)))
+    assert_serving(fake.port)
+
+
+def test_options_asterisk_is_a_request_with_no_route(fake_server):
+    """Asterisk-form (RFC 9112 3.2.4) names no resource here: a 404 as before, on a connection that stays open."""
+    fake = fake_server().start(FakeEngine())
+    options = b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n"
+    [(status, headers, body), (after, _, _)], closed = exchange(fake.port, options + LAST)
+    assert status == 404 and body["error"]["type"] == "not_found" and "connection" not in headers
+    assert after == 200 and closed
+
+
 def test_a_head_cut_short_by_the_client_is_400_not_a_request(fake_server):
     """http.client treats EOF as the end of the headers: a half-closed, incomplete head must not be served."""
     fake = fake_server().start(FakeEngine())
@@ -217,6 +349,33 @@ def test_a_trickled_head_is_cut_off_at_read_timeout(fake_server):
     assert_serving(fake.port)
 
 
+@pytest.mark.parametrize("data", [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32),  # a TLS ClientHello: no LF for a long while
+    b"\x00",
+    b"\x80\x2e\x01\x00\x02",  # an SSLv2-style hello
+    b" GET /healthz HTTP/1.1",  # whitespace cannot begin a method
+    b'{"query": "q"',  # a body without its request line
+    b"\r\n\x16\x03\x01\x02\x00",  # after the empty line RFC 9112 allows: the next first byte is checked too
+], ids=["tls", "nul", "sslv2", "space", "brace", "crlf_then_tls"])
+def test_a_first_byte_that_cannot_begin_a_request_is_refused_at_once(fake_server, data):
+    """A request line starts with its method, a token (or with an empty line): anything else is refused with 400
+    and a close as soon as it arrives, not after read_timeout_s without an LF (issue 16)."""
+    fake = fake_server("--read-timeout-s", "10").start(FakeEngine())
+    started = time.monotonic()
+    responses, closed = exchange(fake.port, data, timeout_s=8)
+    assert time.monotonic() - started < 2
+    assert "cannot begin a request" in assert_refused(responses, closed)
+    assert_serving(fake.port)
+
+
+def test_a_leading_empty_line_still_begins_a_request(fake_server):
+    fake = fake_server().start(FakeEngine())
+    for data in (b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n" + CLOSE + b"\r\n",
+                 b"\nGET /healthz HTTP/1.1\r\nHost: x\r\n" + CLOSE + b"\r\n"):
+        responses, closed = exchange(fake.port, data)
+        assert [r[0] for r in responses] == [200] and closed
+
+
 def test_a_connection_that_never_speaks_is_closed_at_first_byte_timeout(fake_server):
     fake = fake_server("--first-byte-timeout-s", "1", "--idle-timeout-s", "5").start(FakeEngine())
     with socket.create_connection(("127.0.0.1", fake.port)) as silent:
@@ -269,6 +428,34 @@ def test_the_header_block_is_capped_at_max_header_bytes(fake_server):
     message = assert_refused(*exchange(fake.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n"), 431)
     assert "max_header_bytes" in message and "65536" in message
     assert_serving(fake.port)
+
+
+def with_header_lines(count: int) -> bytes:
+    """GET /healthz with exactly `count` header lines: Host, count - 2 others, Connection: close."""
+    others = b"".join(b"X-Line-%d: v\r\n" % i for i in range(count - 2))
+    return b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + others + b"Connection: close\r\n\r\n"
+
+
+def test_100_header_lines_pass_and_101_are_431(fake_server):
+    """SPEC: more than 100 header lines are refused. http.client counts the blank line too, so its limit refused
+    exactly 100 (issue 16)."""
+    fake = fake_server().start(FakeEngine())
+    responses, closed = exchange(fake.port, with_header_lines(100))
+    assert [r[0] for r in responses] == [200] and closed
+    message = assert_refused(*exchange(fake.port, with_header_lines(101)), 431)
+    assert "more than 100 header lines" in message
+    assert_serving(fake.port)
+
+
+def test_a_header_line_may_take_65536_bytes_with_its_crlf(fake_server):
+    """The line limit http.client had, kept now that the header lines are read here."""
+    fake = fake_server("--max-header-bytes", "200000").start(FakeEngine())
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    line = b"X-Long: " + b"v" * (65536 - 10) + b"\r\n"
+    assert len(line) == 65536
+    assert [r[0] for r in exchange(fake.port, head + line + b"\r\n")[0]] == [200]
+    message = assert_refused(*exchange(fake.port, head + b"X" + line + b"\r\n"), 431)
+    assert "65536" in message
 
 
 def test_the_cap_answers_before_the_head_ends(fake_server):
