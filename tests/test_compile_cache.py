@@ -1,11 +1,18 @@
-"""The compile cache's key (SPEC.md, "Compile cache"): a blob is reused only for the exact configuration that made
-it, so every part of that configuration changes the digest, and a directory this service did not key is not used."""
+"""The compile cache is keyed by this service (SPEC.md, "Compile cache"): a blob is reused only for the exact
+configuration that made it, so every part of that configuration changes the digest, and a directory this service
+did not key is not used. Issue 17: OpenVINO 2026.4's own cache key leaves out INFERENCE_PRECISION_HINT, so a start
+with `--inference-precision f32` after a default start (bf16 on a CPU with AMX or AVX512-BF16) loaded the bf16 blob,
+and a default start after an f32 start loaded the f32 blob and scored NaN or crashed."""
 
 import hashlib
 import json
 import os
 
+import numpy as np
+import openvino as ov
 import pytest
+from conftest import RunningServer, request
+from test_model_families import FIXTURES, all_cases_in_one_request, reference
 
 from openvino_reranker.compilecache import (
     DIGEST_CHARS,
@@ -18,7 +25,79 @@ from openvino_reranker.compilecache import (
 )
 from openvino_reranker.config import ShapeBucket
 
+QWEN3 = FIXTURES / "tiny-qwen3"
 CONFIGURATION_FILE = "configuration.json"  # SPEC.md, "Compile cache": what each keyed directory holds
+DEFAULT_PRECISION = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+NOT_F32_BY_DEFAULT = pytest.mark.skipif(
+    DEFAULT_PRECISION == ov.Type.f32,
+    reason=f"this CPU's default inference precision is {DEFAULT_PRECISION} (no AMX/AVX512-BF16): a default compile "
+           f"and an f32 compile give the same scores, so a wrong blob would not show in them")
+
+
+def serve_once(cache_dir, *extra: str) -> tuple[dict, np.ndarray]:
+    """Start the real server on the Qwen3 decoder fixture, take /readyz and score every case, stop it."""
+    args = ["--device", "CPU", "--model", str(QWEN3), "--cache-dir", str(cache_dir), *extra]
+    with RunningServer(args).wait_ready() as srv:
+        ready = request(srv.port, "GET", "/readyz")[1]
+        scores, _ = all_cases_in_one_request(srv.port, reference("tiny-qwen3"))
+    return ready, scores
+
+
+def keyed_dirs(root) -> set[str]:
+    return {str(p) for p in root.iterdir() if p.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def default_then_f32_then_default(tmp_path_factory):
+    """Issue 17's steps with one shared --cache-dir: a default start, an f32 start, the default start again."""
+    root = tmp_path_factory.mktemp("shared-compile-cache")
+    first = serve_once(root)
+    dirs_after_first = keyed_dirs(root)
+    second = serve_once(root, "--inference-precision", "f32")
+    dirs_after_second = keyed_dirs(root)
+    third = serve_once(root)
+    return root, (first, second, third), (dirs_after_first, dirs_after_second, keyed_dirs(root))
+
+
+def test_each_configuration_has_its_own_keyed_directory(default_then_f32_then_default):
+    root, (first, second, third), (after_first, after_second, after_third) = default_then_f32_then_default
+    assert len(after_first) == 1, "the first start compiles one configuration into one keyed directory"
+    assert len(after_second) == 2 and after_first < after_second, "the f32 start must get a directory of its own"
+    assert after_third == after_second, "the third start has the first one's settings: no new directory"
+    first_dir, = after_first
+    second_dir, = after_second - after_first
+    assert first[0]["compile"]["cache_dir"] == first_dir and third[0]["compile"]["cache_dir"] == first_dir
+    assert second[0]["compile"]["cache_dir"] == second_dir
+    assert first[0]["compile"]["loaded_from_cache"] == [False]
+    assert second[0]["compile"]["loaded_from_cache"] == [False], "the f32 start loaded a blob it did not make"
+    assert third[0]["compile"]["loaded_from_cache"] == [True], "the same settings again must load from the cache"
+    for directory, ready in ((first_dir, first[0]), (second_dir, second[0])):
+        written = json.loads((root / directory / CONFIGURATION_FILE).read_text())
+        assert written["device"] == "CPU" and written["properties"] == ready["compile"]["properties"]
+        assert written["openvino"] == ov.get_version() and written["shapes"] == "dynamic"
+    assert np.abs(third[1] - first[1]).max() <= 1e-6, "the cached default compile scores as the first one did"
+
+
+@NOT_F32_BY_DEFAULT
+def test_the_f32_start_scores_as_an_uncached_f32_compile(default_then_f32_then_default):
+    _, (first, second, _), _ = default_then_f32_then_default
+    uncached = serve_once("", "--inference-precision", "f32")
+    assert second[0]["compile"]["properties"] == uncached[0]["compile"]["properties"]
+    assert np.abs(second[1] - uncached[1]).max() <= 1e-6
+    assert np.abs(first[1] - uncached[1]).max() > 1e-6, "on this CPU the default precision changes the scores"
+
+
+def test_a_default_start_after_an_f32_start_compiles_its_own(tmp_path):
+    """The other order: OpenVINO's cache gave the default compile the f32 blob, which then scored NaN here."""
+    f32 = serve_once(tmp_path, "--inference-precision", "f32")
+    default = serve_once(tmp_path)
+    assert f32[0]["compile"]["cache_dir"] != default[0]["compile"]["cache_dir"]
+    assert default[0]["compile"]["loaded_from_cache"] == [False] and default[0]["parity"]["fallback"] is False
+    assert len(keyed_dirs(tmp_path)) == 2
+    assert np.isfinite(default[1]).all()
+    if DEFAULT_PRECISION != ov.Type.f32:
+        uncached = serve_once("")
+        assert np.abs(default[1] - uncached[1]).max() <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- the key
