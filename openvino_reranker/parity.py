@@ -144,8 +144,11 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
 
 
 def _reference_scores(core, model, head: ModelHead, batch_size: int) -> np.ndarray:
+    """The parity pairs' scores from a fresh compile of the reference configuration. It never reads or writes the
+    compile cache (`cache=None` compiles with CACHE_DIR ""): a reference loaded from a blob could be the very blob
+    that is wrong, and then agree with it."""
     reference = Reranker(head, Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract,
-                                      infer_requests=1), batch_size)
+                                      infer_requests=1, cache=None), batch_size)
     try:
         return reference.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
     except ServiceError as exc:  # e.g. weights that give NaN: no compile of this IR can be trusted
