@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 # The modules in reading order, which is also the import order: each imports only modules listed before it
 # (tests/test_structure.py checks this), so the package reads top to bottom along a request's path.
 MODULES = (
-    "errors", "config", "scoring", "batching", "textcut", "encoding", "cache", "engine", "batcher", "hub", "modeldir", "checks",
-    "parity", "api", "metrics", "service", "framing", "httpserver", "systemd", "startup",
+    "errors", "config", "scoring", "batching", "textcut", "encoding", "cache", "compilecache", "engine", "batcher",
+    "hub", "modeldir", "checks", "parity", "api", "metrics", "service", "framing", "httpserver", "systemd", "startup",
 )

@@ -547,7 +547,7 @@ def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
         "shape_mode": "static" if engine.buckets is not None else "dynamic",
         "buckets": [str(b) for b in engine.buckets] if engine.buckets is not None else None,
         "batch_size": config.batch_size,
-        "compile": {"ms": engine.compile_ms, "cache_dir": config.cache_dir or None,
+        "compile": {"ms": engine.compile_ms, "cache_dir": engine.cache_dir,
                     "loaded_from_cache": list(engine.loaded_from_cache),
                     "properties": dict(engine.properties), "infer_requests": engine.infer_requests},
         "parity": {"max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,

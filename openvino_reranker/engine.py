@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -11,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from .compilecache import CompileCache
 from .config import ENV_PREFIX, ShapeBucket
 from .encoding import ModelContract
 from .errors import (
-    EXIT_CONFIG,
     EXIT_DEVICE,
     EXIT_MODEL,
     DeadlineExceededError,
@@ -64,6 +63,7 @@ class EngineInfo:
     execution_devices: tuple[str, ...]
     buckets: tuple[ShapeBucket, ...] | None  # None: dynamic shapes
     loaded_from_cache: tuple[bool, ...]  # one per compiled model
+    cache_dir: str | None  # the keyed compile cache directory its models were compiled with; None: no cache
     compile_ms: float
     input_names: tuple[str, ...]
     num_labels: int
@@ -73,17 +73,22 @@ class EngineInfo:
 
 class Engine:
     """Compiled OpenVINO model(s) and a pool of infer requests per compiled model. `infer(feed, shape)` returns the
-    contract's logits output as float32 [rows, num_labels]. Knows nothing about HTTP, JSON, tokens or scores."""
+    contract's logits output as float32 [rows, num_labels]. Knows nothing about HTTP, JSON, tokens or scores.
+
+    Every compile names its CACHE_DIR: the directory `cache` keys to this device, these properties and these shapes,
+    or "" (no cache) without one, so that no CACHE_DIR set on the Core can be used instead."""
 
     def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping,
                  contract: ModelContract, before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None,
-                 infer_requests: int = 0):
+                 infer_requests: int = 0, cache: CompileCache | None = None):
         self.contract = contract
         self.device = device
         self.buckets = tuple(buckets) if buckets is not None else None
         self._compiled: dict[ShapeBucket | None, Any] = {}
         self._pools: dict[ShapeBucket | None, queue.Queue] = {}
         started = time.perf_counter()
+        self.cache_dir = cache.directory_for(device, properties, self.buckets) if cache is not None else None
+        compile_properties = {**properties, "CACHE_DIR": str(self.cache_dir) if self.cache_dir else ""}
         for shape in (self.buckets or (None,)):
             before_compile(shape)
             variant = model
@@ -91,7 +96,7 @@ class Engine:
                 variant = model.clone()
                 variant.reshape({name: [shape.rows, shape.length] for name in contract.input_names})
             try:
-                compiled = core.compile_model(variant, device, dict(properties))
+                compiled = core.compile_model(variant, device, compile_properties)
             except RuntimeError as exc:
                 where = f" for shape {shape}" if shape else ""
                 raise StartupError(f"compiling the model on {device}{where} failed: {error_reason(exc)}",
@@ -116,7 +121,8 @@ class Engine:
                 cached.append(bool(compiled.get_property("LOADED_FROM_CACHE")))
             except RuntimeError:
                 cached.append(False)
-        return EngineInfo(self.device, tuple(devices), self.buckets, tuple(cached), round(self.compile_ms, 1),
+        return EngineInfo(self.device, tuple(devices), self.buckets, tuple(cached),
+                          str(self.cache_dir) if self.cache_dir else None, round(self.compile_ms, 1),
                           self.contract.input_names, self.contract.num_labels, self.properties, self.num_requests)
 
     def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
@@ -137,19 +143,14 @@ class Engine:
             pool.put(request)
 
 
-def open_core(device: str, cache_dir: str, core=None):
-    """An OpenVINO Core (or the stand-in tests inject) that can run `device`, with the compile cache set."""
+def open_core(device: str, core=None):
+    """An OpenVINO Core (or the stand-in tests inject) that can run `device`. It gets no CACHE_DIR: a Core's
+    CACHE_DIR would serve every compile of the process, whatever its configuration (see `Engine`)."""
     if core is None:
         import openvino as ov
 
         core = ov.Core()
     check_device_available(device, list(core.available_devices))
-    if cache_dir:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-        except OSError as exc:
-            raise StartupError(f"cannot create cache dir {cache_dir}: {exc.strerror}", EXIT_CONFIG) from None
-        core.set_property({"CACHE_DIR": cache_dir})
     return core
 
 

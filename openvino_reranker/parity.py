@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batcher import Reranker
+from .compilecache import CompileCache
 from .config import Config, ShapeBucket
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter
@@ -102,16 +103,17 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
 
 def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
                     counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
-                    before_reference: Callable[[], None] = lambda: None) -> tuple[Reranker, Engine, ParityCheck]:
-    """Compile for serving, compare with the f32 single-stream CPU reference, and apply `on_parity_failure`:
-    recompile with `safe_properties` (checked again) or refuse. Returns what serves; on any failure (including a
-    cancelled startup) nothing is left running."""
+                    before_reference: Callable[[], None] = lambda: None, cache: CompileCache | None = None
+                    ) -> tuple[Reranker, Engine, ParityCheck]:
+    """Compile for serving (through `cache`, each configuration in its own keyed directory), compare with the f32
+    single-stream CPU reference, and apply `on_parity_failure`: recompile with `safe_properties` (checked again) or
+    refuse. Returns what serves; on any failure (including a cancelled startup) nothing is left running."""
     reference = None
 
     def serve(properties: Mapping[str, str], infer_requests: int) -> tuple[Reranker, Engine, float]:
         nonlocal reference
         engine = Engine(core, model, config.device, buckets, properties, head.contract, before_compile,
-                        infer_requests)
+                        infer_requests, cache)
         reranker = Reranker(head, engine, config.batch_size, counter)
         try:
             if reference is None:
@@ -142,8 +144,11 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
 
 
 def _reference_scores(core, model, head: ModelHead, batch_size: int) -> np.ndarray:
+    """The parity pairs' scores from a fresh compile of the reference configuration. It never reads or writes the
+    compile cache (`cache=None` compiles with CACHE_DIR ""): a reference loaded from a blob could be the very blob
+    that is wrong, and then agree with it."""
     reference = Reranker(head, Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract,
-                                      infer_requests=1), batch_size)
+                                      infer_requests=1, cache=None), batch_size)
     try:
         return reference.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
     except ServiceError as exc:  # e.g. weights that give NaN: no compile of this IR can be trusted

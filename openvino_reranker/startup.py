@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from .batcher import Reranker
 from .cache import ScoreCache
 from .checks import check_startup
+from .compilecache import open_compile_cache
 from .config import ENV_PREFIX, Config, is_loopback, load_api_key, load_config
 from .encoding import load_tokenizer
 from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
@@ -47,9 +48,10 @@ def bind_server(service: RerankService) -> RerankServer:
 def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, stop: threading.Event | None = None,
                    environ: Mapping[str, str] | None = None, on_status: Callable[[str], None] | None = None
                    ) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
-    """Model (fetched from the Hub when it is a Hub id) -> its files -> tokenizer -> Core (device, cache) -> the IR
-    and its head -> a compile that passed the parity guard. Each step raises StartupError with its own exit code; a
-    set `stop` cancels the download or before the next compile. `on_status` hears what it is doing (/readyz)."""
+    """Model (fetched from the Hub when it is a Hub id) -> its files -> tokenizer -> Core (device) -> the IR, its
+    head and the compile cache keyed to its bytes -> a compile that passed the parity guard. Each step raises
+    StartupError with its own exit code; a set `stop` cancels the download or before the next compile. `on_status`
+    hears what it is doing (/readyz)."""
 
     def on_progress(line: str) -> None:
         if stop is not None and stop.is_set():
@@ -66,8 +68,9 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
     if source:
         log.info("model %s@%s, commit %s, from %s", source["repo"], source["revision"], source["commit"], model_dir)
     tokenizer = load_tokenizer(model_files.tokenizer)
-    core = open_core(config.device, config.cache_dir, core)
+    core = open_core(config.device, core)
     model = read_model(core, model_files.xml)
+    compile_cache = open_compile_cache(config.cache_dir, model_files.xml)
     head = make_head(model_files, tokenizer, model, config.instruction)
     buckets = static_buckets_for(config, model_files.max_length, head.min_pair_tokens, log.warning)
     log.info("compiling %s on %s (%s)", model_files.xml, config.device,
@@ -85,10 +88,11 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
         sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=checking scores against the f32 CPU reference")
 
     reranker, engine, parity = compile_checked(core, model, config, head, buckets, counter, before_compile,
-                                               before_reference)
+                                               before_reference, compile_cache)
     reranker.cache = ScoreCache(config.score_cache_size) if config.score_cache_size else None
-    log.info("serving with %s; parity with the f32 reference: max score difference %.3g%s", engine.properties,
-             parity.max_abs_diff, " (after falling back)" if parity.fallback else "")
+    log.info("serving with %s (compile cache %s); parity with the f32 reference: max score difference %.3g%s",
+             engine.properties, engine.cache_dir or "off", parity.max_abs_diff,
+             " (after falling back)" if parity.fallback else "")
     return reranker, model_files, engine.info(), parity
 
 

@@ -329,8 +329,9 @@ def close_reranker(reranker: Reranker | None) -> None:
 
 
 def real_reranker(model: TinyModel, buckets=None, max_length: int = 0, batch_size: int = 2, core=None,
-                  infer_requests: int = 0, properties=F32_LATENCY) -> Reranker:
-    """The real scoring path on the CPU: model files, head, a compiled engine; the caller closes it."""
+                  infer_requests: int = 0, properties=F32_LATENCY, cache=None) -> Reranker:
+    """The real scoring path on the CPU: model files, head, a compiled engine (through the compile cache `cache`, a
+    compilecache.CompileCache, when given); the caller closes it."""
     from openvino_reranker.engine import Engine
     from openvino_reranker.modeldir import load_model_files
 
@@ -338,7 +339,7 @@ def real_reranker(model: TinyModel, buckets=None, max_length: int = 0, batch_siz
     core = core or ov.Core()
     ir = core.read_model(str(files.xml))
     head = CrossEncoderHead.from_file(files.tokenizer, files.max_length, CrossEncoderHead.check_contract(ir))
-    engine = Engine(core, ir, "CPU", buckets, properties, head.contract, infer_requests=infer_requests)
+    engine = Engine(core, ir, "CPU", buckets, properties, head.contract, infer_requests=infer_requests, cache=cache)
     return Reranker(head, engine, batch_size)
 
 
@@ -404,8 +405,9 @@ class FakeCore:
     - `crash`: once this Event is set, every inference raises `InferenceCrash`, a BaseException that no
       `except Exception` catches: what a scoring thread cannot survive.
 
-    `compiles` has every compile's properties, `compiled_for` and `shapes` the claimed-device compiles' device and
-    input shapes."""
+    `compiles` has every compile's properties but CACHE_DIR, `cache_dirs` every compile's CACHE_DIR (None when it
+    named none), `core_properties` what was set on the Core itself, `compiled_for` and `shapes` the claimed-device
+    compiles' device and input shapes."""
 
     def __init__(self, claim=(), counter: Path | None = None, bump: bool = True, execution_devices=("NPU.4000",),
                  corrupt: str | None = None, crash: threading.Event | None = None):
@@ -415,6 +417,8 @@ class FakeCore:
         self.claim, self.counter, self.bump = tuple(claim), counter, bump
         self.execution_devices, self.corrupt = tuple(execution_devices), corrupt
         self.compiles: list[dict] = []
+        self.cache_dirs: list[str | None] = []
+        self.core_properties: dict = {}
         self.compiled_for: list[str] = []
         self.shapes: list[list] = []
 
@@ -424,6 +428,7 @@ class FakeCore:
         return real + [d for d in self.claim if d not in real]
 
     def set_property(self, props):
+        self.core_properties.update(props)
         self.core.set_property(props)
 
     def read_model(self, path):
@@ -431,16 +436,19 @@ class FakeCore:
 
     def compile_model(self, model, device, props):
         props = dict(props)
+        cache_dir = props.pop("CACHE_DIR", None)
         multi = props.get("PERFORMANCE_HINT") == "THROUGHPUT" or props.get("NUM_STREAMS", "1") != "1"
         first_reference = props == REFERENCE_PROPERTIES and REFERENCE_PROPERTIES not in self.compiles
         corrupt = (self.corrupt is not None and multi) or (self.corrupt == "always" and not first_reference)
         self.compiles.append(props)
+        self.cache_dirs.append(cache_dir)
         claimed = device in self.claim
         if claimed:
             self.compiled_for.append(device)
             self.shapes.append([list(p.get_partial_shape().to_shape()) for p in model.inputs])  # static or it raises
             device = "CPU"
-        return _FakeCompiled(self.core.compile_model(model, device, props), self, claimed, corrupt)
+        compile_props = props if cache_dir is None else {**props, "CACHE_DIR": cache_dir}
+        return _FakeCompiled(self.core.compile_model(model, device, compile_props), self, claimed, corrupt)
 
 
 class _FakeCompiled:

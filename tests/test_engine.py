@@ -5,6 +5,7 @@ import openvino as ov
 import pytest
 from conftest import SCORE_TOLERANCE, real_reranker
 
+from openvino_reranker.compilecache import CONFIGURATION_FILE, open_compile_cache
 from openvino_reranker.config import ShapeBucket
 from openvino_reranker.encoding import CrossEncoderHead
 from openvino_reranker.engine import NpuBusyCounter
@@ -25,8 +26,8 @@ DOCS = [
 def make_reranker():
     made = []
 
-    def make(model, buckets=None, max_length=None, batch_size=2, core=None):
-        made.append(real_reranker(model, buckets, max_length or 0, batch_size, core))
+    def make(model, buckets=None, max_length=None, batch_size=2, core=None, cache=None):
+        made.append(real_reranker(model, buckets, max_length or 0, batch_size, core, cache=cache))
         return made[-1]
 
     yield make
@@ -61,13 +62,30 @@ def test_model_without_token_type_ids(make_reranker, tiny_model_no_types):
 
 
 def test_compile_cache_is_reported(make_reranker, tiny_model, tmp_path):
+    """Two static buckets compile into one keyed directory, one blob each, and both load from it the second time."""
+    buckets = (ShapeBucket(2, 64), ShapeBucket(4, 32))
+
+    def compile_once():
+        cache = open_compile_cache(str(tmp_path), tiny_model.path / "openvino_model.xml")
+        return make_reranker(tiny_model, buckets, core=ov.Core(), cache=cache).engine.info()
+
+    first, second = compile_once(), compile_once()
+    assert first.loaded_from_cache == (False, False) and second.loaded_from_cache == (True, True)
+    keyed = tmp_path / first.cache_dir
+    assert first.cache_dir == second.cache_dir and keyed.parent == tmp_path
+    assert len(list(keyed.glob("*.blob"))) == 2 and (keyed / CONFIGURATION_FILE).is_file()
+
+
+def test_a_cache_dir_set_on_the_core_is_never_used(make_reranker, tiny_model, tmp_path):
+    """Without a compile cache the engine compiles with CACHE_DIR "": a Core-wide CACHE_DIR (as this service set
+    before issue 17) can neither hand it a blob nor receive one."""
     def compile_once():
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(tmp_path)})
-        return make_reranker(tiny_model, (ShapeBucket(2, 64),), core=core).engine.info().loaded_from_cache
+        return make_reranker(tiny_model, core=core).engine.info()
 
-    assert compile_once() == (False,)
-    assert compile_once() == (True,)
+    assert [compile_once().loaded_from_cache for _ in range(2)] == [(False,), (False,)]
+    assert compile_once().cache_dir is None and list(tmp_path.iterdir()) == []
 
 
 def test_model_contract_is_checked(tiny_model):

@@ -85,3 +85,20 @@ def test_serving_properties_from_config():
                                             "INFERENCE_NUM_THREADS": "2", "INFERENCE_PRECISION_HINT": "bf16"}
     assert serving_properties(load_config([], {})) == {"PERFORMANCE_HINT": "LATENCY"}
     assert safe_properties("NPU") == {"PERFORMANCE_HINT": "LATENCY"}
+
+
+def test_the_reference_is_compiled_fresh_and_never_through_the_compile_cache(tiny_model, tmp_path):
+    """The reference compile names CACHE_DIR "" on every start: a blob could be the very wrong compile it is there
+    to catch, and then agree with it (issue 17). The serving compile and the fallback name keyed directories of their
+    own, and nothing sets CACHE_DIR on the Core, where it would serve every compile of the process."""
+    for start in ("first", "second"):
+        core = FakeCore(corrupt="multi")  # serving (THROUGHPUT) scores wrongly: reference, then fallback compile
+        with RunningServer([*args(tiny_model), "--cache-dir", str(tmp_path), "--performance-hint", "throughput"],
+                           core=core).wait_ready() as srv:
+            body = request(srv.port, "GET", "/readyz")[1]
+        assert core.compiles[1:] == [REFERENCE_PROPERTIES, REFERENCE_PROPERTIES]  # the reference, the fallback
+        serving, reference, fallback = core.cache_dirs
+        assert reference == "" and "CACHE_DIR" not in core.core_properties
+        assert serving != fallback and {serving, fallback} == {str(p) for p in tmp_path.iterdir()}
+        assert body["parity"]["fallback"] is True and body["compile"]["cache_dir"] == fallback
+        assert body["compile"]["loaded_from_cache"] == [start == "second"]
