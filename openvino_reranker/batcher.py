@@ -60,6 +60,30 @@ class WorkLimits:
             raise ClientGoneError("the client closed the connection")
 
 
+@dataclass(frozen=True)
+class Tally:
+    """What the score cache's hits already hold for a request: their tokens (each pair counted as often as it stands
+    in the request) and the request positions of those that truncation cut."""
+
+    tokens: int
+    truncated_origins: list[int]
+
+
+class TokenBudget:
+    """One scoring call's running count of tokens after truncation against max_total_tokens: every document of the
+    request counts, duplicates and cache hits included, and a chunked document as the sum of its windows. This is
+    the number `usage` reports and `tokens_scored_total` adds up."""
+
+    def __init__(self, limit: int | None, names: DocumentNames):
+        self.limit, self.names, self.tokens = limit, names, 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        if self.limit is not None and self.tokens > self.limit:
+            raise PayloadTooLargeError(f"the request's {self.names.array} come to more than {self.limit} tokens after "
+                                       f"truncation; the limit (max_total_tokens) is {self.limit}", self.names.array)
+
+
 class _Job:
     """One request's pairs inside the Batcher: logits arrive batch by batch; the future completes at the last."""
 
@@ -360,42 +384,60 @@ class Reranker:
 
     def _score(self, queries: list[str], texts: list[str], limits: WorkLimits, truncation: Truncation,
                use_cache: bool = True, instruction: str | None = None) -> ScoredPairs:
-        """Distinct pairs once each; those in the score cache are neither tokenized nor batched."""
+        """Distinct pairs once each; those in the score cache are neither tokenized nor batched. A cache hit answers
+        exactly as scoring would: its tokens count towards max_total_tokens and its truncation towards
+        truncate=false, so the same request gets the same status with or without the cache."""
         distinct: dict[tuple[str, str], int] = {}
         inverse = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, texts, strict=True)],
                            dtype=np.int64)
         pairs = list(distinct)
         first_index = np.unique(inverse, return_index=True)[1]  # where each distinct pair first stands
+        copies = np.bincount(inverse, minlength=len(pairs))  # how often each distinct pair stands in the request
         scores, raw = np.zeros(len(pairs)), np.zeros(len(pairs))
         lengths, truncated = np.zeros(len(pairs), dtype=np.int64), np.zeros(len(pairs), dtype=bool)
         cache = self.cache if use_cache else None
         keys = [cache.key(truncation, q, t, instruction) for q, t in pairs] if cache is not None else []
-        todo = []
+        todo, hits = [], []
         for i in range(len(pairs)):
             hit = cache.get(keys[i]) if cache is not None else None
             if hit is None:
                 todo.append(i)
             else:
+                hits.append(i)
                 scores[i], raw[i], lengths[i], truncated[i] = hit
+        known = Tally(int((lengths[hits] * copies[hits]).sum()), [int(first_index[i]) for i in hits if truncated[i]])
+        budget = TokenBudget(limits.max_total_tokens, limits.names)
+        budget.add(known.tokens)
         run = ScoredPairs(scores[:0], raw[:0], lengths[:0], truncated[:0], 0.0, 0.0, 0, None)
         if todo:
-            run = self._run([pairs[i] for i in todo], first_index[todo], limits, truncation, instruction)
+            run = self._run([pairs[i] for i in todo], first_index[todo], copies[todo], limits, budget, truncation,
+                            instruction, known)
             scores[todo], raw[todo], lengths[todo], truncated[todo] = run.scores, run.raw_scores, run.lengths, \
                 run.truncated
             for i in todo if cache is not None else ():
                 cache.put(keys[i], (float(scores[i]), float(raw[i]), int(lengths[i]), bool(truncated[i])))
+        else:
+            self._refuse_truncated(truncation, known.truncated_origins, limits)
         return ScoredPairs(scores[inverse], raw[inverse], lengths[inverse], truncated[inverse], run.tokenize_ms,
                            run.infer_ms, run.batches, run.npu_busy_delta_us, run.queue_ms)
 
-    def _run(self, pairs: list[tuple[str, str]], origins: np.ndarray, limits: WorkLimits,
-             truncation: Truncation, instruction: str | None = None) -> ScoredPairs:
-        """Tokenize, batch and infer `pairs`; `origins` are their documents' positions in the request (for errors)."""
-        t0 = time.perf_counter()
-        encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], limits, truncation, instruction)
-        if not truncation.allowed and encoded.truncated.any():
-            first = limits.names.entry(int(origins[encoded.truncated].min()))
+    def _refuse_truncated(self, truncation: Truncation, origins, limits: WorkLimits) -> None:
+        """With truncate=false, a 413 naming the first document (in request order) that truncation cut."""
+        if not truncation.allowed and len(origins):
+            first = limits.names.entry(int(min(origins)))
             raise PayloadTooLargeError(f"{first} with the query is longer than max_length ({self.head.max_length} "
                                        f"tokens) and truncation was not allowed", first)
+
+    def _run(self, pairs: list[tuple[str, str]], origins: np.ndarray, copies: np.ndarray, limits: WorkLimits,
+             budget: TokenBudget, truncation: Truncation, instruction: str | None = None,
+             known: Tally | None = None) -> ScoredPairs:
+        """Tokenize, batch and infer `pairs`; `origins` are their documents' positions in the request (for errors),
+        `copies` how often each stands in it (for the token budget); `known` what the cache hits already hold."""
+        t0 = time.perf_counter()
+        encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], copies, limits, budget, truncation,
+                               instruction)
+        self._refuse_truncated(truncation, [*origins[encoded.truncated].tolist(),
+                                            *(known.truncated_origins if known else [])], limits)
         t1 = time.perf_counter()
         limits.check()
         busy_before = self.busy_counter.read() if self.busy_counter else None
@@ -418,22 +460,17 @@ class Reranker:
         return ScoredPairs(scores, raw_scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000,
                            (t2 - t1 - queued) * 1000, job.batches, delta, queued * 1000)
 
-    def _encode(self, queries: list[str], texts: list[str], limits: WorkLimits,
-                truncation: Truncation, instruction: str | None = None) -> EncodedPairs:
-        """Tokenize in slices, checking the deadline and the client before each and the token budget after each,
-        so that a request over max_total_tokens costs about the budget, not its whole body."""
-        parts, total = [], 0
+    def _encode(self, queries: list[str], texts: list[str], copies: np.ndarray, limits: WorkLimits,
+                budget: TokenBudget, truncation: Truncation, instruction: str | None = None) -> EncodedPairs:
+        """Tokenize in slices, checking the deadline and the client before each and the token budget after each
+        (each pair counted as often as it stands in the request), so that a request over max_total_tokens costs
+        about the budget, not its whole body."""
+        parts = []
         for start in range(0, len(texts), ENCODE_SLICE):
             limits.check()
             end = start + ENCODE_SLICE
             part = self.head.encode(queries[start:end], texts[start:end], truncation, instruction)
-            total += int(part.lengths.sum())
-            if limits.max_total_tokens is not None and total > limits.max_total_tokens:
-                counted = start + len(part.lengths)
-                raise PayloadTooLargeError(
-                    f"the request has {'at least ' if counted < len(texts) else ''}{total} tokens after truncation "
-                    f"(in its first {counted} of {len(texts)} distinct {limits.names.array}); the limit "
-                    f"(max_total_tokens) is {limits.max_total_tokens}", limits.names.array)
+            budget.add(int((part.lengths * copies[start:end]).sum()))
             parts.append(part)
         return EncodedPairs.concat(parts)
 

@@ -182,7 +182,7 @@ OPTIONS = (
     Option("max_document_chars", _int(1, 10_000_000), "2097152",
            "longest document text, in characters (only what truncation or chunking keeps is tokenized)"),
     Option("max_total_tokens", _int(1, 100_000_000), "131072",
-           "most tokens per request, all (query, document) pairs after truncation"),
+           "most tokens per request after truncation, every document counted (as usage counts them)"),
     Option("score_cache_size", _int(0, 10_000_000), "10000",
            "pairs whose scores are kept for repeats (about 300 bytes each; 0 disables)"),
     Option("max_queued_requests", _int(1, 100_000), "32",

@@ -75,3 +75,79 @@ def test_size_0_disables_it(tiny_model, tmp_path):
                         "--score-cache-size", "0"]).wait_ready() as srv:
         request(srv.port, "POST", "/rerank", {"query": "q", "documents": ["a"]})
         assert "score_cache" not in request(srv.port, "GET", "/metrics")[1]
+
+
+# ---- a cached answer is the answer: every option, every dialect (issue 16, items 2 and 4)
+
+LONG = " ".join(["solar power is energy from the sun turned into electricity"] * 40)  # over max_length 128
+Q = "solar power"
+VOLATILE = {"timings_ms", "npu_busy_delta_us", "id", "request_id"}
+
+
+def stable(body):
+    """A body without what differs between two identical requests (timings, request ids)."""
+    if isinstance(body, dict):
+        return {k: stable(v) for k, v in body.items() if k not in VOLATILE}
+    if isinstance(body, list):
+        return [stable(v) for v in body]
+    return body
+
+
+# (route, body): each request option that can change an answer, on the dialects that take it
+OPTION_REQUESTS = [
+    ("/rerank", {"query": Q, "texts": ["short", LONG], "truncate": False}),  # TEI: 413 for texts[1]
+    ("/rerank", {"query": Q, "texts": [LONG, "short"], "truncate": True}),
+    ("/rerank", {"query": Q, "texts": [LONG, "short"], "truncation_direction": "left"}),
+    ("/rerank", {"query": Q, "texts": [LONG], "truncation_direction": "left", "truncate": False}),
+    ("/rerank", {"query": Q, "texts": [LONG, "short"], "raw_scores": True, "return_text": True}),
+    ("/rerank", {"query": Q, "documents": [LONG, "short"]}),
+    ("/rerank", {"query": Q, "documents": [LONG, "short"], "max_chunks_per_doc": 3}),
+    ("/rerank", {"query": Q, "documents": [LONG, "short"], "top_k": 1, "return_documents": True}),
+    ("/rerank", {"query": Q, "documents": [LONG] * 30}),  # over max_total_tokens only by counting each copy
+    ("/rerank", {"model": "m", "query": Q, "documents": [LONG, "short"], "top_n": 1}),  # infinity / vLLM
+    ("/v1/rerank", {"query": Q, "documents": [LONG, "short"], "max_tokens_per_doc": 5}),
+    ("/v1/rerank", {"query": Q, "documents": [LONG, "short"], "max_chunks_per_doc": 2, "top_n": 1}),
+    ("/v2/rerank", {"model": "m", "query": Q, "documents": [LONG, "short"], "max_tokens_per_doc": 7}),
+    ("/v2/rerank", {"model": "m", "query": Q, "documents": [LONG] * 30}),
+]
+
+
+def test_a_cached_answer_is_the_answer_the_request_gets_without_the_cache(tiny_model):
+    """For each request: its answer with the cache bypassed, then after an ordinary request scored the same pairs,
+    then after itself was answered from the cache, are the same status and the same body (timings and ids aside)."""
+    from conftest import F32, RunningServer
+
+    with RunningServer(["--device", "CPU", *F32, "--model-dir", str(tiny_model.path), "--cache-dir", "",
+                        "--max-length", "128", "--max-total-tokens", "2000"]).wait_ready() as srv:
+        for route, body in OPTION_REQUESTS:
+            uncached = request(srv.port, "POST", route, body, {"Cache-Control": "no-cache"})
+            docs = body.get("documents") or body.get("texts")
+            ordinary = request(srv.port, "POST", "/rerank", {"query": Q, "documents": docs[:2]})
+            assert ordinary[0] == 200
+            for attempt in range(2):
+                cached = request(srv.port, "POST", route, body)
+                assert (cached[0], stable(cached[1])) == (uncached[0], stable(uncached[1])), (route, body, attempt)
+        assert {s for s in (request(srv.port, "POST", r, b, {"Cache-Control": "no-cache"})[0]
+                            for r, b in OPTION_REQUESTS)} == {200, 413}  # both kinds of answer were compared
+
+
+def test_the_token_limit_counts_what_usage_reports(tiny_model, fake_server):
+    """max_total_tokens, usage and tokens_scored_total count the same thing: every document's tokens after
+    truncation, duplicates and cache hits included."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from openvino_reranker.cache import ScoreCache as Cache
+
+    fake = fake_server("--max-total-tokens", "100").start(FakeEngine())
+    fake.service.reranker.cache = Cache(100)
+    one = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["solar power is energy"]})
+    per_copy = one[1]["usage"]["tokens"]
+    fits = 100 // per_copy
+    status, body, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["solar power is energy"] * fits})
+    assert status == 200 and body["usage"]["tokens"] == fits * per_copy <= 100
+    status, body, _ = request(fake.port, "POST", "/rerank",
+                              {"query": "q", "documents": ["solar power is energy"] * (fits + 1)})
+    assert status == 413 and "max_total_tokens" in body["error"]["message"]
+    text = request(fake.port, "GET", "/metrics")[1]
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["openvino_reranker_tokens_scored_total"] == per_copy + fits * per_copy
