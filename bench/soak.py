@@ -100,6 +100,13 @@ def _post(body: bytes, extra: str = "", path: str = "/rerank") -> bytes:
 _HUGE = json.dumps({"query": "q", "documents": [("xqzj" * 25 + " ") * 980] * 19, "timeout_ms": 5000}).encode()
 # distinct documents: identical ones are scored once, and would not reach the token limit
 _TOKENS = json.dumps({"query": "q", "documents": [f"{i} " + "solar power " * 158 for i in range(1000)]}).encode()
+
+
+def _spaceless(text: str, side: str = "right") -> bytes:
+    """A TEI body with one document of about 2 MB that holds no space (it must cost what 2 MB with spaces costs)."""
+    return json.dumps({"query": "q", "texts": [text], "truncation_direction": side}, ensure_ascii=False).encode()
+
+
 # (name, raw request, acceptable statuses); None means: the server closes the connection without an answer
 HOSTILE = [
     ("timeout_ms beyond int64", _post(b'{"query":"q","documents":["a"],"timeout_ms":9223372036854775807}'), {400}),
@@ -120,6 +127,11 @@ HOSTILE = [
     ("body over max_body_bytes", _post(b"x" * (3 * 1024 * 1024)), {413}),
     ("echoed document with a lone surrogate", _post(b'{"query":"q","documents":[{"text":"a","x":"\\ud800"}],'
                                                     b'"return_documents":true}', path="/v1/rerank"), {200}),
+    ("2,000,000 commas", _post(_spaceless("," * 2_000_000)), {200}),
+    ("690,000 CJK characters, cut from the left", _post(_spaceless("\u4e2d" * 690_000, "left")), {200}),
+    ("one 2 MB word", _post(_spaceless("a" * 2_000_000)), {200}),
+    ("500,000 emoji", _post(_spaceless("\U0001f600" * 500_000, "left")), {200}),
+    ("a 2 MB run of combining marks", _post(_spaceless("e" + "\u0301\u0323" * 499_000)), {200}),
 ]
 
 
