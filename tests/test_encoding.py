@@ -276,3 +276,24 @@ def test_a_model_without_logits_among_several_outputs_is_refused(tiny_model):
     with pytest.raises(StartupError) as info:
         CrossEncoderHead.check_contract(ov.Model([other, renamed], model.get_parameters()))
     assert info.value.exit_code == EXIT_MODEL and "no output named 'logits'" in str(info.value)
+
+
+def test_unigram_runs_shorten_without_changing_a_token():
+    from conftest import ROOT
+    from tokenizers import Tokenizer
+
+    from openvino_reranker.textcut import UnigramRuns
+
+    tok = Tokenizer.from_file(str(ROOT / "tests" / "fixtures" / "models" / "tiny-xlmr" / "tokenizer.json"))
+    runs = UnigramRuns.for_tokenizer(tok)
+    assert runs is not None and runs.collapse_spaces
+    cases = ["a" + " " * 500 + "b", "\U0001f600" * 300 + "a", "x\U0001f600\U0001f680\U0001f600y", "a\u1100\u1161b",
+             "e" + "\u0301" * 50, "\u4e2d" * 40]
+    for text in cases:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.encode(runs.shorten(text), add_special_tokens=False).ids == ids, text
+        normalized = tok.normalizer.normalize_str(text)
+        assert tok.encode(runs.shorten(normalized, normalized=True), add_special_tokens=False).ids == ids, text
+    assert runs.shorten("a" + " " * 500 + "b") == "a b" and len(runs.shorten("\U0001f600" * 300)) == 1
+    assert runs.shorten("e\u0301\u0301") == "e\u0301\u0301"  # a mark composes: left alone unless normalized
+    assert UnigramRuns.for_tokenizer(bpe_tokenizer()) is None
