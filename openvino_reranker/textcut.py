@@ -104,12 +104,14 @@ class TextCutter:
         if side == "right":
             ends = [end for _, end in enc.offsets]
             last_two = _distinct_from_end(enc.word_ids, 2)
-            edge = min((start for (start, _), w in zip(enc.offsets, enc.word_ids) if w in last_two), default=0)
+            starts = zip(enc.offsets, enc.word_ids, strict=True)
+            edge = min((start for (start, _), w in starts if w in last_two), default=0)
         else:  # mirrored: distances from the window's end, from the last token back
             ends = [n - start for start, _ in reversed(enc.offsets)]
             if self.words_are_local:
                 first = enc.word_ids[0] if enc.word_ids else None
-                edge = n - next((start for (start, _), w in zip(enc.offsets, enc.word_ids) if w != first), n)
+                starts = zip(enc.offsets, enc.word_ids, strict=True)
+                edge = n - next((start for (start, _), w in starts if w != first), n)
             else:
                 edge = n - _left_sync_point(window)
         whole = 0
@@ -165,7 +167,7 @@ class BertRuns:
         drop = space & np.r_[False, space[:-1]]  # a space after a space
         word = np.r_[False, kinds == _WORD, False]
         edges = np.flatnonzero(word[1:] != word[:-1])  # starts and ends of the runs of word characters, paired
-        for start, end in zip(edges[::2], edges[1::2]):
+        for start, end in zip(edges[::2], edges[1::2], strict=True):
             if end - start > self.max_word_chars + 1:
                 drop[start + self.max_word_chars + 1:end] = True
         return _text(codes[~drop])
