@@ -217,7 +217,8 @@ class UnigramRuns:
         unknown = np.isin(codes, inert)
         drop = unknown & np.r_[False, unknown[:-1]]  # an unknown character after an unknown one
         if normalized:
-            repeats = np.isin(codes, [int(c) for c in distinct if chr(c) not in self.known])
+            repeats = np.isin(codes, [int(c) for c in distinct if chr(c) not in self.known and not chr(c).isspace()
+                                      and chr(c) != "\u2581"])  # spaces and Metaspace's mark are words' edges
             drop |= repeats & np.r_[False, codes[1:] == codes[:-1]]
         if not drop.any():
             return text
