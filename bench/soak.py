@@ -3,7 +3,8 @@
     python bench/soak.py --model-dir DIR [--clients 8] [--minutes 10] [--documents 20] [--device CPU] [--hostile]
     python bench/soak.py --url http://127.0.0.1:18818 --pid PID ...      # an already running server
 
-Starts the server itself (on a free loopback port) unless --url is given. Every client sends valid requests and,
+Starts the server itself (on a free loopback port, without the score cache: the workload repeats 64 requests, and
+hits would skip inference) unless --url is given. Every client sends valid requests and,
 every 50th request, one invalid request that must get a 400 (the error path under load). With --hostile, one more
 client sends, in turn, the hostile requests that once wedged, dropped or 500'd the service (HOSTILE below), each on
 its own connection, and checks each answer's status; the valid clients must still see no error. Bounded in time
@@ -209,6 +210,8 @@ def main() -> int:
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--hostile", action="store_true", help="also send the hostile requests (HOSTILE) in turn")
+    parser.add_argument("--with-score-cache", dest="score_cache_off", action="store_false",
+                        help="keep the started server's score cache (off by default: the workload repeats)")
     args = parser.parse_args()
     if bool(args.model_dir) == bool(args.url):
         parser.error("give exactly one of --model-dir and --url")
@@ -216,7 +219,10 @@ def main() -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("soak tests run on loopback only")
 
-    proc, url = start_server(args.model_dir, args.device) if args.model_dir else (None, args.url)
+    # the workload cycles through 64 requests: with the score cache on, all but the first pass would be cache hits
+    # and the soak would not exercise inference, so the server it starts has no score cache
+    extra = ["--score-cache-size", "0"] if args.score_cache_off else []
+    proc, url = start_server(args.model_dir, args.device, extra) if args.model_dir else (None, args.url)
     pid = proc.pid if proc else args.pid
     workload = make_requests(64, args.documents, args.seed)
     stats = {"latencies": [], "errors": [], "pairs": 0, "expected_4xx": 0, "hostile": 0, "hostile_unexpected": []}
