@@ -14,7 +14,8 @@ How it knows where to cut, from the tokenizer's own pipeline (normalizer, pre-to
   BERT's pre-tokenizer (it splits at every space and punctuation character), and otherwise every word after a space that
   follows a non-space character (where every supported pre-tokenizer starts a new word whatever came before: WordPiece's
   and Metaspace's split there, and the byte-level regexes of GPT-2, Llama 3 and Qwen give a space to the word after
-  it), so a word the window's start cut or misaligned (digits grouped in threes) is never counted.
+  it), so a word the window's start cut or misaligned is never counted. A pre-tokenizer that groups digits in threes
+  from a run's start (Llama 3) has a suffix start a whole number of groups into a run of digits it falls in.
 - Unicode normalization (NFC, NFKC) reorders a run of combining marks as a whole, so a cut inside such a run could
   move marks that the whole text keeps elsewhere. When the window's edge falls inside a run and the tokenizer's
   normalizer reorders marks, the text is first normalized by that normalizer itself (linear, once): normalized text
@@ -30,7 +31,7 @@ WordPiece: the default model's): a 2 MB word is one unknown token, a 2 MB run of
 For such a tokenizer, a text whose first window is not enough is first shortened by rules that change none of its
 tokens (`BertRuns`): characters the normalizer deletes are deleted, a run of spaces becomes one, and a run of
 letters, digits and symbols longer than `max_input_chars_per_word` + 1 keeps that many (the word stays one unknown
-token). These are linear passes of compiled regular expressions, so such a text costs milliseconds, not the
+token). These are linear numpy passes over the text's code points, so such a text costs milliseconds, not the
 tokenizer's second per 2 MB. A Unigram tokenizer (XLM-R's family) has two such rules too (`UnigramRuns`): a run of
 spaces that its normalizer collapses, and a run of characters no vocabulary piece holds (one unknown token).
 A text that is not longer than the window is returned whole, so short texts cost one `len`.
@@ -75,6 +76,7 @@ class TextCutter:
         # NFC/NFD/NFKC/NFKD put U+0323 (class 220) before U+0301 (class 230); BERT's accent stripping removes both
         self.reorders_marks = normalizer is not None and normalizer.normalize_str("\u0301\u0323") == "\u0323\u0301"
         self.runs = BertRuns.for_tokenizer(tokenizer) or UnigramRuns.for_tokenizer(tokenizer)
+        self.digit_group = _digit_group(config.get("pre_tokenizer"))
 
     def cut(self, text: str, keep: int, side: str = "right") -> str:
         """A prefix of `text` (a suffix with side="left") that the tokenizer turns into the same first (last) `keep`
@@ -87,7 +89,7 @@ class TextCutter:
             if self.reorders_marks and not normalized and _inside_mark_run(text, edge):
                 text, normalized = self.tokenizer.normalizer.normalize_str(text), True
                 continue
-            window = text[:size] if side == "right" else text[len(text) - size:]
+            window = text[:size] if side == "right" else text[self._suffix_start(text, len(text) - size):]
             if self._exact_tokens(window, side) >= keep:
                 return window
             if self.runs is not None and not shortened:
@@ -95,6 +97,17 @@ class TextCutter:
                 continue
             size *= 2
         return text
+
+    def _suffix_start(self, text: str, start: int) -> int:
+        """`start`, or just before it where the pre-tokenizer groups digits (Llama 3's `\\p{N}{1,3}`) and `start`
+        falls inside a run of digits: the groups count from the run's start, so the suffix must start a whole number
+        of groups into the run for its groups to be the whole text's."""
+        if self.digit_group is None or start <= 0 or not (_is_number(text[start - 1]) and _is_number(text[start])):
+            return start
+        codes = np.frombuffer(text[:start].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        others = np.flatnonzero(~_number_table()[codes])
+        run_start = int(others[-1]) + 1 if len(others) else 0
+        return start - (start - run_start) % self.digit_group
 
     def _exact_tokens(self, window: str, side: str) -> int:
         """How many tokens at the kept end of `window` are the whole text's tokens: those of whole words (see the
@@ -296,6 +309,25 @@ def _bert_table() -> np.ndarray:
             table[code] = _WORD
     table[0xF0000:0xFFFFE] = _CONTROL  # private use
     table[0x100000:0x10FFFE] = _CONTROL
+    return table
+
+
+def _digit_group(pre_tokenizer: dict | None) -> int | None:
+    """K when a Split pre-tokenizer's pattern groups numbers K at a time (`\\p{N}{1,K}`), else None."""
+    found = re.search(r"\\p\{N\}\{1,(\d+)\}", json.dumps(pre_tokenizer or {}).replace("\\\\", "\\"))
+    return int(found.group(1)) if found else None
+
+
+def _is_number(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "N"
+
+
+@functools.cache
+def _number_table() -> np.ndarray:
+    """Whether each code point is in Unicode category N (what a regex's \\p{N} matches)."""
+    table = np.zeros(0x110000, dtype=bool)
+    for code in range(0x323B0):
+        table[code] = unicodedata.category(chr(code))[0] == "N"
     return table
 
 
