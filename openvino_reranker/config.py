@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -274,6 +275,26 @@ class Config:
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         raise StartupError(f"bad command line: {message}", EXIT_CONFIG)
+
+
+def invoked_as(argv0: str) -> str:
+    """How to run this program again, as it was started: `openvino-reranker` for the installed command, `python
+    server.py` for the script."""
+    name = os.path.basename(argv0) or "openvino-reranker"
+    return f"python {name}" if name.endswith(".py") else name
+
+
+DEMO_MODEL_COMMAND = "demo-model"
+
+
+def parse_demo_model_args(argv: Sequence[str]) -> str:
+    """`demo-model DIR`'s arguments: the directory, as typed."""
+    parser = _ArgumentParser(prog=f"{os.path.basename(sys.argv[0])} {DEMO_MODEL_COMMAND}",
+                             description="Write the demo model, a tiny cross-encoder with random weights built in "
+                                         "code, to DIR (no network needed); then serve it with --model DIR. Its "
+                                         "scores are meaningless: it shows the service working, not ranking.")
+    parser.add_argument("dir", metavar="DIR", help="a new or empty directory (an earlier demo model is rewritten)")
+    return parser.parse_args(argv).dir
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
