@@ -145,7 +145,7 @@ OPTIONS = (
     Option("device", _parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]"),
     Option("model", lambda s: s.strip(), DEFAULT_MODEL,
            "a local model directory, or a Hugging Face Hub id org/name[@revision] fetched into the Hub cache"),
-    Option("model_dir", _parse_path, "", "a local model directory (the same as --model DIR; not with --model)"),
+    Option("model_dir", lambda s: s.strip(), "", "a local model directory (the same as --model DIR; not with --model)"),
     Option("model_file", lambda s: s.strip(), "",
            "the IR inside the model (a path ending .xml); '' = the first present of "
            "openvino/openvino_model_qint8_quantized.xml, openvino_model.xml, openvino/openvino_model.xml"),

@@ -3,6 +3,7 @@ fail-closed logic (no NPU exists on any machine this runs on: see SPEC.md, "What
 
 import signal
 import socket
+import threading
 
 import openvino as ov
 import pytest
@@ -10,6 +11,7 @@ from conftest import FakeCore, RunningServer, request, run_server, spawn_ready_s
 
 from openvino_reranker.engine import check_device_available
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, StartupError
+from openvino_reranker.startup import main
 
 
 def npu_args(model, counter):
@@ -97,6 +99,25 @@ def test_missing_model_dir_exit_code(tmp_path):
     result = run_server(["--port", "0", "--device", "CPU", "--model-dir", str(tmp_path / "none")])
     assert result.returncode == EXIT_MODEL and "optimum-cli export openvino" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("typed, args, env", [
+    ("./models//missing/", ["--model", "./models//missing/"], {}),
+    ("~/missing", ["--model-dir", "~/missing"], {}),
+    ("~/missing", [], {"OPENVINO_RERANKER_MODEL_DIR": "~/missing"}),
+])
+def test_a_missing_model_dir_is_named_as_typed_and_points_to_the_hub_first(tmp_path, monkeypatch, capsys, typed, args,
+                                                                           env):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    stop = threading.Event()
+    stop.set()
+    assert main(["--port", "0", "--device", "CPU", *args], env, stop=stop) == EXIT_MODEL
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"openvino-reranker: error: model directory {typed} does not exist")
+    looked = tmp_path / ("models/missing" if typed.startswith(".") else "missing")
+    assert f"(looked for {looked})" in line  # where that is, for a relative path or ~
+    assert line.index("--model ORG/NAME") < line.index("optimum-cli export openvino")  # the Hub first, then export
 
 
 def test_npu_on_a_machine_without_one_names_the_available_devices(tiny_model):
