@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import os
 import re
@@ -129,6 +130,7 @@ class Option:
     parse: Callable[[str], Any]
     default: str
     help: str
+    switch: bool = False  # a true/false option: the flag alone means true, `--flag false` still works
 
     @property
     def flag(self) -> str:
@@ -208,6 +210,9 @@ OPTIONS = (
     Option("allow_remote_without_key", _parse_bool_option, "false",
            "allow binding a non-loopback address with no API key"),
     Option("log_level", _parse_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("strict_env", _parse_bool_option, "false",
+           f"stop at startup (exit 2) when an {ENV_PREFIX}* variable is not an option, instead of warning",
+           switch=True),
 )
 
 
@@ -254,6 +259,7 @@ class Config:
     api_key_file: str
     allow_remote_without_key: bool
     log_level: str
+    strict_env: bool
 
     # The two questions about the NPU, answered here only:
     @property
@@ -302,7 +308,9 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     environ = os.environ if environ is None else environ
     parser = _ArgumentParser(prog="server.py", description="Local cross-encoder reranker (OpenVINO).")
     for opt in OPTIONS:
-        parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
+        switch = {"nargs": "?", "const": "true", "metavar": "true|false"} if opt.switch else \
+            {"metavar": opt.name.upper()}
+        parser.add_argument(opt.flag, dest=opt.name, default=None, **switch,
                             help=f"{opt.help} (env {opt.env}, default {opt.default!r})")
     parser.add_argument("--version", action="version", version=f"openvino-reranker {__version__}")
     args = parser.parse_args(argv)
@@ -324,7 +332,27 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     if values["api_key"] and values["api_key_file"]:
         raise StartupError("set either api_key or api_key_file, not both", EXIT_CONFIG)
     values["model"] = _model_source(values, explicit)
+    unknown = unknown_variables(environ)
+    if values["strict_env"] and unknown:
+        raise StartupError(f"{'; '.join(map(describe_unknown_variable, unknown))}; --strict-env refuses unknown "
+                           f"{ENV_PREFIX}* variables", EXIT_CONFIG)
     return Config(**values)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The OPENVINO_RERANKER_* variables (in any case) that are not an option's: a misspelling is otherwise
+    silently ignored."""
+    known = {opt.env for opt in OPTIONS}
+    return sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name not in known)
+
+
+def describe_unknown_variable(name: str) -> str:
+    """'OPENVINO_RERANKER_DEVIC is not an option (did you mean OPENVINO_RERANKER_DEVICE?)': the closest option's
+    variable by difflib's ratio of the names after the prefix, when one is close enough."""
+    by_suffix = {opt.env[len(ENV_PREFIX):]: opt.env for opt in OPTIONS}
+    close = difflib.get_close_matches(name[len(ENV_PREFIX):].upper(), by_suffix, n=1, cutoff=0.6)
+    hint = f"did you mean {by_suffix[close[0]]}?" if close else "no option has a similar name; see --help"
+    return f"{name} is not an option ({hint})"
 
 
 def _model_source(values: dict, explicit: set) -> str:

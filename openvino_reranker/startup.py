@@ -19,11 +19,13 @@ from .config import (
     DEMO_MODEL_COMMAND,
     ENV_PREFIX,
     Config,
+    describe_unknown_variable,
     invoked_as,
     is_loopback,
     load_api_key,
     load_config,
     parse_demo_model_args,
+    unknown_variables,
 )
 from .demomodel import DEMO_MODEL_NAME, DEMO_NOTE, write_demo_model
 from .encoding import load_tokenizer
@@ -182,6 +184,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         logging.basicConfig(level=config.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.setLevel(config.log_level)
+        for name in unknown_variables(os.environ if environ is None else environ):
+            log.warning("%s; ignored", describe_unknown_variable(name))
         api_key = load_api_key(config)
         if not api_key and not config.allow_remote_without_key and not is_loopback(config.host):
             raise StartupError(f"refusing to serve on {config.host}, which is not a loopback address, without an API "

@@ -120,6 +120,28 @@ def test_a_missing_model_dir_is_named_as_typed_and_points_to_the_hub_first(tmp_p
     assert line.index("--model ORG/NAME") < line.index("optimum-cli export openvino")  # the Hub first, then export
 
 
+def test_a_misspelled_variable_is_named_with_the_closest_option(tiny_model):
+    """The issue's case: OPENVINO_RERANKER_DEVIC=CPU was silently ignored, and the start failed on the NPU."""
+    result = run_server(["--port", "0", "--model-dir", str(tiny_model.path), "--cache-dir", ""],
+                        {"OPENVINO_RERANKER_DEVIC": "CPU", "OPENVINO_RERANKER_LOG_LEVL": "DEBUG"})
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line and "is not an option" in line]
+    assert len(warnings) == 2, result.stderr  # one line each
+    assert "OPENVINO_RERANKER_DEVIC is not an option (did you mean OPENVINO_RERANKER_DEVICE?); ignored" in warnings[0]
+    assert "OPENVINO_RERANKER_LOG_LEVL is not an option (did you mean OPENVINO_RERANKER_LOG_LEVEL?)" in warnings[1]
+
+
+def test_strict_env_makes_an_unknown_variable_a_configuration_error():
+    with socket.socket() as taken:  # nothing is bound: the configuration fails first
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_server(["--port", str(taken.getsockname()[1]), "--strict-env"],
+                            {"OPENVINO_RERANKER_DEVIC": "CPU"})
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip() == "openvino-reranker: error: OPENVINO_RERANKER_DEVIC is not an option (did you " \
+                                    "mean OPENVINO_RERANKER_DEVICE?); --strict-env refuses unknown " \
+                                    "OPENVINO_RERANKER_* variables"
+
+
 def test_npu_on_a_machine_without_one_names_the_available_devices(tiny_model):
     if "NPU" in ov.Core().available_devices:
         pytest.skip("this machine has an NPU")
