@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if not api_key and not config.allow_remote_without_key and not is_loopback(config.host):
             raise StartupError(f"refusing to serve on {config.host}, which is not a loopback address, without an API "
                                f"key: set {ENV_PREFIX}API_KEY or {ENV_PREFIX}API_KEY_FILE, or pass "
-                               f"--allow-remote-without-key true", EXIT_CONFIG)
+                               f"--allow-remote-without-key", EXIT_CONFIG)
         counter = NpuBusyCounter(config.npu_busy_path) if config.may_use_npu else None
         service = RerankService(config, api_key, counter)
         server = bind_server(service)
