@@ -57,6 +57,10 @@ def test_a_server_on_the_demo_model_answers_rerank_without_network(tmp_path):
             "documents": ["solar power is energy from the sun", "the cat and the dog"]})
         assert status == 200 and body["model"] == DEMO_MODEL_NAME and len(body["results"]) == 2
         assert request(port, "GET", "/readyz")[1]["source"] is None  # a directory: no Hub involved
+        smoke = subprocess.run([sys.executable, str(ROOT / "smoke.py"), "--url", f"http://127.0.0.1:{port}",
+                                "--expect-device", "CPU", "--json"], capture_output=True, text=True, timeout=120)
+        assert smoke.returncode == 0, smoke.stdout  # as README says: smoke.py picks the tiny set for the demo model
+        assert json.loads(smoke.stdout.splitlines()[-1])["fixtures"] == "tests/fixtures/smoke-tiny.json"
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
