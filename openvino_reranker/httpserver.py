@@ -4,7 +4,6 @@ read and checked with `framing`: http.server's own parser is not used."""
 
 from __future__ import annotations
 
-import email.parser
 import hmac
 import logging
 import select
@@ -46,17 +45,16 @@ from .errors import (
     UnsupportedMediaTypeError,
 )
 from .framing import (
-    REQUEST_LINE_RE,
     SHOWN_CHARS,
-    Framing,
     HeadReader,
+    RequestHead,
+    check_version,
     client_request_id,
-    connection_options,
     first_byte_fault,
-    keeps_alive,
-    parse_target,
+    parse_head,
+    parse_headers,
+    parse_request_line,
     printable,
-    read_framing,
 )
 from .service import RerankService
 
@@ -169,10 +167,8 @@ class RerankHandler(BaseHTTPRequestHandler):
         self.request_id = uuid.uuid4().hex
         self.command, self.path, self.requestline = None, "", ""
         self.request_version = self.default_request_version
-        self.headers = self.MessageClass()
-        self._framing = Framing(None, False)
+        self._head: RequestHead | None = None
         self._body_read = False
-        self._expect_continue = False
         self._status = 0
         self.reaped = False
 
@@ -183,73 +179,43 @@ class RerankHandler(BaseHTTPRequestHandler):
         if fault is not None:
             self._refuse(HttpProtocolError(400, fault))
             return
-        head = self._head = HeadReader(self.rfile, self.server.config.max_header_bytes)
-        line = head.readline()
-        if head.problem:
-            self._refuse_head(head, in_request_line=True)
+        reader = HeadReader(self.rfile, self.server.config.max_header_bytes)
+        line = reader.readline()
+        if reader.problem:
+            self._refuse_head(reader, in_request_line=True)
             return
         if line in (b"\r\n", b"\n"):
             # RFC 9112 2.2: an empty line where a request line belongs is ignored (some clients end a body with
             # CRLF); the next request gets its own wait
             self.close_connection = False
             return
-        head.lines.clear()  # from here on, the header lines only
-        self.raw_requestline = line
-        if not self.parse_request():
+        if not self._read_head(reader, line):
             return
-        method = getattr(self, f"do_{self.command}", None)
-        if method is None:
-            self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command}")
-            return
-        method()
+        getattr(self, f"do_{self.command}")()
         self.wfile.flush()
 
-    def parse_request(self) -> bool:
-        """http.server's parse_request, done here on the raw bytes: a strict request line, the header lines read
-        through the HeadReader and bounded (read_header_lines), then what http.server's parser cannot see
-        (read_framing). False when the request was refused (and answered)."""
-        line = REQUEST_LINE_RE.fullmatch(self.raw_requestline)
-        if line is None:
-            self.send_error(HTTPStatus.BAD_REQUEST, "malformed request line (expected: METHOD /path HTTP/1.1, single "
-                                                    "spaces, an ASCII path)")
-            return False
-        method, target, major, minor = (part.decode("ascii") for part in line.groups())
-        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
-        self.command, self.path = method, target
-        if major != "1":  # HTTP/0.9 would be answered with a bare body: no status line, no headers
-            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"HTTP/{major}.{minor} is not supported: HTTP/1.0 "
-                                                                   f"and HTTP/1.1 only")
-            return False
-        self.request_version = f"HTTP/1.{minor}"
+    def _read_head(self, reader: HeadReader, line: bytes) -> bool:
+        """The request line and the header lines read through the HeadReader and parsed once by `framing`. False
+        when the request was refused (and answered)."""
         try:
-            lines = self._head.read_header_lines()
+            request_line = parse_request_line(line)
+            self.command, self.path = request_line.method, request_line.target
+            check_version(request_line)
+            headers = parse_headers(reader.read_header_lines())
+            if reader.problem:
+                self._refuse_head(reader, in_request_line=False)
+                return False
+            # the head has been read whole: from here on every answer, refusals included, carries the client's own id
+            self.request_id = client_request_id(headers) or self.request_id
+            head = self._head = parse_head(request_line, headers)
+            self.path, self.headers = head.path, head.headers
+            self.request_version = "HTTP/1.1" if head.http11 else "HTTP/1.0"
+            if not hasattr(self, f"do_{head.method}"):
+                raise HttpProtocolError(501, printable(f"unsupported method {head.method}", 2 * SHOWN_CHARS))
         except HttpProtocolError as exc:
             self._refuse(exc)
             return False
-        if self._head.problem:
-            self._refuse_head(self._head, in_request_line=False)
-            return False
-        # the head has been read whole: from here on every answer, refusals included, carries the client's own id
-        self.request_id = client_request_id(lines) or self.request_id
-        self.headers = email.parser.Parser(_class=self.MessageClass).parsestr(
-            b"".join([*lines, b"\r\n"]).decode("latin-1"))
-        try:
-            self._framing = read_framing(lines, self.request_version >= "HTTP/1.1")
-            target = parse_target(self.path, self.command)
-        except HttpProtocolError as exc:
-            self._refuse(exc)
-            return False
-        if target.host is not None:  # absolute-form: its host replaces Host for the request (RFC 9112 3.2.2)
-            del self.headers["Host"]
-            self.headers["Host"] = target.host
-        self.path = target.path
-        options = connection_options(self.headers.get_all("Connection", []))
-        self.close_connection = not keeps_alive(minor != "0", options)
-        # Expect: 100-continue is answered in _read_json, once the body is wanted: a request refused from its headers
-        # (401, 411, 413, ...) gets its final answer instead, and its client need not send the body
-        self._expect_continue = self.headers.get("Expect", "").lower() == "100-continue" and minor != "0"
-        if self.path.startswith("//"):  # as http.server does (gh-87389)
-            self.path = "/" + self.path.lstrip("/")
+        self.close_connection = not head.keep_alive
         return True
 
     def _refuse_head(self, head: HeadReader, in_request_line: bool) -> None:
@@ -343,10 +309,11 @@ class RerankHandler(BaseHTTPRequestHandler):
     # ---- reading
 
     def _read_json(self) -> Any:
-        if self._framing.chunked:
+        framing = self._head.framing
+        if framing.chunked:
             raise LengthRequiredError("chunked request bodies are not supported: send Content-Length",
                                       headers={"Connection": "close"})
-        length = self._framing.content_length
+        length = framing.content_length
         if length is None:
             raise LengthRequiredError("Content-Length is required", headers={"Connection": "close"})
         limit = self.server.config.max_body_bytes
@@ -373,8 +340,9 @@ class RerankHandler(BaseHTTPRequestHandler):
         return decode_json(body)
 
     def _send_continue(self) -> None:
-        if self._expect_continue:
-            self._expect_continue = False
+        # Expect: 100-continue is answered here, once the body is wanted: a request refused from its headers (401,
+        # 411, 413, ...) gets its final answer instead, and its client need not send the body
+        if self._head.expect_continue:
             self.send_response_only(HTTPStatus.CONTINUE)
             self.end_headers()
 
@@ -452,14 +420,7 @@ class RerankHandler(BaseHTTPRequestHandler):
 
     def _body_pending(self) -> bool:
         """Body bytes may follow the head unread: the connection must close after the answer."""
-        return not self._body_read and (self._framing.chunked or bool(self._framing.content_length))
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own refusals (malformed request line 400, 414, 431, 501, 505) as JSON."""
-        text = message or HTTPStatus(code).phrase
-        if explain:
-            text = f"{text}: {explain}"
-        self._refuse(HttpProtocolError(int(code), printable(text, 2 * SHOWN_CHARS)))
+        return self._head is not None and self._head.framing.has_body and not self._body_read
 
     def log_request(self, code="-", size="-"):
         pass  # one line per request is written by _dispatch (or _refuse)
