@@ -13,6 +13,7 @@ from conftest import FakeEngine, request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from openvino_reranker.connection import peer_closed
 from openvino_reranker.httpserver import RerankHandler
 
 BODY = json.dumps({"query": "q", "documents": ["a", "b"]}).encode()
@@ -593,13 +594,6 @@ def test_any_bytes_get_json_answers_and_the_server_keeps_serving(fake_server):
 # ---------------------------------------------------------------------------------------------- client-gone probe
 
 
-def _handler_on(sock: socket.socket) -> RerankHandler:
-    handler = RerankHandler.__new__(RerankHandler)  # only the probe is exercised: no request, no server
-    handler.connection = sock
-    handler.reaped = False
-    return handler
-
-
 def _high_fd_pair() -> tuple[socket.socket, socket.socket]:
     """A TCP connection on loopback whose server end has a descriptor above FD_SETSIZE (1024), where select.select
     fails."""
@@ -614,23 +608,23 @@ def _high_fd_pair() -> tuple[socket.socket, socket.socket]:
 def test_client_gone_probe_works_above_fd_1024_and_never_raises():
     server_end, peer = _high_fd_pair()
     assert server_end.fileno() > 1024
-    handler = _handler_on(server_end)
     try:
-        assert handler._client_gone() is False  # connected, nothing sent
+        assert peer_closed(server_end) is False  # connected, nothing sent
         peer.sendall(b"pipelined")
-        time.sleep(0.05)
-        assert handler._client_gone() is False  # data waiting is not a close
+        server_end.settimeout(5)
+        assert server_end.recv(9, socket.MSG_PEEK) == b"pipelined"  # arrived, and left unread
+        assert peer_closed(server_end) is False  # data waiting is not a close
     finally:
         peer.close()
         server_end.close()
-    assert handler._client_gone() is True  # our own end is closed (fileno() is -1): nothing can be sent
+    assert peer_closed(server_end) is True  # our own end is closed (fileno() is -1): nothing can be sent
 
     server_end, peer = _high_fd_pair()
-    handler = _handler_on(server_end)
     peer.close()
-    time.sleep(0.05)
     try:
-        assert handler._client_gone() is True
+        server_end.settimeout(5)
+        assert server_end.recv(1, socket.MSG_PEEK) == b""  # the close has arrived
+        assert peer_closed(server_end) is True
     finally:
         server_end.close()
 
