@@ -196,7 +196,8 @@ class ConnectionSlots:
     out a client with a request to send. A connection in the middle of a request is never closed; a client whose
     idle keep-alive connection is closed retries on a new one, as after idle_timeout_s."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, clock=time.monotonic):
+        self.clock = clock
         self.held = 0  # slots in use
         self._free = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
@@ -218,7 +219,7 @@ class ConnectionSlots:
 
     def start_waiting(self, connection: HttpConnection, used: bool) -> None:
         with self._lock:
-            self._waiting[connection] = (used, time.monotonic())
+            self._waiting[connection] = (used, self.clock())
 
     def stop_waiting(self, connection: HttpConnection) -> bool:
         """False when make_room closed the connection meanwhile."""
@@ -244,7 +245,7 @@ class ConnectionSlots:
 
     def _idle(self) -> list[tuple[bool, float, HttpConnection]]:
         """(used, since, connection) of each connection that has waited EVICTABLE_AFTER_S; the lock is held."""
-        now = time.monotonic()
+        now = self.clock()
         return [(used, since, c) for c, (used, since) in self._waiting.items() if now - since >= EVICTABLE_AFTER_S]
 
 
