@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
@@ -196,7 +196,7 @@ class ConnectionSlots:
     out a client with a request to send. A connection in the middle of a request is never closed; a client whose
     idle keep-alive connection is closed retries on a new one, as after idle_timeout_s."""
 
-    def __init__(self, limit: int, clock=time.monotonic):
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.held = 0  # slots in use
         self._free = threading.BoundedSemaphore(limit)
@@ -213,9 +213,9 @@ class ConnectionSlots:
         return True
 
     def release(self) -> None:
-        with self._lock:
-            self.held -= 1
         self._free.release()
+        with self._lock:  # after the release: once `held` has dropped, the slot can be had
+            self.held -= 1
 
     def start_waiting(self, connection: HttpConnection, used: bool) -> None:
         with self._lock:
