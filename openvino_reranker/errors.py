@@ -69,7 +69,7 @@ class DeadlineExceededError(ServiceError):
 
 
 class HttpProtocolError(ServiceError):
-    """The request line or headers could not be parsed (raised by http.server: 400, 414, 431, 501, 505)."""
+    """The request line or headers were refused (by framing and connection: 400, 414, 431, 501, 505)."""
 
     error_type = "http_error"
 

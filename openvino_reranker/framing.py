@@ -1,14 +1,14 @@
-"""HTTP/1.1 framing, checked on the raw bytes: the request head is read and its header lines kept
-(`HeadReader`), and the body's framing is worked out once from them (`read_framing`), refusing every header block
-a proxy in front could read differently. http.client's own header parser drops a line without a colon (and every
-header after it), folds obs-fold lines, takes EOF for the end of the headers, has no bound on their total size and
-counts the blank line among its 100 headers, and `str.isdigit()` accepts lengths `int()` refuses: none of it is
-used here."""
+"""HTTP/1.1 framing, checked on the raw bytes: the request head is read (`HeadReader`) and parsed once
+(`parse_request_line`, `parse_headers`, `parse_head`) into what the connection and the routes read of it
+(`RequestHead`: the method, the path, one header map, the body's framing, keep-alive), refusing every head a proxy in
+front could read differently. http.client's own header parser drops a line without a colon (and every header after
+it), folds obs-fold lines, takes EOF for the end of the headers, has no bound on their total size and counts the
+blank line among its 100 headers, and `str.isdigit()` accepts lengths `int()` refuses: none of it is used here."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import HttpProtocolError
@@ -40,6 +40,32 @@ def first_byte_fault(first: bytes) -> str | None:
         return None
     hint = " (a TLS handshake? This port speaks plain HTTP)" if first == b"\x16" else ""
     return f"the byte 0x{first[0]:02x} cannot begin a request: a request line begins with a method, a token{hint}"
+
+
+@dataclass(frozen=True)
+class RequestLine:
+    """`METHOD target HTTP/major.minor`, as sent."""
+
+    method: str
+    target: str
+    major: int
+    minor: int
+
+
+def parse_request_line(line: bytes) -> RequestLine:
+    """The request line, or a 400: single spaces, a token method, a visible-ASCII target, HTTP/digit.digit."""
+    m = REQUEST_LINE_RE.fullmatch(line)
+    if m is None:
+        raise HttpProtocolError(400, "malformed request line (expected: METHOD /path HTTP/1.1, single spaces, an "
+                                     "ASCII path)")
+    method, target, major, minor = (part.decode("ascii") for part in m.groups())
+    return RequestLine(method, target, int(major), int(minor))
+
+
+def check_version(line: RequestLine) -> None:
+    """A 505 for any version but HTTP/1.x: an HTTP/0.9 answer would be a bare body, no status line, no headers."""
+    if line.major != 1:
+        raise HttpProtocolError(505, f"HTTP/{line.major}.{line.minor} is not supported: HTTP/1.0 and HTTP/1.1 only")
 
 
 def printable(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -92,49 +118,79 @@ def parse_target(target: str, method: str) -> RequestTarget:
 
 
 @dataclass(frozen=True)
+class Headers:
+    """The header lines as one map, parsed once: a lower-cased name -> its values in order, each without the spaces
+    and tabs around it. A line that is not `name: value` is left out and the first one's fault kept in `fault`
+    (read_framing refuses it), so that the request's own id is still found in the lines after it."""
+
+    fields: Mapping[str, tuple[str, ...]]
+    fault: str = ""  # what is wrong with the first malformed line, "" when there is none
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of header `name` (any case), else `default`."""
+        values = self.fields.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self.fields.get(name.lower(), ()))
+
+    def replaced(self, name: str, value: str) -> Headers:
+        return Headers({**self.fields, name.lower(): (value,)}, self.fault)
+
+
+def parse_headers(lines: Sequence[bytes]) -> Headers:
+    """The header lines (the blank line that ends them excluded) as a Headers map."""
+    fields: dict[str, list[str]] = {}
+    fault = ""
+    for number, line in enumerate(lines, 1):
+        m = HEADER_LINE_RE.fullmatch(line)
+        if m is None:
+            fault = fault or f"header line {number} {_line_fault(line)}"
+            continue
+        fields.setdefault(m.group(1).decode("ascii").lower(), []).append(m.group(2).decode("latin-1").strip(" \t"))
+    return Headers({name: tuple(values) for name, values in fields.items()}, fault)
+
+
+@dataclass(frozen=True)
 class Framing:
-    """How the body is delimited, from the raw header lines."""
+    """How the body is delimited."""
 
     content_length: int | None
     chunked: bool  # a Transfer-Encoding was sent (refused with 411 where a body is read)
 
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
 
-def read_framing(lines: Sequence[bytes], http11: bool) -> Framing:
+
+def read_framing(headers: Headers, http11: bool) -> Framing:
     """The body's framing, refusing (400) every header block a proxy in front could read differently (RFC 9112,
     sections 3.2, 5 and 6.3): a line that is not `name: value`, a control character in a value, Content-Length
     given more than once (even with the same value: one rule, no guessing which copy a proxy used) or not plain
     ASCII digits, an empty Transfer-Encoding, and on HTTP/1.1 a missing or repeated Host."""
-    fields: dict[str, list[str]] = {}
-    for number, line in enumerate(lines, 1):
-        m = HEADER_LINE_RE.fullmatch(line)
-        if m is None:
-            raise HttpProtocolError(400, f"header line {number} {_line_fault(line)}")
-        fields.setdefault(m.group(1).decode("ascii").lower(), []).append(m.group(2).decode("latin-1").strip(" \t"))
-    lengths = fields.get("content-length", [])
+    if headers.fault:
+        raise HttpProtocolError(400, headers.fault)
+    lengths = headers.get_all("content-length")
     if len(lengths) > 1:
         raise HttpProtocolError(400, "Content-Length is given more than once")
     if lengths and not CONTENT_LENGTH_RE.fullmatch(lengths[0]):
         raise HttpProtocolError(400, f"Content-Length {printable(lengths[0], 40)!r} is not a number of bytes "
                                      f"(1 to 18 ASCII digits)")
-    encodings = fields.get("transfer-encoding", [])
+    encodings = headers.get_all("transfer-encoding")
     if any(not value for value in encodings):
         raise HttpProtocolError(400, "an empty Transfer-Encoding header")
-    hosts = len(fields.get("host", []))
+    hosts = len(headers.get_all("host"))
     if hosts > 1 or (http11 and hosts == 0):
         raise HttpProtocolError(400, f"an HTTP/1.1 request needs exactly one Host header, not {hosts}")
     return Framing(int(lengths[0]) if lengths else None, bool(encodings))
 
 
-def client_request_id(lines: Sequence[bytes]) -> str | None:
+def client_request_id(headers: Headers) -> str | None:
     """The request's own X-Request-ID (the first, if sent more than once) when it is 1-128 characters of
-    A-Za-z0-9._:-, else None. Found in the raw header lines, so that the refusal of a malformed head still echoes
-    it (http.server's parser loses every header after a line without a colon)."""
-    for line in lines:
-        m = HEADER_LINE_RE.fullmatch(line)
-        if m is not None and m.group(1).lower() == b"x-request-id":
-            value = m.group(2).decode("latin-1").strip(" \t")
-            return value if REQUEST_ID_RE.fullmatch(value) else None
-    return None
+    A-Za-z0-9._:-, else None. Found even when another header line is malformed, so that the refusal of such a head
+    still echoes it (http.server's parser loses every header after a line without a colon)."""
+    value = headers.get("x-request-id")
+    return value if value is not None and REQUEST_ID_RE.fullmatch(value) else None
 
 
 def connection_options(values: Sequence[str]) -> frozenset[str]:
@@ -147,6 +203,33 @@ def keeps_alive(http11: bool, options: frozenset[str]) -> bool:
     """Whether the connection persists after the answer (RFC 9112 9.3): never with a `close` option anywhere; on
     HTTP/1.1 by default; on HTTP/1.0 only with a `keep-alive` option."""
     return "close" not in options and (http11 or "keep-alive" in options)
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A request head read whole and accepted: what the connection and the routes read of it."""
+
+    method: str
+    path: str  # the path and query (an absolute-form target's; a leading "//" made "/"), or "*"
+    http11: bool  # HTTP/1.1 or a later 1.x; False: HTTP/1.0
+    headers: Headers  # with an absolute-form target's host as Host
+    framing: Framing
+    keep_alive: bool  # the client lets the connection persist after the answer (the server may still close it)
+    expect_continue: bool  # the client waits for 100 Continue before it sends the body
+
+
+def parse_head(line: RequestLine, headers: Headers) -> RequestHead:
+    """The head of a request whose line and headers arrived whole: its framing checked first (read_framing), then
+    its target (parse_target); an HttpProtocolError (400) for either."""
+    http11 = line.minor != 0
+    framing = read_framing(headers, http11)
+    target = parse_target(line.target, line.method)
+    if target.host is not None:  # absolute-form: its host replaces Host for the request (RFC 9112 3.2.2)
+        headers = headers.replaced("Host", target.host)
+    path = "/" + target.path.lstrip("/") if target.path.startswith("//") else target.path  # as http.server (gh-87389)
+    alive = keeps_alive(http11, connection_options(headers.get_all("Connection")))
+    expect_continue = http11 and (headers.get("Expect") or "").lower() == "100-continue"
+    return RequestHead(line.method, path, http11, headers, framing, alive, expect_continue)
 
 
 def _line_fault(line: bytes) -> str:
@@ -162,7 +245,7 @@ def _line_fault(line: bytes) -> str:
 
 
 class HeadReader:
-    """Reads the request line and the header lines from rfile. Keeps each raw line for read_framing, reads at most
+    """Reads the request line and the header lines from rfile. Keeps each raw line for parse_headers, reads at most
     `budget` bytes in all (a line is not buffered past it), and turns EOF, a timeout or a reset before the blank
     line into `problem` and an empty line, where http.client would take EOF for the end of a complete head."""
 

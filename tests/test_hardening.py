@@ -273,7 +273,7 @@ def test_connections_beyond_the_bound_get_503(fake_server):
     fake = fake_server("--max-connections", "2", "--idle-timeout-s", "5").start(FakeEngine())
     held = [socket.create_connection(("127.0.0.1", fake.port)) for _ in range(2)]
     try:
-        time.sleep(0.2)
+        wait_until(lambda: fake.srv.slots.held == 2, 5, "both connections holding a slot")
         with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as extra:
             data = b""
             while chunk := extra.recv(4096):
@@ -283,7 +283,7 @@ def test_connections_beyond_the_bound_get_503(fake_server):
     finally:
         for s in held:
             s.close()
-    time.sleep(0.3)
+    wait_until(lambda: fake.srv.slots.held == 0, 5, "the closed connections giving their slots back")
     assert request(fake.port, "GET", "/healthz")[0] == 200  # slots are given back
 
 

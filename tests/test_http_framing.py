@@ -9,10 +9,11 @@ import socket
 import time
 
 import pytest
-from conftest import FakeEngine, request
+from conftest import FakeEngine, request, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from openvino_reranker.connection import EVICTABLE_AFTER_S, peer_closed
 from openvino_reranker.httpserver import RerankHandler
 
 BODY = json.dumps({"query": "q", "documents": ["a", "b"]}).encode()
@@ -481,7 +482,8 @@ def test_idle_connections_do_not_lock_out_new_ones(fake_server):
     fake = fake_server("--max-connections", "4").start(FakeEngine())
     silent = [socket.create_connection(("127.0.0.1", fake.port)) for _ in range(4)]
     try:
-        time.sleep(1.3)  # they have had their chance to speak
+        # they have had their chance to speak: each has waited EVICTABLE_AFTER_S for a request, as the server sees it
+        wait_until(lambda: fake.srv.slots.evictable() == 4, 5, "the silent connections becoming evictable")
         for _ in range(3):
             started = time.monotonic()
             assert request(fake.port, "GET", "/healthz")[0] == 200
@@ -508,7 +510,8 @@ def test_busy_connections_still_get_an_immediate_503_logged_and_counted(fake_ser
     try:
         for s in busy:
             s.sendall(b"GET /healthz HTTP/1.1\r\n")  # mid-request: never evicted
-        time.sleep(1.3)
+        wait_until(lambda: fake.srv.reaper.reading() == 2, 5, "the server reading both requests")
+        time.sleep(EVICTABLE_AFTER_S + 0.2)  # not a race: older than the eviction window, only mid-request protects
         with caplog.at_level(logging.INFO, logger="openvino_reranker"):
             responses, closed = exchange(fake.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert_refused(responses, closed, 503, "overloaded")
@@ -516,7 +519,7 @@ def test_busy_connections_still_get_an_immediate_503_logged_and_counted(fake_ser
     finally:
         for s in busy:
             s.close()
-    time.sleep(0.3)
+    wait_until(lambda: fake.srv.slots.held == 0, 5, "the closed connections giving their slots back")
     status, text, _ = request(fake.port, "GET", "/metrics")
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
@@ -593,13 +596,6 @@ def test_any_bytes_get_json_answers_and_the_server_keeps_serving(fake_server):
 # ---------------------------------------------------------------------------------------------- client-gone probe
 
 
-def _handler_on(sock: socket.socket) -> RerankHandler:
-    handler = RerankHandler.__new__(RerankHandler)  # only the probe is exercised: no request, no server
-    handler.connection = sock
-    handler.reaped = False
-    return handler
-
-
 def _high_fd_pair() -> tuple[socket.socket, socket.socket]:
     """A TCP connection on loopback whose server end has a descriptor above FD_SETSIZE (1024), where select.select
     fails."""
@@ -614,23 +610,23 @@ def _high_fd_pair() -> tuple[socket.socket, socket.socket]:
 def test_client_gone_probe_works_above_fd_1024_and_never_raises():
     server_end, peer = _high_fd_pair()
     assert server_end.fileno() > 1024
-    handler = _handler_on(server_end)
     try:
-        assert handler._client_gone() is False  # connected, nothing sent
+        assert peer_closed(server_end) is False  # connected, nothing sent
         peer.sendall(b"pipelined")
-        time.sleep(0.05)
-        assert handler._client_gone() is False  # data waiting is not a close
+        server_end.settimeout(5)
+        assert server_end.recv(9, socket.MSG_PEEK) == b"pipelined"  # arrived, and left unread
+        assert peer_closed(server_end) is False  # data waiting is not a close
     finally:
         peer.close()
         server_end.close()
-    assert handler._client_gone() is True  # our own end is closed (fileno() is -1): nothing can be sent
+    assert peer_closed(server_end) is True  # our own end is closed (fileno() is -1): nothing can be sent
 
     server_end, peer = _high_fd_pair()
-    handler = _handler_on(server_end)
     peer.close()
-    time.sleep(0.05)
     try:
-        assert handler._client_gone() is True
+        server_end.settimeout(5)
+        assert server_end.recv(1, socket.MSG_PEEK) == b""  # the close has arrived
+        assert peer_closed(server_end) is True
     finally:
         server_end.close()
 
