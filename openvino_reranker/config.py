@@ -323,18 +323,33 @@ def _model_source(values: dict, explicit: set) -> str:
 
 def load_api_key(config: Config) -> str:
     """The API key from api_key or the first line of api_key_file; '' when none is set."""
-    if not config.api_key_file:
-        return _check_api_key(config.api_key, "api_key") if config.api_key else ""
+    return read_api_key(config.api_key, config.api_key_file)
+
+
+def read_api_key(api_key: str, api_key_file: str) -> str:
+    """`api_key` itself, or the first line of the file `api_key_file`; '' when neither is set."""
+    if not api_key_file:
+        return _check_api_key(api_key, "api_key") if api_key else ""
     try:
-        with open(config.api_key_file, encoding="utf-8") as f:
+        with open(api_key_file, encoding="utf-8") as f:
             key = f.readline().strip()
     except OSError as exc:
-        raise StartupError(f"cannot read api_key_file {config.api_key_file}: {exc.strerror}", EXIT_CONFIG) from None
+        raise StartupError(f"cannot read api_key_file {api_key_file}: {exc.strerror}", EXIT_CONFIG) from None
     except UnicodeDecodeError:
-        raise StartupError(f"api_key_file {config.api_key_file} is not UTF-8 text", EXIT_CONFIG) from None
+        raise StartupError(f"api_key_file {api_key_file} is not UTF-8 text", EXIT_CONFIG) from None
     if not key:
-        raise StartupError(f"api_key_file {config.api_key_file} is empty", EXIT_CONFIG)
-    return _check_api_key(key, f"the key in {config.api_key_file}")
+        raise StartupError(f"api_key_file {api_key_file} is empty", EXIT_CONFIG)
+    return _check_api_key(key, f"the key in {api_key_file}")
+
+
+def client_api_key(environ: Mapping[str, str]) -> str:
+    """The key a client of this service sends (`openvino-reranker eval`): OPENVINO_RERANKER_API_KEY, or the first
+    line of OPENVINO_RERANKER_API_KEY_FILE, read and checked as the server reads its own; '' when neither is set."""
+    key = environ.get(ENV_PREFIX + "API_KEY", "").strip()
+    key_file = _parse_path(environ.get(ENV_PREFIX + "API_KEY_FILE", ""))
+    if key and key_file:
+        raise StartupError(f"set either {ENV_PREFIX}API_KEY or {ENV_PREFIX}API_KEY_FILE, not both", EXIT_CONFIG)
+    return read_api_key(key, key_file)
 
 
 def _check_api_key(key: str, source: str) -> str:
