@@ -18,6 +18,7 @@ from .config import ENV_PREFIX, Config, is_loopback, load_api_key, load_config
 from .encoding import load_tokenizer
 from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
+from .evaluate import main as evaluate_main
 from .httpserver import RerankServer
 from .modeldir import ModelFiles, load_model_files, locate_model, make_head, static_buckets_for
 from .parity import ParityCheck, compile_checked
@@ -142,7 +143,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
          stop: threading.Event | None = None) -> int:
     """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT.
 
-    `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal."""
+    `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal. With `eval`
+    as the first argument it runs `openvino-reranker eval` instead (evaluate.py) and returns its exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        return evaluate_main(argv[1:], environ)
     stop = stop or threading.Event()
     end_grace = threading.Event()  # a second SIGTERM/SIGINT
     server = None
