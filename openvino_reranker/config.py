@@ -279,7 +279,9 @@ class _ArgumentParser(argparse.ArgumentParser):
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Flags beat OPENVINO_RERANKER_* variables, which beat defaults. A bad value raises StartupError."""
     environ = os.environ if environ is None else environ
-    parser = _ArgumentParser(prog="server.py", description="Local cross-encoder reranker (OpenVINO).")
+    parser = _ArgumentParser(prog="server.py", description="Local cross-encoder reranker (OpenVINO).",
+                             epilog="server.py eval --help (openvino-reranker eval --help): measure a running "
+                                    "service's ranking on your own data.")
     for opt in OPTIONS:
         parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
                             help=f"{opt.help} (env {opt.env}, default {opt.default!r})")

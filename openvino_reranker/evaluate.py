@@ -637,8 +637,17 @@ def build_report(evalset: EvalSet, run: ServiceRun, compared: ServiceRun | None 
     return report
 
 
-def number(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def signed(value: float) -> str:
+    """A difference to 4 places with its sign: -0.0000 is a real difference under 0.00005 (the JSON has it whole)."""
+    return f"{value:+.4f}"
+
+
+def count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -651,14 +660,15 @@ def format_table(rows: Sequence[Sequence[str]]) -> list[str]:
 def render_text(report: dict[str, Any], evalset: EvalSet, runs: Sequence[ServiceRun]) -> str:
     """The report as a reader wants it: what was evaluated, each service's pairs, speed and errors, the metric
     table and, with --compare, the agreement."""
-    lines = [f"{report['queries']} judged queries of the run evaluated, top {evalset.depth} candidates each "
-             f"({evalset.run_queries_without_qrels} run queries without qrels skipped, "
-             f"{evalset.judged_queries_not_in_run} judged queries not in the run left out)"]
+    lines = [f"{count(report['queries'], 'judged query', 'judged queries')} of the run, the first {evalset.depth} "
+             f"candidates of each reranked (left out: "
+             f"{count(evalset.run_queries_without_qrels, 'run query', 'run queries')} without qrels, "
+             f"{count(evalset.judged_queries_not_in_run, 'judged query', 'judged queries')} not in the run)"]
     for service_run in runs:
         described = f" ({service_run.described})" if service_run.described else ""
         lines.append(f"{service_run.url}{described}: {service_run.pairs} pairs in {service_run.seconds:.1f} s, "
                      f"{service_run.pairs_per_s:.1f} pairs/s, {service_run.errors} errors"
-                     + (f", {len(service_run.failed_queries)} queries kept their first-stage order"
+                     + (f", {count(len(service_run.failed_queries), 'query', 'queries')} kept the first-stage order"
                         if service_run.failed_queries else ""))
     compare = report.get("compare")
     header = ["metric", "first stage", "reranked", "change"]
@@ -668,9 +678,9 @@ def render_text(report: dict[str, Any], evalset: EvalSet, runs: Sequence[Service
     for key, name in CUTOFF_METRICS:
         values = report["metrics"][key]
         row = [name, number(values["first_stage"]), number(values["reranked"]),
-               f"{values['reranked'] - values['first_stage']:+.4f}"]
+               signed(values["reranked"] - values["first_stage"])]
         if compare:
-            row += [number(compare["metrics"][key]["reranked"]), f"{compare['metrics'][key]['delta']:+.4f}"]
+            row += [number(compare["metrics"][key]["reranked"]), signed(compare["metrics"][key]["delta"])]
         rows.append(row)
     lines += ["", *format_table(rows)]
     if compare:
@@ -757,8 +767,8 @@ def evaluate_service(service: Service, api_key: str, args: argparse.Namespace, e
         raise EvalError(f"every request to {service.url} failed ({run.errors} errors); last: {run.last_error}",
                         EXIT_UNREACHABLE)
     if run.failed_queries:
-        stderr.write(f"eval {service.url}: {len(run.failed_queries)} queries kept their first-stage order: a request "
-                     f"failed twice; last error: {run.last_error}\n")
+        stderr.write(f"eval {service.url}: {count(len(run.failed_queries), 'query', 'queries')} kept the first-stage "
+                     f"order: a request failed twice; last error: {run.last_error}\n")
     return run
 
 

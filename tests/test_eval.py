@@ -106,8 +106,8 @@ def test_json_against_the_tiny_model(cpu_server, data):
 def test_text_report_and_progress(cpu_server, data):
     code, out, err = run_eval(*eval_args(cpu_server.base, data))
     assert code == 0, err
-    assert "8 judged queries of the run evaluated, top 100 candidates each (1 run queries without qrels skipped, " \
-           "1 judged queries not in the run left out)" in out
+    assert "8 judged queries of the run, the first 100 candidates of each reranked (left out: 1 run query without " \
+           "qrels, 1 judged query not in the run)" in out
     assert f"{cpu_server.base} (tiny-cross-encoder on CPU): 239 pairs in " in out
     rows = {line.split()[0] for line in out.splitlines() if line}
     assert {"metric", "nDCG@10", "MRR@10", "Recall@10", "Recall@100"} <= rows
@@ -289,8 +289,11 @@ def test_a_query_that_fails_twice_keeps_its_first_stage_order(stub, data, monkey
     assert report["errors"] == 2  # the request and its one retry
     assert report["pairs"] == sent_pairs(evalset) - len([d for d in evalset.candidates("q2") if evalset.documents[d]])
     assert reranked_of(report) == pytest.approx(stub_expected(evalset, failed={"q2"}), abs=1e-12)
-    assert f"eval {service.url}: 1 queries kept their first-stage order: a request failed twice; last error: " \
+    assert f"eval {service.url}: 1 query kept the first-stage order: a request failed twice; last error: " \
            "HTTP 503: device lost" in err
+    code, out, err = run_eval(*eval_args(service.url, data))
+    assert code == 1 and f"{service.url} (stub on CPU): " in out and ", 2 errors, 1 query kept the first-stage order" \
+        in out
 
 
 def test_every_request_failing_is_one_line_and_exit_3(stub, data, monkeypatch):
@@ -486,6 +489,18 @@ def test_progress_in_a_log_is_plain_lines_every_10_s():
     assert lines == ["eval u: 10/100 queries, 100 pairs, 10.0 pairs/s, 0 errors",
                      "eval u: 20/100 queries, 200 pairs, 10.0 pairs/s, 0 errors",
                      "eval u: 100/100 queries, 1000 pairs, 41.7 pairs/s, 0 errors"]
+
+
+def test_text_helpers():
+    assert evaluate.signed(-2.4e-5) == "-0.0000" and evaluate.signed(-0.00251) == "-0.0025"
+    assert evaluate.signed(0.5) == "+0.5000"
+    assert evaluate.count(1, "query", "queries") == "1 query" and evaluate.count(0, "query", "queries") == "0 queries"
+
+
+def test_the_server_help_points_at_eval():
+    proc = subprocess.run([sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True,
+                          timeout=60, env=server_env())
+    assert proc.returncode == 0 and "server.py eval --help" in proc.stdout
 
 
 def test_metrics_table_in_metrics_order():
