@@ -334,6 +334,9 @@ def test_the_api_key_comes_from_the_usual_variables(stub, data, tmp_path, monkey
     assert "last: HTTP 401: bad key (is OPENVINO_RERANKER_API_KEY set to the service's key?)" in one_error_line(err)
     code, _, err = run_eval(*eval_args(service.url, data), env={"OPENVINO_RERANKER_API_KEY": "a b"})
     assert code == 2 and "api_key must be printable ASCII without spaces" in one_error_line(err)
+    both = {"OPENVINO_RERANKER_API_KEY": "s3cret", "OPENVINO_RERANKER_API_KEY_FILE": str(key_file)}
+    code, _, err = run_eval(*eval_args(service.url, data), env=both)
+    assert code == 2 and "set either OPENVINO_RERANKER_API_KEY or OPENVINO_RERANKER_API_KEY_FILE, not both" in err
 
 
 def test_keep_alive_connections_one_per_worker_and_no_cache(stub, data):
