@@ -1,8 +1,11 @@
 """Smoke-test a running openvino-reranker: liveness, readiness, ranking fixtures, both routes, documented errors,
 and, on the NPU, proof that the NPU did the work. Standard library only.
 
-    python smoke.py --url http://127.0.0.1:18818 [--expect-device NPU] [--require-npu] [--fixtures FILE] [--json]
+    python smoke.py --url http://127.0.0.1:18818 --expect-device CPU [--json]
+    python smoke.py --url http://127.0.0.1:18818 --expect-device NPU --require-npu [--json]
 
+Without --fixtures, the fixture set is the one of tests/fixtures/smoke-*.json whose "models" names the model
+/readyz reports; when none does, the default set still runs but its expected top results are skipped, saying why.
 Exit status 0 only when every required check passed; each failure is one line.
 """
 
@@ -21,7 +24,9 @@ from itertools import pairwise
 from pathlib import Path
 from urllib.parse import urlsplit
 
-DEFAULT_FIXTURES = Path(__file__).resolve().parent / "tests" / "fixtures" / "smoke-ms-marco.json"
+ROOT = Path(__file__).resolve().parent
+FIXTURES_DIR = ROOT / "tests" / "fixtures"
+DEFAULT_FIXTURES = FIXTURES_DIR / "smoke-ms-marco.json"  # for a model no set names: everything but the top results
 DEFAULT_NPU_BUSY_PATH = "/sys/class/accel/accel0/device/npu_busy_time_us"
 
 
@@ -36,10 +41,13 @@ class Check:
 class Report:
     url: str
     device: str | None = None
+    model: str | None = None  # as /readyz names it
+    fixtures: str | None = None  # the fixture file used
     checks: list[Check] = field(default_factory=list)
 
-    def add(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.checks.append(Check(name, "pass" if ok else "fail", detail))
+    def add(self, name: str, ok: bool, failure: str = "") -> bool:
+        """A check that passed or failed; `failure` says why it failed and is kept only then."""
+        self.checks.append(Check(name, "pass", "") if ok else Check(name, "fail", failure))
         return ok
 
     def skip(self, name: str, detail: str) -> None:
@@ -106,14 +114,51 @@ def read_counter(path: str) -> int | None:
         return None
 
 
-def load_fixtures(path: Path) -> list[dict]:
+@dataclass(frozen=True)
+class FixtureSet:
+    path: Path
+    models: tuple[str, ...]  # the models whose ranking its expected_top values were written for; () = any model
+    fixtures: list[dict]
+
+    @property
+    def label(self) -> str:
+        """The file as a person would type it: relative to the repository when inside it."""
+        return str(self.path.relative_to(ROOT)) if self.path.is_relative_to(ROOT) else str(self.path)
+
+
+def load_fixture_set(path: Path) -> FixtureSet:
     data = json.loads(path.read_text(encoding="utf-8"))
     fixtures = data["fixtures"] if isinstance(data, dict) else data
     for f in fixtures:
         ids = [d["id"] for d in f["documents"]]
         if f["expected_top"] not in ids:
             raise ValueError(f"fixture {f['name']}: expected_top {f['expected_top']!r} is not a document id")
-    return fixtures
+    models = data.get("models", []) if isinstance(data, dict) else []
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ValueError(f"{path}: \"models\" must be a list of model names")
+    return FixtureSet(path, tuple(models), fixtures)
+
+
+def load_fixtures(path: Path) -> list[dict]:
+    return load_fixture_set(path).fixtures
+
+
+def shipped_fixture_sets() -> list[FixtureSet]:
+    """tests/fixtures/smoke-*.json, the default set first."""
+    paths = sorted(FIXTURES_DIR.glob("smoke-*.json"), key=lambda p: (p != DEFAULT_FIXTURES, p.name))
+    return [load_fixture_set(path) for path in paths]
+
+
+def choose_fixtures(model: str | None, sets: list[FixtureSet]) -> tuple[FixtureSet, str]:
+    """The set written for `model` and '', or, when none names it, the first (default) set and why its expected
+    top results cannot be checked: the shape, order and error checks hold for any model, which document comes
+    first does not."""
+    for fixture_set in sets:
+        if model in fixture_set.models:
+            return fixture_set, ""
+    written_for = "; ".join(f"{s.path.name}: {', '.join(s.models)}" for s in sets if s.models)
+    return sets[0], (f"skipped: no fixture set is written for {model or 'a server that names no model'} "
+                     f"({written_for}); --fixtures FILE checks your own expected results")
 
 
 def is_sorted_ranking(results: list[dict], key: str) -> bool:
@@ -122,7 +167,7 @@ def is_sorted_ranking(results: list[dict], key: str) -> bool:
     return all(a[0] > b[0] or (a[0] == b[0] and a[1] < b[1]) for a, b in pairwise(pairs))
 
 
-def check_ranking(report: Report, name: str, fixture: dict, status: int, body, n: int) -> None:
+def check_ranking(report: Report, name: str, fixture: dict, status: int, body, n: int, skip_top: str = "") -> None:
     if not report.add(f"{name}: status", status == 200 and isinstance(body, dict) and body.get("ok") is True,
                       f"HTTP {status}: {str(body)[:200]}"):
         return
@@ -133,14 +178,19 @@ def check_ranking(report: Report, name: str, fixture: dict, status: int, body, n
     finite = all(isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]) for r in results)
     report.add(f"{name}: sorted", finite and is_sorted_ranking(results, "score"),
                "scores not finite or not in descending order (ties by ascending index)")
+    if skip_top:
+        report.skip(f"{name}: top result", skip_top)
+        return
     ids = [d["id"] for d in fixture["documents"]]
     top = results[0].get("id")
     report.add(f"{name}: top result", top == fixture["expected_top"] and top == ids[results[0]["index"]],
                f"expected {fixture['expected_top']!r}, got {top!r}")
 
 
-def run(url: str, fixtures: list[dict], expect_device: str | None, require_npu: bool, npu_busy_path: str,
-        timeout_s: float) -> Report:
+def run(url: str, fixtures: list[dict] | None, expect_device: str | None, require_npu: bool, npu_busy_path: str,
+        timeout_s: float, fixture_sets: list[FixtureSet] | None = None) -> Report:
+    """Every check against the server at `url`. `fixtures` given: each is checked in full. None: the set of
+    `fixture_sets` (default: the shipped ones) written for the model /readyz names (see choose_fixtures)."""
     report = Report(url)
     client = Client(url, timeout_s)
     try:
@@ -150,7 +200,11 @@ def run(url: str, fixtures: list[dict], expect_device: str | None, require_npu: 
         if not report.add("readyz", status == 200 and isinstance(ready, dict) and ready.get("ready") is True,
                           f"HTTP {status}: {raw[:200]}"):
             return report
-        report.device = ready.get("device")
+        report.device, report.model = ready.get("device"), ready.get("model")
+        skip_top = ""
+        if fixtures is None:
+            chosen, skip_top = choose_fixtures(report.model, fixture_sets or shipped_fixture_sets())
+            fixtures, report.fixtures = chosen.fixtures, chosen.label
         executes = ready.get("execution_devices") or []
         if expect_device:
             want = expect_device.upper()
@@ -166,7 +220,7 @@ def run(url: str, fixtures: list[dict], expect_device: str | None, require_npu: 
             status, body, _ = client.call("POST", "/rerank", {"query": fixture["query"],
                                                               "documents": fixture["documents"]})
             after = read_counter(npu_busy_path) if before is not None else None
-            check_ranking(report, name, fixture, status, body, n)
+            check_ranking(report, name, fixture, status, body, n, skip_top)
             if native_scores is None and status == 200 and isinstance(body, dict):
                 native_scores = (fixture, {r["index"]: r["score"] for r in body.get("results", [])})
             if on_npu or require_npu:
@@ -238,8 +292,9 @@ def check_errors(report: Report, client: Client) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Smoke-test a running openvino-reranker.")
     parser.add_argument("--url", default="http://127.0.0.1:18818")
-    parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES,
-                        help="JSON file of ranking fixtures (default: the set written for ms-marco-MiniLM-L6)")
+    parser.add_argument("--fixtures", type=Path,
+                        help="JSON file of ranking fixtures, each checked in full (default: the set in "
+                             "tests/fixtures/smoke-*.json written for the model the server reports)")
     parser.add_argument("--expect-device", help="fail unless the server reports this device (NPU, CPU, ...)")
     parser.add_argument("--require-npu", action="store_true", help="fail unless NPU use is proven")
     parser.add_argument("--npu-busy-path", default=DEFAULT_NPU_BUSY_PATH)
@@ -248,24 +303,30 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="also print a JSON summary as the last line")
     args = parser.parse_args(argv)
     try:
-        fixtures = load_fixtures(args.fixtures)
+        explicit = load_fixture_set(args.fixtures) if args.fixtures else None
+        shipped = [] if explicit else shipped_fixture_sets()
         client = Client(args.url, args.timeout)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"smoke: cannot start: {exc}", file=sys.stderr)
         return 2
     wait_ready(client, args.wait)
-    report = run(args.url, fixtures, args.expect_device, args.require_npu, args.npu_busy_path, args.timeout)
+    report = run(args.url, explicit.fixtures if explicit else None, args.expect_device, args.require_npu,
+                 args.npu_busy_path, args.timeout, shipped)
+    if explicit:
+        report.fixtures = explicit.label
     for c in report.checks:
         if c.status == "fail":
             print(f"FAIL {c.name}: {c.detail}")
         elif c.status == "skip":
             print(f"SKIP {c.name}: {c.detail}")
     counts = {status: sum(c.status == status for c in report.checks) for status in ("pass", "fail", "skip")}
-    print(f"server {args.url}, device {report.device}")
+    written_for = next((f" (written for {', '.join(s.models)})" for s in [explicit, *shipped]
+                        if s is not None and s.label == report.fixtures and s.models), "")
+    print(f"server {args.url}, device {report.device}, model {report.model}, fixtures {report.fixtures}{written_for}")
     print(f"smoke: {counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
     if args.json:
-        print(json.dumps({"ok": report.ok, "url": report.url, "device": report.device,
-                          "checks": [asdict(c) for c in report.checks]}))
+        print(json.dumps({"ok": report.ok, "url": report.url, "device": report.device, "model": report.model,
+                          "fixtures": report.fixtures, "checks": [asdict(c) for c in report.checks]}))
     return 0 if report.ok else 1
 
 

@@ -3,7 +3,8 @@
     python bench/soak.py --model-dir DIR [--clients 8] [--minutes 10] [--documents 20] [--device CPU] [--hostile]
     python bench/soak.py --url http://127.0.0.1:18818 --pid PID ...      # an already running server
 
-Starts the server itself (on a free loopback port) unless --url is given. Every client sends valid requests and,
+Starts the server itself (on a free loopback port, without the score cache: the workload repeats 64 requests, and
+hits would skip inference) unless --url is given. Every client sends valid requests and,
 every 50th request, one invalid request that must get a 400 (the error path under load). With --hostile, one more
 client sends, in turn, the hostile requests that once wedged, dropped or 500'd the service (HOSTILE below), each on
 its own connection, and checks each answer's status; the valid clients must still see no error. Bounded in time
@@ -100,6 +101,13 @@ def _post(body: bytes, extra: str = "", path: str = "/rerank") -> bytes:
 _HUGE = json.dumps({"query": "q", "documents": [("xqzj" * 25 + " ") * 980] * 19, "timeout_ms": 5000}).encode()
 # distinct documents: identical ones are scored once, and would not reach the token limit
 _TOKENS = json.dumps({"query": "q", "documents": [f"{i} " + "solar power " * 158 for i in range(1000)]}).encode()
+
+
+def _spaceless(text: str, side: str = "right") -> bytes:
+    """A TEI body with one document of about 2 MB that holds no space (it must cost what 2 MB with spaces costs)."""
+    return json.dumps({"query": "q", "texts": [text], "truncation_direction": side}, ensure_ascii=False).encode()
+
+
 # (name, raw request, acceptable statuses); None means: the server closes the connection without an answer
 HOSTILE = [
     ("timeout_ms beyond int64", _post(b'{"query":"q","documents":["a"],"timeout_ms":9223372036854775807}'), {400}),
@@ -120,6 +128,11 @@ HOSTILE = [
     ("body over max_body_bytes", _post(b"x" * (3 * 1024 * 1024)), {413}),
     ("echoed document with a lone surrogate", _post(b'{"query":"q","documents":[{"text":"a","x":"\\ud800"}],'
                                                     b'"return_documents":true}', path="/v1/rerank"), {200}),
+    ("2,000,000 commas", _post(_spaceless("," * 2_000_000)), {200}),
+    ("690,000 CJK characters, cut from the left", _post(_spaceless("\u4e2d" * 690_000, "left")), {200}),
+    ("one 2 MB word", _post(_spaceless("a" * 2_000_000)), {200}),
+    ("500,000 emoji", _post(_spaceless("\U0001f600" * 500_000, "left")), {200}),
+    ("a 2 MB run of combining marks", _post(_spaceless("e" + "\u0301\u0323" * 499_000)), {200}),
 ]
 
 
@@ -197,6 +210,8 @@ def main() -> int:
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--hostile", action="store_true", help="also send the hostile requests (HOSTILE) in turn")
+    parser.add_argument("--with-score-cache", dest="score_cache_off", action="store_false",
+                        help="keep the started server's score cache (off by default: the workload repeats)")
     args = parser.parse_args()
     if bool(args.model_dir) == bool(args.url):
         parser.error("give exactly one of --model-dir and --url")
@@ -204,7 +219,10 @@ def main() -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("soak tests run on loopback only")
 
-    proc, url = start_server(args.model_dir, args.device) if args.model_dir else (None, args.url)
+    # the workload cycles through 64 requests: with the score cache on, all but the first pass would be cache hits
+    # and the soak would not exercise inference, so the server it starts has no score cache
+    extra = ["--score-cache-size", "0"] if args.score_cache_off else []
+    proc, url = start_server(args.model_dir, args.device, extra) if args.model_dir else (None, args.url)
     pid = proc.pid if proc else args.pid
     workload = make_requests(64, args.documents, args.seed)
     stats = {"latencies": [], "errors": [], "pairs": 0, "expected_4xx": 0, "hostile": 0, "hostile_unexpected": []}

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import os
 import re
 import socket
+import sys
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
-from .errors import EXIT_CONFIG, StartupError
+from .errors import EXIT_CODES, EXIT_CONFIG, StartupError
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 # Where earlier versions looked by default (an optimum-cli export): still served when it exists and no model is named
@@ -53,12 +56,14 @@ class IntRange:
             raise ValueError(f"{text[:40]!r} is not an integer")
         return self.check(int(m.group(1)))
 
+    __call__ = parse_text  # an option's parser
+
 
 TIMEOUT_MS = IntRange(1, 3_600_000)  # request_timeout_ms, the body's timeout_ms and X-Request-Timeout-Ms
 
 
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    return IntRange(lo, hi).parse_text
+def _int(lo: int, hi: int) -> IntRange:
+    return IntRange(lo, hi)
 
 
 _DEVICE_RE = re.compile(r"^(CPU|GPU(\.\d+)?|NPU(\.\d+)?|(AUTO|MULTI|HETERO)(:[A-Z0-9.]+(,[A-Z0-9.]+)*)?)$")
@@ -84,14 +89,18 @@ def _parse_buckets(text: str) -> tuple[ShapeBucket, ...]:
     return tuple(sorted(buckets, key=lambda b: (b.length, b.rows)))
 
 
-def _parse_choice(*choices: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
-        return value
+@dataclass(frozen=True)
+class Choice:
+    """A value out of a fixed list, matched in any case and returned as listed; --help shows the list."""
 
-    return parse
+    values: tuple[str, ...]
+
+    def __call__(self, text: str) -> str:
+        value = text.strip().lower()
+        for choice in self.values:
+            if choice.lower() == value:
+                return choice
+        raise ValueError(f"{text!r} is not one of {', '.join(self.values)}")
 
 
 def _parse_path(text: str) -> str:
@@ -115,19 +124,14 @@ def _parse_fraction(text: str) -> float:
     return value
 
 
-def _parse_log_level(text: str) -> str:
-    value = text.strip().upper()
-    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError(f"{text!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    return value
-
-
 @dataclass(frozen=True)
 class Option:
     name: str  # config field; the flag is --name-with-dashes, the env var OPENVINO_RERANKER_NAME
     parse: Callable[[str], Any]
     default: str
     help: str
+    switch: bool = False  # a true/false option: the flag alone means true, `--flag false` still works
+    metavar: str = ""  # the value's name in --help; '' = N for an integer, else the option's name in capitals
 
     @property
     def flag(self) -> str:
@@ -143,39 +147,44 @@ OPTIONS = (
     Option("port", _int(0, 65535), "18818", "TCP port to bind (0 = any free port)"),
     Option("device", _parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]"),
     Option("model", lambda s: s.strip(), DEFAULT_MODEL,
-           "a local model directory, or a Hugging Face Hub id org/name[@revision] fetched into the Hub cache"),
-    Option("model_dir", _parse_path, "", "a local model directory (the same as --model DIR; not with --model)"),
+           "a local model directory, or a Hugging Face Hub id org/name[@revision] fetched into the Hub cache",
+           metavar="ID|DIR"),
+    Option("model_dir", lambda s: s.strip(), "", "a local model directory (the same as --model DIR; not with --model)",
+           metavar="DIR"),
     Option("model_file", lambda s: s.strip(), "",
            "the IR inside the model (a path ending .xml); '' = the first present of "
-           "openvino/openvino_model_qint8_quantized.xml, openvino_model.xml, openvino/openvino_model.xml"),
+           "openvino/openvino_model_qint8_quantized.xml, openvino_model.xml, openvino/openvino_model.xml",
+           metavar="XML"),
     Option("prompt_template", _parse_path, "",
            "JSON file with a decoder reranker's prompt template; '' = rerank_template.json beside the IR, else the "
-           "built-in one for the model's model_type (qwen3)"),
+           "built-in one for the model's model_type (qwen3)", metavar="FILE"),
     Option("instruction", lambda s: s.strip(), "",
            "instruction for decoder rerankers whose template takes one, when a request names none; '' = the "
-           "template's default"),
+           "template's default", metavar="TEXT"),
     Option("max_length", _int(0, MAX_SUPPORTED_LENGTH), "0",
            f"tokens per (query, document) pair; 0 = the model's limit, at most {DEFAULT_MAX_LENGTH}"),
-    Option("shape_mode", _parse_choice("auto", "static", "dynamic"), "auto",
+    Option("shape_mode", Choice(("auto", "static", "dynamic")), "auto",
            "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere"),
     Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
-           "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)"),
+           "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)", metavar="LIST"),
     Option("batch_size", _int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
-    Option("performance_hint", _parse_choice("latency", "throughput"), "latency",
+    Option("performance_hint", Choice(("latency", "throughput")), "latency",
            "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
            "README). Every compile is checked against an f32 single-stream reference"),
     Option("num_streams", _int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
     Option("inference_threads", _int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
     Option("infer_requests", _int(0, 64), "0",
            "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
-    Option("inference_precision", _parse_choice("default", "f32", "bf16", "f16"), "default",
+    Option("inference_precision", Choice(("default", "f32", "bf16", "f16")), "default",
            "INFERENCE_PRECISION_HINT; default = the device's choice"),
     Option("parity_tolerance", _parse_fraction, "0.02",
-           "largest score difference from the f32 single-stream CPU reference accepted at startup"),
-    Option("on_parity_failure", _parse_choice("fallback", "refuse"), "fallback",
+           "largest score difference from the f32 single-stream CPU reference accepted at startup", metavar="X"),
+    Option("on_parity_failure", Choice(("fallback", "refuse")), "fallback",
            "when the serving compile disagrees with the reference: recompile safely, or refuse to start"),
-    Option("cache_dir", _parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)"),
-    Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)"),
+    Option("cache_dir", _parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)",
+           metavar="DIR"),
+    Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)",
+           metavar="PATH"),
     Option("max_body_bytes", _int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
     Option("max_documents", _int(1, 100_000), "1000", "most documents in one request"),
     Option("max_query_chars", _int(1, 10_000_000), "8192", "longest query, in characters"),
@@ -187,7 +196,7 @@ OPTIONS = (
            "pairs whose scores are kept for repeats (about 300 bytes each; 0 disables)"),
     Option("max_queued_requests", _int(1, 100_000), "32",
            "scoring requests admitted at once (running + waiting); beyond it 503 overloaded"),
-    Option("request_timeout_ms", TIMEOUT_MS.parse_text, "30000",
+    Option("request_timeout_ms", TIMEOUT_MS, "30000",
            "default per-request deadline; a request may ask for less or more (X-Request-Timeout-Ms, timeout_ms)"),
     Option("read_timeout_s", _int(1, 3600), "10", "seconds to receive a whole request once it has begun"),
     Option("idle_timeout_s", _int(1, 3600), "30", "seconds a keep-alive connection may sit idle"),
@@ -202,11 +211,17 @@ OPTIONS = (
     Option("drain_timeout_s", _int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
     Option("failures_before_unready", _int(1, 1000), "3",
            "consecutive inference failures that flip /readyz to 503 (a success flips it back)"),
-    Option("api_key", lambda s: s.strip(), "", "require 'Authorization: Bearer KEY' on scoring routes and /metrics"),
-    Option("api_key_file", _parse_path, "", "file holding the API key (first line); instead of api_key"),
+    Option("api_key", lambda s: s.strip(), "", "require 'Authorization: Bearer KEY' on scoring routes and /metrics",
+           metavar="KEY"),
+    Option("api_key_file", _parse_path, "", "file holding the API key (first line); instead of api_key",
+           metavar="FILE"),
     Option("allow_remote_without_key", _parse_bool_option, "false",
-           "allow binding a non-loopback address with no API key"),
-    Option("log_level", _parse_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+           "allow binding a non-loopback address with no API key (a switch; the older `true`/`false` value still "
+           "works)", switch=True),
+    Option("log_level", Choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO", "how much the log says"),
+    Option("strict_env", _parse_bool_option, "false",
+           f"stop at startup (exit 2) when an {ENV_PREFIX}* variable is not an option, instead of warning",
+           switch=True),
 )
 
 
@@ -253,6 +268,7 @@ class Config:
     api_key_file: str
     allow_remote_without_key: bool
     log_level: str
+    strict_env: bool
 
     # The two questions about the NPU, answered here only:
     @property
@@ -271,22 +287,110 @@ class Config:
         return self.shape_mode == "static" or (self.shape_mode == "auto" and self.may_use_npu)
 
 
+# --help's sections, in order, and the options in each
+HELP_GROUPS = (
+    ("model", ("model", "model_dir", "model_file", "prompt_template", "instruction", "max_length")),
+    ("device and speed", ("device", "shape_mode", "buckets", "batch_size", "performance_hint", "num_streams",
+                          "inference_threads", "infer_requests", "inference_precision", "parity_tolerance",
+                          "on_parity_failure", "cache_dir", "score_cache_size", "npu_busy_path")),
+    ("HTTP and access", ("host", "port", "api_key", "api_key_file", "allow_remote_without_key", "max_connections",
+                         "max_header_bytes", "first_byte_timeout_s", "read_timeout_s", "idle_timeout_s")),
+    ("limits", ("max_body_bytes", "max_documents", "max_query_chars", "max_document_chars", "max_total_tokens",
+                "max_queued_requests", "request_timeout_ms")),
+    ("operations", ("drain_grace_s", "drain_timeout_s", "failures_before_unready", "log_level", "strict_env")),
+)
+HELP_WIDTH = 100  # the examples' and exit codes' lines
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         raise StartupError(f"bad command line: {message}", EXIT_CONFIG)
 
 
+def invoked_as(argv0: str) -> str:
+    """How to run this program again, as it was started: `openvino-reranker` for the installed command, `python
+    server.py` for the script."""
+    name = os.path.basename(argv0) or "openvino-reranker"
+    return f"python {name}" if name.endswith(".py") else name
+
+
+DEMO_MODEL_COMMAND = "demo-model"
+EVAL_COMMAND = "eval"  # evaluate.py: a running service's ranking on the user's data
+
+
+def parse_demo_model_args(argv: Sequence[str]) -> str:
+    """`demo-model DIR`'s arguments: the directory, as typed."""
+    parser = _ArgumentParser(prog=f"{os.path.basename(sys.argv[0])} {DEMO_MODEL_COMMAND}",
+                             description="Write the demo model, a tiny cross-encoder with random weights built in "
+                                         "code, to DIR (no network needed); then serve it with --model DIR. Its "
+                                         "scores are meaningless: it shows the service working, not ranking.")
+    parser.add_argument("dir", metavar="DIR", help="a new or empty directory (an earlier demo model is rewritten)")
+    return parser.parse_args(argv).dir
+
+
+def _metavar(opt: Option) -> dict[str, Any]:
+    """How --help shows an option's value: a switch's optional true|false, a choice's list, else its name."""
+    if opt.switch:
+        return {"nargs": "?", "const": "true", "metavar": "true|false"}
+    if isinstance(opt.parse, Choice):
+        return {"metavar": "{" + ",".join(opt.parse.values) + "}"}
+    return {"metavar": opt.metavar or ("N" if isinstance(opt.parse, IntRange) else opt.name.upper())}
+
+
+def _help_epilog(command: str) -> str:
+    """Two examples and the exit codes, with the program named as it was invoked."""
+    demo = "~/openvino-reranker-demo"
+    examples = ((f"{command} --device CPU",
+                 "serve the default model on the CPU (fetched from the Hugging Face Hub on the first start)"),
+                (f"{command} demo-model {demo} && {command} --device CPU --model {demo}",
+                 "without the Hub: build the demo model (random weights, so meaningless scores) and serve it"))
+    lines = ["examples:"]
+    for example, what in examples:
+        lines += [f"  {example}", f"      {what}"]
+    lines += ["", "exit codes:"]
+    for code, meaning in EXIT_CODES:
+        lines += textwrap.wrap(meaning, HELP_WIDTH, initial_indent=f"  {code}  ", subsequent_indent=" " * 5)
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's layout, but the description and epilog as written, the help text beginning further right so that
+    most flags share its line, and a default such as a path or a Hub id never broken inside."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=34)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+
+def build_parser(argv0: str | None = None) -> argparse.ArgumentParser:
+    """The command line: every option in its --help group, named as the program was invoked (`openvino-reranker`,
+    `server.py`)."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    parser = _ArgumentParser(
+        prog=os.path.basename(argv0) or "openvino-reranker", formatter_class=_HelpFormatter,
+        usage="%(prog)s [OPTION ...]\n       %(prog)s demo-model DIR\n"
+              "       %(prog)s eval --url URL --dataset DIR --run RUN [--compare URL2] [...]",
+        description="A local reranker over HTTP on OpenVINO (NPU, CPU, GPU); SPEC.md has the contract.\n"
+                    f"Every option is also an {ENV_PREFIX}* variable: --max-length is {ENV_PREFIX}MAX_LENGTH\n"
+                    "(a flag wins). `demo-model DIR` writes a demo model, to try the service without the Hub.\n"
+                    "`eval` measures a running service's ranking on your own data (`eval --help`).",
+        epilog=_help_epilog(invoked_as(argv0)))
+    by_name = {opt.name: opt for opt in OPTIONS}
+    for title, names in HELP_GROUPS:
+        group = parser.add_argument_group(title)
+        for opt in map(by_name.__getitem__, names):
+            group.add_argument(opt.flag, dest=opt.name, default=None, **_metavar(opt),
+                               help=f"{opt.help} (default: {opt.default or 'none'})")
+    parser.add_argument("--version", action="version", version=f"openvino-reranker {__version__}")
+    return parser
+
+
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Flags beat OPENVINO_RERANKER_* variables, which beat defaults. A bad value raises StartupError."""
     environ = os.environ if environ is None else environ
-    parser = _ArgumentParser(prog="server.py", description="Local cross-encoder reranker (OpenVINO).",
-                             epilog="server.py eval --help (openvino-reranker eval --help): measure a running "
-                                    "service's ranking on your own data.")
-    for opt in OPTIONS:
-        parser.add_argument(opt.flag, dest=opt.name, default=None, metavar=opt.name.upper(),
-                            help=f"{opt.help} (env {opt.env}, default {opt.default!r})")
-    parser.add_argument("--version", action="version", version=f"openvino-reranker {__version__}")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     values, explicit = {}, set()
     for opt in OPTIONS:
         raw, source = getattr(args, opt.name), opt.flag
@@ -305,7 +409,27 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     if values["api_key"] and values["api_key_file"]:
         raise StartupError("set either api_key or api_key_file, not both", EXIT_CONFIG)
     values["model"] = _model_source(values, explicit)
+    unknown = unknown_variables(environ)
+    if values["strict_env"] and unknown:
+        raise StartupError(f"{'; '.join(map(describe_unknown_variable, unknown))}; --strict-env refuses unknown "
+                           f"{ENV_PREFIX}* variables", EXIT_CONFIG)
     return Config(**values)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The OPENVINO_RERANKER_* variables (in any case) that are not an option's: a misspelling is otherwise
+    silently ignored."""
+    known = {opt.env for opt in OPTIONS}
+    return sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name not in known)
+
+
+def describe_unknown_variable(name: str) -> str:
+    """'OPENVINO_RERANKER_DEVIC is not an option (did you mean OPENVINO_RERANKER_DEVICE?)': the closest option's
+    variable by difflib's ratio of the names after the prefix, when one is close enough."""
+    by_suffix = {opt.env[len(ENV_PREFIX):]: opt.env for opt in OPTIONS}
+    close = difflib.get_close_matches(name[len(ENV_PREFIX):].upper(), by_suffix, n=1, cutoff=0.6)
+    hint = f"did you mean {by_suffix[close[0]]}?" if close else "no option has a similar name; see --help"
+    return f"{name} is not an option ({hint})"
 
 
 def _model_source(values: dict, explicit: set) -> str:

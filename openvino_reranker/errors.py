@@ -118,6 +118,19 @@ class StartupCancelled(StartupError):
 EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
 EXIT_SCORING_STOPPED = 7  # a scoring thread ended while serving: exit so that systemd restarts the service
 EXIT_DOWNLOAD = 8  # fetching the model from the Hub failed in a way that may pass (network, server, disk): restartable
+# Every exit code and what it means, in a few words: the end of --help (SPEC.md, "Startup and exit codes", has more).
+EXIT_CODES = (
+    (0, "stopped by SIGTERM or SIGINT (after the drain, or before it was ready)"),
+    (EXIT_CONFIG, "bad configuration: a flag or variable, the API key, a non-loopback host without a key"),
+    (EXIT_PORT, "HOST:PORT cannot be bound; nothing was loaded"),
+    (EXIT_MODEL, "the model cannot be had as asked: a directory missing or malformed, a Hub repo missing or gated, "
+                 "offline and not cached"),
+    (EXIT_DEVICE, "the device is not available, or the compile failed"),
+    (EXIT_STARTUP_CHECK, "the startup check failed: an inference error, or no proof that the NPU ran it"),
+    (EXIT_SCORING_STOPPED, "a scoring thread ended while serving (a bug); exits so that systemd restarts it"),
+    (EXIT_DOWNLOAD, "fetching from the Hub failed in a way that may pass (unreachable, cut off, disk full); the next "
+                    "start tries again"),
+)
 
 
 _SOURCE_LOCATION = re.compile(r"(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)")

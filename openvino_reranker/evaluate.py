@@ -27,7 +27,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from . import __version__
-from .config import ENV_PREFIX, IntRange, client_api_key
+from .config import ENV_PREFIX, EVAL_COMMAND, IntRange, client_api_key
 from .errors import EXIT_CONFIG, StartupError
 
 EXIT_INCOMPLETE = 1  # the run finished, but some queries' requests failed twice: they kept their first-stage order
@@ -725,23 +725,25 @@ def _split(text: str) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = _ArgumentParser(
-        prog="openvino-reranker eval",
+        prog=f"{os.path.basename(sys.argv[0]) or 'openvino-reranker'} {EVAL_COMMAND}",
         description="Measure a running service's ranking on your data: a BEIR dataset and a TREC run from your first "
                     "stage; the top --depth candidates of each judged query are reranked by the service. Sends "
                     f"{ENV_PREFIX}API_KEY (or the first line of {ENV_PREFIX}API_KEY_FILE) as a Bearer key when set. "
                     "Exit 0; 1 when some queries' requests failed twice; 2 for bad arguments or files; 3 when the "
                     "service cannot be reached or failed every request.")
     parser.add_argument("--url", required=True, type=_service, help="the service: http://HOST:PORT (or its /rerank)")
-    parser.add_argument("--dataset", required=True, type=Path,
+    parser.add_argument("--dataset", required=True, type=Path, metavar="DIR",
                         help="BEIR directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
     parser.add_argument("--run", required=True, type=Path, help="TREC run file: qid Q0 docid rank score tag")
-    parser.add_argument("--split", default="test", type=_split, help="the qrels file qrels/SPLIT.tsv (default test)")
-    parser.add_argument("--depth", default=100, type=_bounded(1, 1000),
+    parser.add_argument("--split", default="test", type=_split, metavar="SPLIT",
+                        help="the qrels file qrels/SPLIT.tsv (default test)")
+    parser.add_argument("--depth", default=100, type=_bounded(1, 1000), metavar="N",
                         help="candidates per query sent to the service (default 100)")
-    parser.add_argument("--concurrency", default=4, type=_bounded(1, 64), help="requests in flight (default 4)")
-    parser.add_argument("--timeout-s", default=120, type=_bounded(1, 3600),
+    parser.add_argument("--concurrency", default=4, type=_bounded(1, 64), metavar="N",
+                        help="requests in flight (default 4)")
+    parser.add_argument("--timeout-s", default=120, type=_bounded(1, 3600), metavar="S",
                         help="seconds to wait for one answer (default 120)")
-    parser.add_argument("--compare", type=_service, default=None,
+    parser.add_argument("--compare", type=_service, default=None, metavar="URL2",
                         help="a second service: scores the same candidates and reports rank agreement")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser.parse_args(argv)

@@ -270,18 +270,34 @@ class _Fetch:
             self._cached_ir(commit, ir_candidates, required, (), strict=False)
         if unreachable is None:
             if ir is None:
-                revision = "" if self.revision == DEFAULT_REVISION else f" --revision {self.revision}"
                 raise StartupError(f"HF_HUB_OFFLINE is set and {self.name} is not in the Hub cache "
-                                   f"{self.settings.cache_dir} ({missing}): start once with network access and "
-                                   f"HF_HUB_OFFLINE unset to fetch it, or fetch it with: hf download {self.repo_id}"
-                                   f"{revision}", EXIT_MODEL)
+                                   f"{self.settings.cache_dir} ({missing}). To go on: unset HF_HUB_OFFLINE and start "
+                                   f"once with network access (HF_ENDPOINT for a mirror); or "
+                                   f"{self._bring_it_here()}", EXIT_MODEL)
             note = f"HF_HUB_OFFLINE is set: {self.name} (commit {commit}) is served from the cache"
         else:
             if ir is None:
                 raise StartupError(f"{unreachable}, and {self.name} is not in the Hub cache {self.settings.cache_dir}"
-                                   f" ({missing}); the next start tries again", EXIT_DOWNLOAD)
+                                   f" ({missing}). To go on: check the network and the proxy ({self._proxy_note()}); "
+                                   f"or set HF_ENDPOINT to a mirror (now {self.settings.endpoint}); or "
+                                   f"{self._bring_it_here()}; under systemd the next start tries again",
+                                   EXIT_DOWNLOAD)
             note = f"{unreachable}: {self.name} (commit {commit}) is served from the cache"
         return self._cached_result(commit, ir, note)
+
+    def _bring_it_here(self) -> str:
+        """The ways to a model that is not cached without this process reaching the Hub: fetched on another machine
+        and copied (the cache's links are relative, so the folder moves as it is), or a local export."""
+        revision = "" if self.revision == DEFAULT_REVISION else f" --revision {self.revision}"
+        return (f"run `hf download {self.repo_id}{revision}` where the Hub is reachable and copy its folder "
+                f"{repo_folder_name(self.repo_id)} into {self.settings.cache_dir} here (from that machine's Hub cache; "
+                f"cp -a keeps the links); or serve a local export with --model DIR (to try the service only: the demo "
+                f"model, README \"Setup\")")
+
+    def _proxy_note(self) -> str:
+        """Whether a proxy is set for the endpoint's scheme; never its URL, which may hold credentials."""
+        scheme = urllib.parse.urlsplit(self.settings.endpoint).scheme
+        return f"{scheme}_proxy is set" if dict(self.settings.proxies).get(scheme) else f"no {scheme}_proxy is set"
 
     def _cached_result(self, commit: str, ir: str, note: str) -> FetchedModel:
         self.progress(note)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MAX_LENGTH, MAX_SUPPORTED_LENGTH, OPTIONS, Config, ShapeBucket
+from .config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, MAX_SUPPORTED_LENGTH, OPTIONS, Config, ShapeBucket
 from .encoding import BUILTIN_TEMPLATES, CrossEncoderHead, DecoderRerankerHead, ModelHead, PromptTemplate
 from .errors import EXIT_CONFIG, EXIT_MODEL, StartupError
 from .hub import HubSettings, check_repo_file, fetch_model, parse_repo_id
@@ -32,8 +32,21 @@ DECODER_MODEL_TYPES = frozenset({
     "llama_bidirec", "llama_nemoretriever_cross_encoder"})
 # RoBERTa-style position ids start after the pad id: max_position_embeddings 514 means 512 tokens
 ROBERTA_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "longformer"})
-EXPORT_HINT = ("export one with: optimum-cli export openvino --model cross-encoder/ms-marco-MiniLM-L6-v2 "
-               "--task text-classification --weight-format int8 DIR (see README)")
+# What to do about a model directory that is missing or holds no model: a Hub id first (the default repo and the
+# OpenVINO/* ones publish IRs), then the export recipe, which needs torch in an environment of its own.
+EXPORT_HINT = (f"serve a model from the Hugging Face Hub with --model ORG/NAME (the default, {DEFAULT_MODEL}, "
+               f"publishes ready IRs), or export one with `optimum-cli export openvino --model ORG/NAME --task "
+               f"text-classification DIR` in an environment with torch (README, \"Export a model yourself\") and "
+               f"serve DIR")
+
+
+def missing_model_dir(typed: str, path: Path) -> str:
+    """The message for a model directory that does not exist: the path as it was typed (not normalised, `~` kept),
+    and where that is when it differs (a relative path, `~`), then what to do."""
+    where = str(path.absolute())
+    looked = "" if where == typed else f" (looked for {where})"
+    problem = "is not a directory" if path.exists() else "does not exist"
+    return f"model directory {typed} {problem}{looked}: {EXPORT_HINT}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,8 @@ def locate_model(config: Config, environ: Mapping[str, str], on_progress: Callab
         if not path.is_dir() and "/" not in text:
             raise StartupError(f"model {text!r} is neither a directory nor a Hub id (org/name or org/name@revision)",
                                EXIT_CONFIG)
+        if not path.is_dir():
+            raise StartupError(missing_model_dir(text, path), EXIT_MODEL)
         return path, config.model_file, {}
     repo_id, revision = parsed
     if config.model_file:
@@ -148,7 +163,7 @@ def load_model_files(model_dir: str | Path, requested_max_length: int, model_fil
     StartupError line."""
     root = Path(model_dir)
     if not root.is_dir():
-        raise StartupError(f"model dir {root} does not exist; {EXPORT_HINT}", EXIT_MODEL)
+        raise StartupError(missing_model_dir(str(model_dir), root), EXIT_MODEL)
     if not os.access(root, os.R_OK | os.X_OK):
         raise StartupError(f"model dir {root}: permission denied (the service's user must be able to read it)",
                            EXIT_MODEL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -14,7 +15,20 @@ from .batcher import Reranker
 from .cache import ScoreCache
 from .checks import check_startup
 from .compilecache import open_compile_cache
-from .config import ENV_PREFIX, Config, is_loopback, load_api_key, load_config
+from .config import (
+    DEMO_MODEL_COMMAND,
+    ENV_PREFIX,
+    EVAL_COMMAND,
+    Config,
+    describe_unknown_variable,
+    invoked_as,
+    is_loopback,
+    load_api_key,
+    load_config,
+    parse_demo_model_args,
+    unknown_variables,
+)
+from .demomodel import DEMO_MODEL_NAME, DEMO_NOTE, write_demo_model
 from .encoding import load_tokenizer
 from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
@@ -68,6 +82,9 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
     model_files = load_model_files(model_dir, config.max_length, model_file, config.prompt_template, source)
     if source:
         log.info("model %s@%s, commit %s, from %s", source["repo"], source["revision"], source["commit"], model_dir)
+    if model_files.name == DEMO_MODEL_NAME:
+        log.warning("serving the demo model from %s: its weights are random, so its scores are meaningless",
+                    model_dir)
     tokenizer = load_tokenizer(model_files.tokenizer)
     core = open_core(config.device, core)
     model = read_model(core, model_files.xml)
@@ -139,14 +156,30 @@ def install_signal_handlers(stop: threading.Event, end_grace: threading.Event) -
     signal.signal(signal.SIGHUP, on_hangup)
 
 
+def demo_model_main(argv: Sequence[str]) -> int:
+    """`openvino-reranker demo-model DIR`: build the demo model into DIR and say how to serve it."""
+    try:
+        out_dir = parse_demo_model_args(argv)
+        path = write_demo_model(out_dir)
+    except StartupError as exc:
+        print(f"openvino-reranker: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    print(f"wrote the demo model to {path}. {DEMO_NOTE}")
+    print(f"serve it (no network needed): {invoked_as(sys.argv[0])} --device CPU --model {shlex.quote(out_dir)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, core=None,
          stop: threading.Event | None = None) -> int:
-    """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT.
+    """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT;
+    `demo-model DIR` writes the demo model instead.
 
     `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal. With `eval`
-    as the first argument it runs `openvino-reranker eval` instead (evaluate.py) and returns its exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:
+    first it runs `openvino-reranker eval` instead (evaluate.py) and returns its exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [DEMO_MODEL_COMMAND]:
+        return demo_model_main(argv[1:])
+    if argv[:1] == [EVAL_COMMAND]:
         return evaluate_main(argv[1:], environ)
     stop = stop or threading.Event()
     end_grace = threading.Event()  # a second SIGTERM/SIGINT
@@ -156,11 +189,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         logging.basicConfig(level=config.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.setLevel(config.log_level)
+        for name in unknown_variables(os.environ if environ is None else environ):
+            log.warning("%s; ignored", describe_unknown_variable(name))
         api_key = load_api_key(config)
         if not api_key and not config.allow_remote_without_key and not is_loopback(config.host):
             raise StartupError(f"refusing to serve on {config.host}, which is not a loopback address, without an API "
                                f"key: set {ENV_PREFIX}API_KEY or {ENV_PREFIX}API_KEY_FILE, or pass "
-                               f"--allow-remote-without-key true", EXIT_CONFIG)
+                               f"--allow-remote-without-key", EXIT_CONFIG)
         counter = NpuBusyCounter(config.npu_busy_path) if config.may_use_npu else None
         service = RerankService(config, api_key, counter)
         server = bind_server(service)

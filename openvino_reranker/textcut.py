@@ -14,7 +14,8 @@ How it knows where to cut, from the tokenizer's own pipeline (normalizer, pre-to
   BERT's pre-tokenizer (it splits at every space and punctuation character), and otherwise every word after a space that
   follows a non-space character (where every supported pre-tokenizer starts a new word whatever came before: WordPiece's
   and Metaspace's split there, and the byte-level regexes of GPT-2, Llama 3 and Qwen give a space to the word after
-  it), so a word the window's start cut or misaligned (digits grouped in threes) is never counted.
+  it), so a word the window's start cut or misaligned is never counted. A pre-tokenizer that groups digits in threes
+  from a run's start (Llama 3) has a suffix start a whole number of groups into a run of digits it falls in.
 - Unicode normalization (NFC, NFKC) reorders a run of combining marks as a whole, so a cut inside such a run could
   move marks that the whole text keeps elsewhere. When the window's edge falls inside a run and the tokenizer's
   normalizer reorders marks, the text is first normalized by that normalizer itself (linear, once): normalized text
@@ -30,8 +31,9 @@ WordPiece: the default model's): a 2 MB word is one unknown token, a 2 MB run of
 For such a tokenizer, a text whose first window is not enough is first shortened by rules that change none of its
 tokens (`BertRuns`): characters the normalizer deletes are deleted, a run of spaces becomes one, and a run of
 letters, digits and symbols longer than `max_input_chars_per_word` + 1 keeps that many (the word stays one unknown
-token). These are linear passes of compiled regular expressions, so such a text costs milliseconds, not the
-tokenizer's second per 2 MB.
+token). These are linear numpy passes over the text's code points, so such a text costs milliseconds, not the
+tokenizer's second per 2 MB. A Unigram tokenizer (XLM-R's family) has two such rules too (`UnigramRuns`): a run of
+spaces that its normalizer collapses, and a run of characters no vocabulary piece holds (one unknown token).
 A text that is not longer than the window is returned whole, so short texts cost one `len`.
 """
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import unicodedata
 
 import numpy as np
@@ -72,7 +75,8 @@ class TextCutter:
         normalizer = tokenizer.normalizer
         # NFC/NFD/NFKC/NFKD put U+0323 (class 220) before U+0301 (class 230); BERT's accent stripping removes both
         self.reorders_marks = normalizer is not None and normalizer.normalize_str("\u0301\u0323") == "\u0323\u0301"
-        self.runs = BertRuns.for_tokenizer(tokenizer)
+        self.runs = BertRuns.for_tokenizer(tokenizer) or UnigramRuns.for_tokenizer(tokenizer)
+        self.digit_group = _digit_group(config.get("pre_tokenizer"))
 
     def cut(self, text: str, keep: int, side: str = "right") -> str:
         """A prefix of `text` (a suffix with side="left") that the tokenizer turns into the same first (last) `keep`
@@ -85,14 +89,25 @@ class TextCutter:
             if self.reorders_marks and not normalized and _inside_mark_run(text, edge):
                 text, normalized = self.tokenizer.normalizer.normalize_str(text), True
                 continue
-            window = text[:size] if side == "right" else text[len(text) - size:]
+            window = text[:size] if side == "right" else text[self._suffix_start(text, len(text) - size):]
             if self._exact_tokens(window, side) >= keep:
                 return window
             if self.runs is not None and not shortened:
-                text, shortened = self.runs.shorten(text), True
+                text, shortened = self.runs.shorten(text, normalized), True
                 continue
             size *= 2
         return text
+
+    def _suffix_start(self, text: str, start: int) -> int:
+        """`start`, or just before it where the pre-tokenizer groups digits (Llama 3's `\\p{N}{1,3}`) and `start`
+        falls inside a run of digits: the groups count from the run's start, so the suffix must start a whole number
+        of groups into the run for its groups to be the whole text's."""
+        if self.digit_group is None or start <= 0 or not (_is_number(text[start - 1]) and _is_number(text[start])):
+            return start
+        codes = np.frombuffer(text[:start].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        others = np.flatnonzero(~_number_table()[codes])
+        run_start = int(others[-1]) + 1 if len(others) else 0
+        return start - (start - run_start) % self.digit_group
 
     def _exact_tokens(self, window: str, side: str) -> int:
         """How many tokens at the kept end of `window` are the whole text's tokens: those of whole words (see the
@@ -102,12 +117,14 @@ class TextCutter:
         if side == "right":
             ends = [end for _, end in enc.offsets]
             last_two = _distinct_from_end(enc.word_ids, 2)
-            edge = min((start for (start, _), w in zip(enc.offsets, enc.word_ids) if w in last_two), default=0)
+            starts = zip(enc.offsets, enc.word_ids, strict=True)
+            edge = min((start for (start, _), w in starts if w in last_two), default=0)
         else:  # mirrored: distances from the window's end, from the last token back
             ends = [n - start for start, _ in reversed(enc.offsets)]
             if self.words_are_local:
                 first = enc.word_ids[0] if enc.word_ids else None
-                edge = n - next((start for (start, _), w in zip(enc.offsets, enc.word_ids) if w != first), n)
+                starts = zip(enc.offsets, enc.word_ids, strict=True)
+                edge = n - next((start for (start, _), w in starts if w != first), n)
             else:
                 edge = n - _left_sync_point(window)
         whole = 0
@@ -145,7 +162,7 @@ class BertRuns:
         return cls(int(model.get("max_input_chars_per_word", 100)), bool(normalizer.get("clean_text", True)),
                    bool(strip), added)
 
-    def shorten(self, text: str) -> str:
+    def shorten(self, text: str, normalized: bool = False) -> str:
         """`text` with the same tokens and no more characters: deleted characters deleted (unless that would
         spell an added token), runs of spaces as one, runs of word characters longer than max_word_chars + 1 cut
         to that. Works on the code points as a numpy array: linear, a few bytes per character."""
@@ -163,10 +180,94 @@ class BertRuns:
         drop = space & np.r_[False, space[:-1]]  # a space after a space
         word = np.r_[False, kinds == _WORD, False]
         edges = np.flatnonzero(word[1:] != word[:-1])  # starts and ends of the runs of word characters, paired
-        for start, end in zip(edges[::2], edges[1::2]):
+        for start, end in zip(edges[::2], edges[1::2], strict=True):
             if end - start > self.max_word_chars + 1:
                 drop[start + self.max_word_chars + 1:end] = True
         return _text(codes[~drop])
+
+
+class UnigramRuns:
+    """Token-preserving shortening for a Unigram tokenizer without byte fallback (XLM-R and other SentencePiece
+    exports). Two rules, each exact:
+    - When the normalizer's last step replaces runs of two or more spaces by one (XLM-R's `Replace(" {2,}", " ")`),
+      a run of spaces becomes one space first: the normalizer would make it one anyway.
+    - Unigram gives a character that no vocabulary piece holds the unknown token, and joins consecutive unknown
+      tokens into one, so a run of such characters is one token whatever its length: it keeps its first character.
+      Only characters that normalization leaves alone wherever they stand are taken (no decomposition, combining
+      class 0, not the second half of a composition, not a space, the same after this tokenizer's normalizer)."""
+
+    def __init__(self, tokenizer, collapse_spaces: bool, known: set[str]):
+        self.tokenizer = tokenizer
+        self.collapse_spaces = collapse_spaces
+        self.known = known  # characters that some vocabulary piece holds
+        self._unknown: dict[int, bool] = {}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> UnigramRuns | None:
+        config = json.loads(tokenizer.to_str())
+        model = config.get("model") or {}
+        if model.get("type") != "Unigram" or model.get("byte_fallback"):
+            return None
+        steps = (config.get("normalizer") or {})
+        steps = steps.get("normalizers", [steps]) if steps.get("type") == "Sequence" else [steps]
+        last = steps[-1] if steps else {}
+        collapse = last.get("type") == "Replace" and last.get("pattern") == {"Regex": " {2,}"} and \
+            last.get("content") == " "
+        known = {ch for piece, _ in model.get("vocab", []) for ch in piece}
+        return cls(tokenizer, collapse, known)
+
+    def shorten(self, text: str, normalized: bool = False) -> str:
+        """`text` with the same tokens and no more characters. With `normalized` (the text is already what this
+        tokenizer's normalizer makes of it), a run of one repeated unknown character of any kind (a run of one
+        combining mark) also keeps one: normalized text is in canonical order, a repeated mark composed with
+        nothing the first time and composes with nothing after, and the result is checked to be its own
+        normalization."""
+        if self.collapse_spaces:
+            text = _SPACES.sub(" ", text)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        distinct = np.unique(codes)
+        inert = [int(c) for c in distinct if self._inert_unknown(int(c))]
+        unknown = np.isin(codes, inert)
+        drop = unknown & np.r_[False, unknown[:-1]]  # an unknown character after an unknown one
+        if normalized:
+            repeats = np.isin(codes, [int(c) for c in distinct if chr(c) not in self.known and not chr(c).isspace()
+                                      and chr(c) != "\u2581"])  # spaces and Metaspace's mark are words' edges
+            drop |= repeats & np.r_[False, codes[1:] == codes[:-1]]
+        if not drop.any():
+            return text
+        short = _text(codes[~drop])
+        normalizer = self.tokenizer.normalizer
+        if normalized and normalizer is not None and normalizer.normalize_str(short) != short:
+            return _text(codes[~(unknown & np.r_[False, unknown[:-1]])])
+        return short
+
+    def _inert_unknown(self, code: int) -> bool:
+        found = self._unknown.get(code)
+        if found is None:
+            ch = chr(code)
+            normalizer = self.tokenizer.normalizer
+            found = ch not in self.known and not ch.isspace() and unicodedata.category(ch) != "Cn" and \
+                not unicodedata.decomposition(ch) and not unicodedata.combining(ch) and \
+                code not in _composition_seconds() and \
+                (normalizer is None or normalizer.normalize_str(ch) == ch)
+            if len(self._unknown) < 100_000:  # bounded: a text cannot grow it past the code points it asks about
+                self._unknown[code] = found
+        return found
+
+
+_SPACES = re.compile(" {2,}")
+
+
+@functools.cache
+def _composition_seconds() -> frozenset[int]:
+    """Characters that canonical composition can join to the character before them (the second of a two-character
+    canonical decomposition, and Hangul's medial and final jamo)."""
+    seconds = set(range(0x1161, 0x1176)) | set(range(0x11A8, 0x11C3))
+    for code in range(0x110000):
+        parts = unicodedata.decomposition(chr(code)).split()
+        if len(parts) == 2 and not parts[0].startswith("<"):
+            seconds.add(int(parts[1], 16))
+    return frozenset(seconds)
 
 
 def _text(codes: np.ndarray) -> str:
@@ -208,6 +309,25 @@ def _bert_table() -> np.ndarray:
             table[code] = _WORD
     table[0xF0000:0xFFFFE] = _CONTROL  # private use
     table[0x100000:0x10FFFE] = _CONTROL
+    return table
+
+
+def _digit_group(pre_tokenizer: dict | None) -> int | None:
+    """K when a Split pre-tokenizer's pattern groups numbers K at a time (`\\p{N}{1,K}`), else None."""
+    found = re.search(r"\\p\{N\}\{1,(\d+)\}", json.dumps(pre_tokenizer or {}).replace("\\\\", "\\"))
+    return int(found.group(1)) if found else None
+
+
+def _is_number(ch: str) -> bool:
+    return unicodedata.category(ch)[0] == "N"
+
+
+@functools.cache
+def _number_table() -> np.ndarray:
+    """Whether each code point is in Unicode category N (what a regex's \\p{N} matches)."""
+    table = np.zeros(0x110000, dtype=bool)
+    for code in range(0x323B0):
+        table[code] = unicodedata.category(chr(code))[0] == "N"
     return table
 
 

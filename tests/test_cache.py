@@ -143,7 +143,8 @@ def test_the_token_limit_counts_what_usage_reports(tiny_model, fake_server):
     one = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["solar power is energy"]})
     per_copy = one[1]["usage"]["tokens"]
     fits = 100 // per_copy
-    status, body, _ = request(fake.port, "POST", "/rerank", {"query": "q", "documents": ["solar power is energy"] * fits})
+    status, body, _ = request(fake.port, "POST", "/rerank",
+                              {"query": "q", "documents": ["solar power is energy"] * fits})
     assert status == 200 and body["usage"]["tokens"] == fits * per_copy <= 100
     status, body, _ = request(fake.port, "POST", "/rerank",
                               {"query": "q", "documents": ["solar power is energy"] * (fits + 1)})

@@ -80,3 +80,35 @@ def test_an_export_in_the_old_default_dir_keeps_being_served(tmp_path, monkeypat
     # naming a model, even the default one, serves what was named
     assert load_config(["--model", "cross-encoder/ms-marco-MiniLM-L6-v2"], {}).model == \
         "cross-encoder/ms-marco-MiniLM-L6-v2"
+
+
+# ---- OPENVINO_RERANKER_* variables that are not options (issue 19.4)
+
+
+def test_unknown_variables_are_found_and_the_closest_option_named():
+    from openvino_reranker.config import describe_unknown_variable, unknown_variables
+
+    env = {"OPENVINO_RERANKER_DEVIC": "CPU", "OPENVINO_RERANKER_PORT": "1", "openvino_reranker_log_level": "DEBUG",
+           "OPENVINO_RERANKER_ZQXJW": "1", "HF_HUB_OFFLINE": "1", "OPENVINO_RERANKER_STRICT_ENV": "0"}
+    assert unknown_variables(env) == ["OPENVINO_RERANKER_DEVIC", "OPENVINO_RERANKER_ZQXJW",
+                                      "openvino_reranker_log_level"]
+    assert describe_unknown_variable("OPENVINO_RERANKER_DEVIC") == \
+        "OPENVINO_RERANKER_DEVIC is not an option (did you mean OPENVINO_RERANKER_DEVICE?)"
+    assert "did you mean OPENVINO_RERANKER_LOG_LEVEL?" in describe_unknown_variable("openvino_reranker_log_level")
+    assert "did you mean OPENVINO_RERANKER_MAX_DOCUMENTS?" in describe_unknown_variable("OPENVINO_RERANKER_MAX_DOCS")
+    assert "no option has a similar name" in describe_unknown_variable("OPENVINO_RERANKER_ZQXJW")
+
+
+def test_unknown_variables_are_ignored_by_default_and_fatal_with_strict_env():
+    env = {"OPENVINO_RERANKER_DEVIC": "CPU"}
+    assert load_config([], env).device == "NPU"  # ignored (startup warns: tests/test_startup.py)
+    for argv, strict_env in ((["--strict-env"], {}), ([], {"OPENVINO_RERANKER_STRICT_ENV": "true"}),
+                             (["--strict-env", "true"], {})):
+        with pytest.raises(StartupError) as info:
+            load_config(argv, {**env, **strict_env})
+        message = str(info.value)
+        assert info.value.exit_code == EXIT_CONFIG and "\n" not in message
+        assert "OPENVINO_RERANKER_DEVIC is not an option (did you mean OPENVINO_RERANKER_DEVICE?)" in message
+        assert "--strict-env" in message
+    assert load_config(["--strict-env"], {"OPENVINO_RERANKER_DEVICE": "CPU"}).strict_env is True  # all known
+    assert load_config(["--strict-env", "false"], {**env, "OPENVINO_RERANKER_STRICT_ENV": "1"}).strict_env is False

@@ -1,5 +1,5 @@
 """The docs against the code: SPEC.md's and README.md's configuration tables against `config.OPTIONS`, SPEC.md's
-error table against the classes in `errors.py`, and no citation of files outside the repository.
+error and exit code tables against `errors.py`, and no citation of files outside the repository.
 
 How a documented default is read (both tables): the default cell starts with the default as a backticked value
 (`` `127.0.0.1` ``, `` `0` = the model's limit ``), or with the word `none`, which means the empty string; anything
@@ -140,6 +140,12 @@ def test_readme_configuration_table_is_true():
             seen[name] = seen.get(name, 0) + 1
     twice = [name for name, n in seen.items() if n > 1]
     assert not twice, f"README.md's configuration table names {twice} more than once"
+
+
+def test_spec_exit_codes_table_matches_the_code():
+    """SPEC's exit codes are the ones errors.EXIT_CODES has (what --help ends with), in the same order."""
+    rows = table(section("SPEC.md", "Startup and exit codes"), ["exit", "meaning"])
+    assert [int(code) for code, _ in rows] == [code for code, _ in errors.EXIT_CODES]
 
 
 # ---- errors

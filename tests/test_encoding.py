@@ -78,6 +78,26 @@ def unigram_tokenizer():
     return tok
 
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def digits_bpe_tokenizer():
+    """A byte-level BPE tokenizer with Llama 3's pre-tokenizer (numbers in groups of up to three digits), trained on
+    numbers so that its vocabulary has multi-digit tokens: a cut that misaligns the groups changes its tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    numbers = ["1234567890" * 30, "9" * 90, "12" * 90, "7" + "12" * 90] * 20
+    tok.train_from_iterator(CORPUS + numbers, trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
 CORPUS = ["solar power is energy from the sun", "the cat sat on the mat near the door",
           "water boils at one hundred degrees", "Paris est la capitale de la France, été 2024",
           "東京は日本の首都です", "numbers like 3.14159 and 42 appear often"] * 20
@@ -131,7 +151,7 @@ def test_a_huge_document_is_cut_cheaply(tiny_model):
 # Texts with few or no spaces: one long "word", CJK, emoji, combining marks (of two classes, which NFC reorders), a
 # run of one punctuation character, digits (grouped in threes by Llama 3's pre-tokenizer), control characters.
 RUNS = st.sampled_from(["a", "中", "\U0001f600", "\u0301", "\u0323\u0301", ",", "7", "\x00", "e\u0301", "\u00a0",
-                        "\u200b", "\t", "-", "ab", "1,2"])
+                        "\u200b", "\t", "-", "ab", "1,2", "12345", "2024 "])
 RUN_TEXTS = st.lists(st.tuples(RUNS, st.integers(1, 400)), min_size=1, max_size=6).map(
     lambda parts: "".join(piece * count for piece, count in parts))
 FIXTURE_TOKENIZERS = ["tiny-bert-qint8", "tiny-llama", "tiny-nemotron", "tiny-qwen3", "tiny-xlmr"]
@@ -146,7 +166,8 @@ def cutters(tiny_model):
 
     tokenizers = [Tokenizer.from_file(str(ROOT / "tests" / "fixtures" / "models" / name / "tokenizer.json"))
                   for name in FIXTURE_TOKENIZERS]
-    tokenizers += [Tokenizer.from_file(str(tiny_model.path / "tokenizer.json")), bpe_tokenizer(), unigram_tokenizer()]
+    tokenizers += [Tokenizer.from_file(str(tiny_model.path / "tokenizer.json")), bpe_tokenizer(), unigram_tokenizer(),
+                   digits_bpe_tokenizer()]
     for tok in tokenizers:
         tok.no_truncation()
         tok.no_padding()
@@ -276,3 +297,39 @@ def test_a_model_without_logits_among_several_outputs_is_refused(tiny_model):
     with pytest.raises(StartupError) as info:
         CrossEncoderHead.check_contract(ov.Model([other, renamed], model.get_parameters()))
     assert info.value.exit_code == EXIT_MODEL and "no output named 'logits'" in str(info.value)
+
+
+def test_unigram_runs_shorten_without_changing_a_token():
+    from conftest import ROOT
+    from tokenizers import Tokenizer
+
+    from openvino_reranker.textcut import UnigramRuns
+
+    tok = Tokenizer.from_file(str(ROOT / "tests" / "fixtures" / "models" / "tiny-xlmr" / "tokenizer.json"))
+    runs = UnigramRuns.for_tokenizer(tok)
+    assert runs is not None and runs.collapse_spaces
+    cases = ["a" + " " * 500 + "b", "\U0001f600" * 300 + "a", "x\U0001f600\U0001f680\U0001f600y", "a\u1100\u1161b",
+             "e" + "\u0301" * 50, "\u4e2d" * 40]
+    for text in cases:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert tok.encode(runs.shorten(text), add_special_tokens=False).ids == ids, text
+        normalized = tok.normalizer.normalize_str(text)
+        assert tok.encode(runs.shorten(normalized, normalized=True), add_special_tokens=False).ids == ids, text
+    assert runs.shorten("a" + " " * 500 + "b") == "a b" and len(runs.shorten("\U0001f600" * 300)) == 1
+    assert runs.shorten("e\u0301\u0301") == "e\u0301\u0301"  # a mark composes: left alone unless normalized
+    assert UnigramRuns.for_tokenizer(bpe_tokenizer()) is None
+
+
+@pytest.mark.parametrize("digits", [999, 1000, 1001, 5000])
+def test_a_suffix_inside_a_digit_run_keeps_the_groups_of_three(digits):
+    """Llama 3's pre-tokenizer groups a run of digits in threes from the run's start: a suffix must start a whole
+    number of groups into the run, or every group (and so every token) after it differs."""
+    tok = digits_bpe_tokenizer()
+    for group in ("123", "456", "789", "999", "121", "212"):  # the vocabulary has multi-digit tokens
+        assert len(tok.encode(group, add_special_tokens=False).ids) == 1, group
+    cutter = TextCutter(tok)
+    assert cutter.digit_group == 3
+    for text in ["x " + "1234567890" * (digits // 10) + "12345"[:digits % 10 % 5], "9" * digits, "7" + "12" * digits]:
+        for keep in (1, 4, 30):
+            cut = assert_cut_keeps(cutter, text, keep, "left")
+            assert len(cut) < len(text)

@@ -167,7 +167,7 @@ def test_server_py_eval_is_the_console_command(cpu_server, data):
     assert set(json.loads(proc.stdout)) == TOP_KEYS
     help_text = subprocess.run([sys.executable, str(ROOT / "server.py"), "eval", "--help"], capture_output=True,
                                text=True, timeout=60, env=server_env())
-    assert help_text.returncode == 0 and "openvino-reranker eval" in help_text.stdout
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: server.py eval [-h] --url URL --dataset DIR --run RUN")
     assert "--compare" in help_text.stdout
 
 
@@ -503,7 +503,8 @@ def test_text_helpers():
 def test_the_server_help_points_at_eval():
     proc = subprocess.run([sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True,
                           timeout=60, env=server_env())
-    assert proc.returncode == 0 and "server.py eval --help" in proc.stdout
+    assert proc.returncode == 0 and "server.py eval --url URL --dataset DIR --run RUN" in proc.stdout
+    assert "`eval` measures a running service's ranking on your own data (`eval --help`)." in proc.stdout
 
 
 def test_metrics_table_in_metrics_order():

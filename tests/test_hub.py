@@ -371,6 +371,15 @@ def test_offline_with_a_cold_cache_says_how_to_fetch(hub, repo, tmp_path):
     assert f"hf download {REPO} --revision v1" in message
 
 
+def test_offline_with_a_cold_cache_says_what_a_person_can_do(hub, repo, tmp_path):
+    message = fails(EXIT_MODEL, hub, tmp_path, offline=True)
+    assert "unset HF_HUB_OFFLINE" in message and "HF_ENDPOINT" in message  # go online, perhaps through a mirror
+    assert f"hf download {REPO}" in message and "copy its folder models--cross-encoder--tiny-reranker" in message \
+        and f"into {tmp_path}" in message  # fetch it elsewhere and bring the cache
+    assert "--model DIR" in message  # or serve a local export
+    assert "next start" not in message  # exit 4: restarting changes nothing
+
+
 def test_offline_with_a_partial_snapshot_names_what_is_missing(hub, repo, tmp_path):
     fetch(hub, tmp_path)
     (repo_dir(tmp_path) / "snapshots" / repo / "tokenizer.json").unlink()
@@ -388,6 +397,27 @@ def test_an_unreachable_hub_falls_back_to_a_complete_cache(hub, repo, tmp_path):
         assert "cannot reach the Hub" in lines[-1] and "served from the cache" in lines[-1]
         message = fails(EXIT_DOWNLOAD, endpoint, tmp_path / "cold")
         assert "cannot reach the Hub" in message and "not in the Hub cache" in message
+    finally:
+        sock.close()
+
+
+def test_an_unreachable_hub_with_a_cold_cache_says_what_a_person_can_do(tmp_path):
+    endpoint, sock = refused_endpoint()
+    try:
+        message = fails(EXIT_DOWNLOAD, endpoint, tmp_path)
+        assert "check the network and the proxy (no http_proxy is set)" in message
+        assert f"set HF_ENDPOINT to a mirror (now {endpoint})" in message
+        assert f"hf download {REPO}" in message and f"copy its folder models--cross-encoder--tiny-reranker into " \
+            f"{tmp_path}" in message
+        assert "--model DIR" in message
+        assert message.endswith("under systemd the next start tries again")  # exit 8 is restarted
+        # through a proxy: said, without the proxy's credentials
+        proxied = HubSettings(endpoint=endpoint, token=None, offline=False, cache_dir=tmp_path, metadata_timeout_s=5,
+                              download_timeout_s=5, proxies=(("http", f"http://user:secret@{endpoint[7:]}"),))
+        with pytest.raises(StartupError) as info:
+            fetch_model(REPO, "main", IR_CANDIDATES, REQUIRED, OPTIONAL, proxied)
+        assert info.value.exit_code == EXIT_DOWNLOAD
+        assert "http_proxy is set" in str(info.value) and "secret" not in str(info.value)
     finally:
         sock.close()
 

@@ -157,7 +157,7 @@ def test_a_token_limit_refusal_tokenizes_about_the_limit_not_the_body(tiny_model
     head.encode = counting_encode
     reranker = Reranker(head, FakeEngine(), 8)
     try:
-        with pytest.raises(PayloadTooLargeError, match="at least .*max_total_tokens"):
+        with pytest.raises(PayloadTooLargeError, match="more than 2000 tokens after truncation.*max_total_tokens"):
             reranker.score_pairs("q", [f"solar power {i} " * 150 for i in range(1000)],
                                  WorkLimits(max_total_tokens=2000))
         assert len(tokenized) <= 2 * ENCODE_SLICE  # 1000 documents were sent
@@ -270,3 +270,70 @@ def test_sighup_is_logged_and_ignored(tiny_model):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------- text without spaces
+
+SPACED = "solar power is energy from the sun " * 57_000  # about 2 MB
+SPACELESS = {  # each about 2 MB of UTF-8: inside every limit of the default configuration
+    "commas": "," * 2_000_000, "cjk": "\u4e2d" * 690_000, "one word": "a" * 2_000_000,
+    "emoji": "\U0001f600" * 500_000, "combining marks": "e" + "\u0301\u0323" * 499_000,
+    "spaces run": "a" + " " * 1_999_000 + "b", "mixed": "\u4e2da,\U0001f600\u0301x\u00e9" * 140_000,
+}
+
+
+def _post_costs(proc, port, body: bytes) -> tuple[int, float, int]:
+    """(status, seconds, peak RSS growth in bytes) of one request, the peak reset just before it."""
+    import http.client
+
+    status_path = f"/proc/{proc.pid}/status"
+
+    def kib(field):
+        with open(status_path) as f:
+            return int(next(line for line in f if line.startswith(field)).split()[1])
+
+    with open(f"/proc/{proc.pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (the peak) to the current RSS
+    before = kib("VmRSS:")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    started = time.perf_counter()
+    conn.request("POST", "/rerank", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    resp.read()
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return resp.status, elapsed, (kib("VmHWM:") - before) * 1024
+
+
+def test_a_document_without_spaces_costs_about_what_one_with_spaces_costs(tiny_model):
+    """Issue 16: 2,000,000 commas took +1.15 GB and seconds while 2 MB of spaced text took milliseconds. Each 2 MB
+    space-less document, truncated from either side, must stay within a small multiple of the spaced one's peak RSS
+    growth and time (measured in the same run, interleaved with the spaced document)."""
+    import json
+    import os
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("cannot reset the peak RSS here (/proc/PID/clear_refs is not writable)")
+    proc, port = spawn_ready_server(tiny_model, ["--max-length", "128"])
+    try:
+        def body(doc, side):
+            return json.dumps({"query": "solar power", "texts": [doc], "truncation_direction": side},
+                              ensure_ascii=False).encode()
+
+        for _ in range(2):  # warm up: first requests allocate what every request reuses
+            _post_costs(proc, port, body(SPACED, "right"))
+            _post_costs(proc, port, body(SPACELESS["mixed"], "left"))
+        for name, doc in SPACELESS.items():
+            for side in ("right", "left"):
+                assert len(body(doc, side)) <= 2 * 1024 * 1024
+                spaced = [_post_costs(proc, port, body(SPACED, side)) for _ in range(2)]
+                status, seconds, grown = _post_costs(proc, port, body(doc, side))
+                assert status == 200 and all(s == 200 for s, _, _ in spaced)
+                base_seconds = min(s for _, s, _ in spaced)
+                base_grown = max(g for _, _, g in spaced)
+                # a small multiple, plus a floor for what is too small to compare (page-sized RSS steps, timer noise)
+                assert seconds <= 4 * base_seconds + 0.1, (name, side, seconds, base_seconds)
+                assert grown <= 4 * base_grown + 24 * 2**20, (name, side, grown, base_grown)
+    finally:
+        proc.terminate()
+        proc.wait(30)

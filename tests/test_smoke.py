@@ -40,6 +40,30 @@ def test_smoke_passes_against_the_real_server(cpu_server):
     assert sum(1 for n in names if n.startswith("fixture ")) == 3 * 4  # status, complete, sorted, top
 
 
+def run_smoke_json(url: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    result = subprocess.run([sys.executable, str(ROOT / "smoke.py"), "--url", url, "--json", *args],
+                            capture_output=True, text=True, timeout=120)
+    return result, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_without_fixtures_smoke_picks_the_set_written_for_the_model_it_finds(cpu_server):
+    """The CPU form README documents, with no --fixtures: /readyz names the tiny model, so its set is used."""
+    result, summary = run_smoke_json(cpu_server.base, "--expect-device", "CPU")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert summary["model"] == "tiny-cross-encoder" and summary["fixtures"] == "tests/fixtures/smoke-tiny.json"
+    tops = [c for c in summary["checks"] if c["name"].endswith(": top result")]
+    assert len(tops) == 3 and all(c["status"] == "pass" for c in tops)
+    assert "fixtures tests/fixtures/smoke-tiny.json (written for tiny-cross-encoder" in result.stdout
+
+
+def test_a_passed_check_carries_no_failure_message(cpu_server):
+    _, summary = run_smoke_json(cpu_server.base, "--expect-device", "CPU")
+    passed = [c for c in summary["checks"] if c["status"] == "pass"]
+    assert len(passed) > 20 and [c for c in passed if c["detail"]] == []
+    skipped = [c for c in summary["checks"] if c["status"] == "skip"]
+    assert [c["detail"] for c in skipped] == ["skipped: device is CPU"]  # a skip says why
+
+
 def test_wrong_device_and_require_npu_fail(cpu_server):
     report = smoke.run(cpu_server.base, smoke.load_fixtures(TINY_FIXTURES), "NPU", True, "/nonexistent", 30)
     failed = {c.name for c in report.checks if c.status == "fail"}
@@ -57,6 +81,7 @@ class LyingHandler(BaseHTTPRequestHandler):
     """Ready and well-formed on the surface, but ranks in input order and accepts everything."""
 
     protocol_version = "HTTP/1.1"
+    model = None  # what /readyz says it serves
 
     def _send(self, status, payload):
         body = json.dumps(payload).encode()
@@ -67,7 +92,8 @@ class LyingHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        self._send(200, {"ok": True, "ready": True, "device": "NPU", "execution_devices": ["NPU.4000"]})
+        self._send(200, {"ok": True, "ready": True, "device": "NPU", "execution_devices": ["NPU.4000"],
+                         "model": self.model})
 
     def do_POST(self):
         data = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
@@ -87,6 +113,26 @@ def lying_server():
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
     srv.server_close()
+
+
+def test_a_model_no_fixture_set_is_written_for_skips_the_top_result_checks_saying_why(lying_server):
+    """Without --fixtures, on a model none of the shipped sets names: the default set still checks status, order
+    and shape, but not which document must come first, and one line per fixture says why."""
+    LyingHandler.model = "org/some-other-reranker"
+    try:
+        result, summary = run_smoke_json(lying_server)
+    finally:
+        LyingHandler.model = None
+    assert summary["model"] == "org/some-other-reranker"
+    assert summary["fixtures"] == "tests/fixtures/smoke-ms-marco.json"
+    tops = [c for c in summary["checks"] if c["name"].endswith(": top result")]
+    assert tops and all(c["status"] == "skip" for c in tops)
+    reason = tops[0]["detail"]
+    assert reason.startswith("skipped: no fixture set is written for org/some-other-reranker")
+    assert "--fixtures" in reason
+    skip_lines = [line for line in result.stdout.splitlines() if line.startswith("SKIP ") and "top result" in line]
+    assert len(skip_lines) == len(tops) and all(len(line) < 300 for line in skip_lines)
+    assert not [line for line in result.stdout.splitlines() if line.startswith("FAIL ") and "top result" in line]
 
 
 def test_smoke_catches_a_server_that_breaks_the_contract(lying_server):

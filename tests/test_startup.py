@@ -3,6 +3,7 @@ fail-closed logic (no NPU exists on any machine this runs on: see SPEC.md, "What
 
 import signal
 import socket
+import threading
 
 import openvino as ov
 import pytest
@@ -10,6 +11,7 @@ from conftest import FakeCore, RunningServer, request, run_server, spawn_ready_s
 
 from openvino_reranker.engine import check_device_available
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, StartupError
+from openvino_reranker.startup import main
 
 
 def npu_args(model, counter):
@@ -97,6 +99,47 @@ def test_missing_model_dir_exit_code(tmp_path):
     result = run_server(["--port", "0", "--device", "CPU", "--model-dir", str(tmp_path / "none")])
     assert result.returncode == EXIT_MODEL and "optimum-cli export openvino" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("typed, args, env", [
+    ("./models//missing/", ["--model", "./models//missing/"], {}),
+    ("~/missing", ["--model-dir", "~/missing"], {}),
+    ("~/missing", [], {"OPENVINO_RERANKER_MODEL_DIR": "~/missing"}),
+])
+def test_a_missing_model_dir_is_named_as_typed_and_points_to_the_hub_first(tmp_path, monkeypatch, capsys, typed, args,
+                                                                           env):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    stop = threading.Event()
+    stop.set()
+    assert main(["--port", "0", "--device", "CPU", *args], env, stop=stop) == EXIT_MODEL
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"openvino-reranker: error: model directory {typed} does not exist")
+    looked = tmp_path / ("models/missing" if typed.startswith(".") else "missing")
+    assert f"(looked for {looked})" in line  # where that is, for a relative path or ~
+    assert line.index("--model ORG/NAME") < line.index("optimum-cli export openvino")  # the Hub first, then export
+
+
+def test_a_misspelled_variable_is_named_with_the_closest_option(tiny_model):
+    """The issue's case: OPENVINO_RERANKER_DEVIC=CPU was silently ignored, and the start failed on the NPU."""
+    result = run_server(["--port", "0", "--model-dir", str(tiny_model.path), "--cache-dir", ""],
+                        {"OPENVINO_RERANKER_DEVIC": "CPU", "OPENVINO_RERANKER_LOG_LEVL": "DEBUG"})
+    warnings = [line for line in result.stderr.splitlines() if " WARNING " in line and "is not an option" in line]
+    assert len(warnings) == 2, result.stderr  # one line each
+    assert "OPENVINO_RERANKER_DEVIC is not an option (did you mean OPENVINO_RERANKER_DEVICE?); ignored" in warnings[0]
+    assert "OPENVINO_RERANKER_LOG_LEVL is not an option (did you mean OPENVINO_RERANKER_LOG_LEVEL?)" in warnings[1]
+
+
+def test_strict_env_makes_an_unknown_variable_a_configuration_error():
+    with socket.socket() as taken:  # nothing is bound: the configuration fails first
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_server(["--port", str(taken.getsockname()[1]), "--strict-env"],
+                            {"OPENVINO_RERANKER_DEVIC": "CPU"})
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip() == "openvino-reranker: error: OPENVINO_RERANKER_DEVIC is not an option (did you " \
+                                    "mean OPENVINO_RERANKER_DEVICE?); --strict-env refuses unknown " \
+                                    "OPENVINO_RERANKER_* variables"
 
 
 def test_npu_on_a_machine_without_one_names_the_available_devices(tiny_model):
