@@ -315,6 +315,7 @@ def invoked_as(argv0: str) -> str:
 
 
 DEMO_MODEL_COMMAND = "demo-model"
+EVAL_COMMAND = "eval"  # evaluate.py: a running service's ranking on the user's data
 
 
 def parse_demo_model_args(argv: Sequence[str]) -> str:
@@ -369,10 +370,12 @@ def build_parser(argv0: str | None = None) -> argparse.ArgumentParser:
     argv0 = sys.argv[0] if argv0 is None else argv0
     parser = _ArgumentParser(
         prog=os.path.basename(argv0) or "openvino-reranker", formatter_class=_HelpFormatter,
-        usage="%(prog)s [OPTION ...]\n       %(prog)s demo-model DIR",
+        usage="%(prog)s [OPTION ...]\n       %(prog)s demo-model DIR\n"
+              "       %(prog)s eval --url URL --dataset DIR --run RUN [--compare URL2] [...]",
         description="A local reranker over HTTP on OpenVINO (NPU, CPU, GPU); SPEC.md has the contract.\n"
                     f"Every option is also an {ENV_PREFIX}* variable: --max-length is {ENV_PREFIX}MAX_LENGTH\n"
-                    "(a flag wins). `demo-model DIR` writes a demo model, to try the service without the Hub.",
+                    "(a flag wins). `demo-model DIR` writes a demo model, to try the service without the Hub.\n"
+                    "`eval` measures a running service's ranking on your own data (`eval --help`).",
         epilog=_help_epilog(invoked_as(argv0)))
     by_name = {opt.name: opt for opt in OPTIONS}
     for title, names in HELP_GROUPS:
@@ -446,18 +449,33 @@ def _model_source(values: dict, explicit: set) -> str:
 
 def load_api_key(config: Config) -> str:
     """The API key from api_key or the first line of api_key_file; '' when none is set."""
-    if not config.api_key_file:
-        return _check_api_key(config.api_key, "api_key") if config.api_key else ""
+    return read_api_key(config.api_key, config.api_key_file)
+
+
+def read_api_key(api_key: str, api_key_file: str) -> str:
+    """`api_key` itself, or the first line of the file `api_key_file`; '' when neither is set."""
+    if not api_key_file:
+        return _check_api_key(api_key, "api_key") if api_key else ""
     try:
-        with open(config.api_key_file, encoding="utf-8") as f:
+        with open(api_key_file, encoding="utf-8") as f:
             key = f.readline().strip()
     except OSError as exc:
-        raise StartupError(f"cannot read api_key_file {config.api_key_file}: {exc.strerror}", EXIT_CONFIG) from None
+        raise StartupError(f"cannot read api_key_file {api_key_file}: {exc.strerror}", EXIT_CONFIG) from None
     except UnicodeDecodeError:
-        raise StartupError(f"api_key_file {config.api_key_file} is not UTF-8 text", EXIT_CONFIG) from None
+        raise StartupError(f"api_key_file {api_key_file} is not UTF-8 text", EXIT_CONFIG) from None
     if not key:
-        raise StartupError(f"api_key_file {config.api_key_file} is empty", EXIT_CONFIG)
-    return _check_api_key(key, f"the key in {config.api_key_file}")
+        raise StartupError(f"api_key_file {api_key_file} is empty", EXIT_CONFIG)
+    return _check_api_key(key, f"the key in {api_key_file}")
+
+
+def client_api_key(environ: Mapping[str, str]) -> str:
+    """The key a client of this service sends (`openvino-reranker eval`): OPENVINO_RERANKER_API_KEY, or the first
+    line of OPENVINO_RERANKER_API_KEY_FILE, read and checked as the server reads its own; '' when neither is set."""
+    key = environ.get(ENV_PREFIX + "API_KEY", "").strip()
+    key_file = _parse_path(environ.get(ENV_PREFIX + "API_KEY_FILE", ""))
+    if key and key_file:
+        raise StartupError(f"set either {ENV_PREFIX}API_KEY or {ENV_PREFIX}API_KEY_FILE, not both", EXIT_CONFIG)
+    return read_api_key(key, key_file)
 
 
 def _check_api_key(key: str, source: str) -> str:

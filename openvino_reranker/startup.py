@@ -18,6 +18,7 @@ from .compilecache import open_compile_cache
 from .config import (
     DEMO_MODEL_COMMAND,
     ENV_PREFIX,
+    EVAL_COMMAND,
     Config,
     describe_unknown_variable,
     invoked_as,
@@ -31,6 +32,7 @@ from .demomodel import DEMO_MODEL_NAME, DEMO_NOTE, write_demo_model
 from .encoding import load_tokenizer
 from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
+from .evaluate import main as evaluate_main
 from .httpserver import RerankServer
 from .modeldir import ModelFiles, load_model_files, locate_model, make_head, static_buckets_for
 from .parity import ParityCheck, compile_checked
@@ -172,10 +174,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT;
     `demo-model DIR` writes the demo model instead.
 
-    `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal."""
+    `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal. With `eval`
+    first it runs `openvino-reranker eval` instead (evaluate.py) and returns its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [DEMO_MODEL_COMMAND]:
         return demo_model_main(argv[1:])
+    if argv[:1] == [EVAL_COMMAND]:
+        return evaluate_main(argv[1:], environ)
     stop = stop or threading.Event()
     end_grace = threading.Event()  # a second SIGTERM/SIGINT
     server = None
