@@ -167,7 +167,8 @@ def test_server_py_eval_is_the_console_command(cpu_server, data):
     assert set(json.loads(proc.stdout)) == TOP_KEYS
     help_text = subprocess.run([sys.executable, str(ROOT / "server.py"), "eval", "--help"], capture_output=True,
                                text=True, timeout=60, env=server_env())
-    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: server.py eval [-h] --url URL --dataset DIR --run RUN")
+    assert help_text.returncode == 0
+    assert help_text.stdout.startswith("usage: server.py eval [-h] --url URL --dataset DIR --run RUN")
     assert "--compare" in help_text.stdout
 
 
