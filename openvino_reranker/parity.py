@@ -63,17 +63,68 @@ def serving_properties(config: Config) -> dict[str, str]:
 
 
 def safe_properties(device: str) -> dict[str, str]:
-    """The fallback: one stream, one request; on the CPU also f32 (the reference configuration itself)."""
+    """The ladder's last step: one stream, one request; on the CPU also f32 (the reference configuration itself)."""
     return dict(REFERENCE_PROPERTIES) if device == "CPU" else {"PERFORMANCE_HINT": "LATENCY"}
+
+
+def one_stream_properties(config: Config) -> dict[str, str]:
+    """The ladder's first fallback: what was asked for (precision, threads) on one stream: PERFORMANCE_HINT=LATENCY
+    and, on the CPU, NUM_STREAMS=1."""
+    asked = {k: v for k, v in serving_properties(config).items() if k not in ("PERFORMANCE_HINT", "NUM_STREAMS")}
+    one_stream = {"PERFORMANCE_HINT": "LATENCY", **({"NUM_STREAMS": "1"} if config.device == "CPU" else {})}
+    return {**one_stream, **asked}
+
+
+def is_one_stream(properties: Mapping[str, str]) -> bool:
+    """A configuration that already runs one stream: the LATENCY hint and no NUM_STREAMS above 1."""
+    return properties.get("PERFORMANCE_HINT") == "LATENCY" and properties.get("NUM_STREAMS", "1") == "1"
+
+
+@dataclass(frozen=True)
+class LadderStep:
+    """One compile configuration the guard may serve: `configured` (as asked), `one_stream` (the requested precision
+    on one stream) or `safe` (`safe_properties`)."""
+
+    name: str
+    properties: Mapping[str, str]
+    infer_requests: int  # 0: OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS
+
+
+def fallback_ladder(config: Config) -> tuple[LadderStep, ...]:
+    """The configurations tried in order until one scores right: as configured; the same on one stream (unless it
+    already is one stream); the safe configuration (unless a step before is exactly it). Each step after the first
+    runs one infer request."""
+    steps = [LadderStep("configured", serving_properties(config), config.infer_requests)]
+    if not is_one_stream(steps[0].properties):
+        steps.append(LadderStep("one_stream", one_stream_properties(config), 1))
+    safe = safe_properties(config.device)
+    if all(dict(step.properties) != safe for step in steps):
+        steps.append(LadderStep("safe", safe, 1))
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one ladder step's compile scored: its largest difference from the reference, and whether it passed."""
+
+    step: LadderStep
+    max_abs_diff: float
+    passed: bool
+    infer_requests: int  # how many its compile ran (the step's own number, or OpenVINO's choice for 0)
 
 
 @dataclass(frozen=True)
 class ParityCheck:
     max_abs_diff: float  # of the configuration now serving
     tolerance: float
-    fallback: bool  # True: the configured compile disagreed and the safe one serves
-    failed_max_abs_diff: float | None = None
+    fallback: bool  # True: the configured compile disagreed and a later step of the ladder serves
+    failed_max_abs_diff: float | None = None  # of the configured compile, when it was rejected
     failed_properties: Mapping[str, str] | None = None
+    steps: tuple[StepResult, ...] = ()  # every step tried, in order; the last one serves
+
+    @property
+    def step(self) -> str:
+        return self.steps[-1].step.name if self.steps else "configured"
 
 
 def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
@@ -101,19 +152,24 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
     return float(max(np.abs(r - reference).max() for r in results))
 
 
+def describe_step(result: StepResult) -> str:
+    return f"{result.step.name} {dict(result.step.properties)} by {result.max_abs_diff:.4g}"
+
+
 def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
                     counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
                     before_reference: Callable[[], None] = lambda: None, cache: CompileCache | None = None
                     ) -> tuple[Reranker, Engine, ParityCheck]:
     """Compile for serving (through `cache`, each configuration in its own keyed directory), compare with the f32
-    single-stream CPU reference, and apply `on_parity_failure`: recompile with `safe_properties` (checked again) or
-    refuse. Returns what serves; on any failure (including a cancelled startup) nothing is left running."""
+    single-stream CPU reference, and apply `on_parity_failure`: go down `fallback_ladder` until a step scores right
+    (each compiled and checked), or refuse. Returns what serves; on any failure (including a cancelled startup)
+    nothing is left running."""
     reference = None
 
-    def serve(properties: Mapping[str, str], infer_requests: int) -> tuple[Reranker, Engine, float]:
+    def serve(step: LadderStep) -> tuple[Reranker, Engine, float]:
         nonlocal reference
-        engine = Engine(core, model, config.device, buckets, properties, head.contract, before_compile,
-                        infer_requests, cache)
+        engine = Engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
+                        step.infer_requests, cache)
         reranker = Reranker(head, engine, config.batch_size, counter)
         try:
             if reference is None:
@@ -124,23 +180,28 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
             reranker.close()  # startup stops: nothing may keep the batcher's threads or the compiled model
             raise
 
-    properties = serving_properties(config)
-    reranker, engine, diff = serve(properties, config.infer_requests)
-    if diff <= config.parity_tolerance:
-        return reranker, engine, ParityCheck(diff, config.parity_tolerance, False)
-    reranker.close()
-    message = (f"scores on {config.device} with {properties} differ from the f32 single-stream CPU reference "
-               f"by {diff:.4g} (tolerance {config.parity_tolerance})")
-    if config.on_parity_failure == "refuse":
-        raise StartupError(message, EXIT_STARTUP_CHECK)
-    safe = safe_properties(config.device)
-    log.warning("%s; falling back to %s", message, safe)
-    reranker, engine, safe_diff = serve(safe, 1)
-    if safe_diff > config.parity_tolerance:
+    tolerance = config.parity_tolerance
+    ladder = fallback_ladder(config)
+    tried: list[StepResult] = []
+    for n, step in enumerate(ladder):
+        reranker, engine, diff = serve(step)
+        tried.append(StepResult(step, diff, diff <= tolerance, engine.num_requests))
+        if diff <= tolerance:
+            first = tried[0]
+            return reranker, engine, ParityCheck(
+                diff, tolerance, n > 0, None if n == 0 else first.max_abs_diff,
+                None if n == 0 else dict(first.step.properties), tuple(tried))
         reranker.close()
-        raise StartupError(f"{message}, and the safe configuration {safe} still differs by {safe_diff:.4g}",
-                           EXIT_STARTUP_CHECK)
-    return reranker, engine, ParityCheck(safe_diff, config.parity_tolerance, True, diff, properties)
+        message = (f"scores on {config.device} with {dict(step.properties)} differ from the f32 single-stream CPU "
+                   f"reference by {diff:.4g} (tolerance {tolerance})")
+        if config.on_parity_failure == "refuse":
+            raise StartupError(message, EXIT_STARTUP_CHECK)
+        if n + 1 < len(ladder):
+            log.warning("%s; falling back to the next step of the ladder, %s %s", message, ladder[n + 1].name,
+                        dict(ladder[n + 1].properties))
+    raise StartupError(f"scores on {config.device} differ from the f32 single-stream CPU reference at every step: "
+                       f"{'; '.join(map(describe_step, tried))} (tolerance {tolerance}): no step of the fallback "
+                       f"ladder scores right", EXIT_STARTUP_CHECK)
 
 
 def _reference_scores(core, model, head: ModelHead, batch_size: int) -> np.ndarray:

@@ -92,7 +92,7 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
     reranker.cache = ScoreCache(config.score_cache_size) if config.score_cache_size else None
     log.info("serving with %s (compile cache %s); parity with the f32 reference: max score difference %.3g%s",
              engine.properties, engine.cache_dir or "off", parity.max_abs_diff,
-             " (after falling back)" if parity.fallback else "")
+             f" (after falling back to the ladder's {parity.step} step)" if parity.fallback else "")
     return reranker, model_files, engine.info(), parity
 
 
