@@ -9,5 +9,6 @@ __version__ = "0.1.0"
 # (tests/test_structure.py checks this), so the package reads top to bottom along a request's path.
 MODULES = (
     "errors", "config", "scoring", "batching", "textcut", "encoding", "cache", "compilecache", "engine", "batcher",
-    "hub", "modeldir", "checks", "parity", "api", "metrics", "service", "framing", "httpserver", "systemd", "startup",
+    "hub", "referencescores", "modeldir", "checks", "parity", "api", "metrics", "service", "framing", "httpserver",
+    "systemd", "startup",
 )

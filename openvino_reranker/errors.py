@@ -118,6 +118,9 @@ class StartupCancelled(StartupError):
 EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
 EXIT_SCORING_STOPPED = 7  # a scoring thread ended while serving: exit so that systemd restarts the service
 EXIT_DOWNLOAD = 8  # fetching the model from the Hub failed in a way that may pass (network, server, disk): restartable
+# the model's reference_scores.json disagrees with its own IR computed exactly (f32): the tokenizer, template, pad id or
+# IR is not what the scores were made with, which no compile configuration and no restart fixes
+EXIT_REFERENCE_SCORES = 9
 
 
 _SOURCE_LOCATION = re.compile(r"(Exception from \S+:\d+:|Check '.*' failed at \S+:\d+:)")

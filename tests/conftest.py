@@ -405,6 +405,8 @@ class FakeCore:
       every compile whose INFERENCE_PRECISION_HINT is not f32, so that only its f32 step is right; "always" - every
       compile except the first with the reference properties (the parity reference itself), so that every step of
       the ladder is wrong.
+    - `corrupt_rows_with`: a corrupting compile corrupts only the rows whose input ids hold this token id (None:
+      every row), as a kernel bug that shows on some inputs only: the parity pairs can pass while others fail.
     - `f32_compute`: every compile computes at exact f32 (INFERENCE_PRECISION_HINT=f32,
       DYNAMIC_QUANTIZATION_GROUP_SIZE=0 handed to OpenVINO) whatever it asks for, so that `corrupt` alone decides
       which compile scores wrongly, not the CPU's bf16 rounding. `compiles` still records what was asked.
@@ -416,9 +418,10 @@ class FakeCore:
     compiles' device and input shapes."""
 
     def __init__(self, claim=(), counter: Path | None = None, bump: bool = True, execution_devices=("NPU.4000",),
-                 corrupt: str | None = None, crash: threading.Event | None = None, f32_compute: bool = False):
+                 corrupt: str | None = None, crash: threading.Event | None = None, f32_compute: bool = False,
+                 corrupt_rows_with: int | None = None):
         assert corrupt in (None, "multi", "not_f32", "always")
-        self.crash, self.f32_compute = crash, f32_compute
+        self.crash, self.f32_compute, self.corrupt_rows_with = crash, f32_compute, corrupt_rows_with
         self.core = ov.Core()
         self.claim, self.counter, self.bump = tuple(claim), counter, bump
         self.execution_devices, self.corrupt = tuple(execution_devices), corrupt
@@ -484,10 +487,11 @@ class _FakeRequest:
             raise InferenceCrash("the device went away mid-call")
         result = self.request.infer(feed)
         if self.compiled.corrupt:
+            token = self.compiled.fake.corrupt_rows_with
+            rows = slice(None) if token is None else (feed["input_ids"] == token).any(axis=1)
             for key in result:
                 values = result[key]
-                np.multiply(values, 40, out=values)
-                np.add(values, 7, out=values)
+                values[rows] = values[rows] * 40 + 7
         fake = self.compiled.fake
         if self.compiled.claimed and fake.bump and fake.counter is not None and fake.counter.exists():
             fake.counter.write_text(str(int(fake.counter.read_text()) + 250) + "\n")
