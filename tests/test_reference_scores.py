@@ -147,6 +147,18 @@ def test_pairs_truncated_otherwise_at_another_max_length_are_not_compared():
     assert checked["pairs"] == 14 and checked["compared"] == 9 and checked["passed"] is True
 
 
+def test_a_file_none_of_whose_pairs_can_be_compared_is_reported_not_checked(tmp_path, caplog):
+    """Scores made at 10 tokens per pair, served at 512: the 40-token pair was cut then and is whole now. Nothing can
+    be compared, so nothing is refused, and /readyz says so (`passed` null), as does a warning."""
+    model = broken_copy(tmp_path, "tiny-xlmr")
+    (model / FILE_NAME).write_text(reference_scores_json(
+        [("what is the capital of france", "Paris is the capital and largest city of France.", None, 0.5)], 1e-4, 10,
+        {"tool": "test"}))
+    checked = readyz(serve_args(model))["reference_scores"]
+    assert checked["compared"] == 0 and checked["passed"] is None and checked["max_abs_diff"] is None
+    assert "none of its 1 pairs can be compared" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------- what it catches
 
 
