@@ -20,7 +20,7 @@ from .encoding import TRUNCATE_RIGHT, Truncation
 from .engine import EngineInfo
 from .errors import DOCUMENTS, BadRequestError, DocumentNames, PayloadTooLargeError, ServiceError
 from .modeldir import ModelFiles
-from .parity import REFERENCE_PROPERTIES, ParityCheck
+from .parity import REFERENCE_PROPERTIES, ParityCheck, ReferenceScoresCheck
 from .scoring import ScoredPairs, rank
 
 # ---- JSON
@@ -528,6 +528,16 @@ class ServedModel:
     versions: Mapping[str, str]
 
 
+def render_reference_scores(checked: ReferenceScoresCheck | None) -> dict | None:
+    """/readyz's `reference_scores`: the model's own scores checked at startup; None when it has none."""
+    if checked is None:
+        return None
+    return {"file": checked.source, "pairs": checked.pairs, "compared": checked.compared,
+            "max_abs_diff": checked.max_abs_diff, "tolerance": checked.tolerance,
+            "exact_max_abs_diff": checked.exact_max_abs_diff, "file_tolerance": checked.file_tolerance,
+            "passed": checked.passed}
+
+
 def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
     body: dict[str, Any] = {"ready": ready, "reason": reason}
     if served is None:
@@ -551,9 +561,15 @@ def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
                     "loaded_from_cache": list(engine.loaded_from_cache),
                     "properties": dict(engine.properties), "infer_requests": engine.infer_requests},
         "parity": {"max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,
-                   "fallback": parity.fallback, "failed_max_abs_diff": parity.failed_max_abs_diff,
+                   "fallback": parity.fallback, "step": parity.step,
+                   "failed_max_abs_diff": parity.failed_max_abs_diff,
                    "failed_properties": dict(parity.failed_properties) if parity.failed_properties else None,
+                   "steps": [{"step": r.step.name, "properties": dict(r.step.properties),
+                              "infer_requests": r.infer_requests, "max_abs_diff": r.max_abs_diff,
+                              "reference_scores_max_abs_diff": r.reference_scores_max_abs_diff,
+                              "passed": r.passed} for r in parity.steps],
                    "reference": "CPU, " + ", ".join(f"{k}={v}" for k, v in REFERENCE_PROPERTIES.items())},
+        "reference_scores": render_reference_scores(parity.reference_scores),
         "startup_check": {"ms": served.check.elapsed_ms, "npu_busy_delta_us": served.check.npu_busy_delta_us,
                           "npu_note": served.check.npu_note},
         "versions": dict(served.versions),

@@ -118,6 +118,10 @@ class StartupCancelled(StartupError):
 EXIT_CONFIG, EXIT_PORT, EXIT_MODEL, EXIT_DEVICE, EXIT_STARTUP_CHECK = 2, 3, 4, 5, 6
 EXIT_SCORING_STOPPED = 7  # a scoring thread ended while serving: exit so that systemd restarts the service
 EXIT_DOWNLOAD = 8  # fetching the model from the Hub failed in a way that may pass (network, server, disk): restartable
+# the model's reference_scores.json disagrees with its own IR computed exactly (f32): the tokenizer, template, pad id or
+# IR is not what the scores were made with, which no compile configuration and no restart fixes
+EXIT_REFERENCE_SCORES = 9
+
 # Every exit code and what it means, in a few words: the end of --help (SPEC.md, "Startup and exit codes", has more).
 EXIT_CODES = (
     (0, "stopped by SIGTERM or SIGINT (after the drain, or before it was ready)"),
@@ -130,6 +134,8 @@ EXIT_CODES = (
     (EXIT_SCORING_STOPPED, "a scoring thread ended while serving (a bug); exits so that systemd restarts it"),
     (EXIT_DOWNLOAD, "fetching from the Hub failed in a way that may pass (unreachable, cut off, disk full); the next "
                     "start tries again"),
+    (EXIT_REFERENCE_SCORES, "the model's reference_scores.json disagrees with its own IR computed exactly: a wrong "
+                            "tokenizer, template or IR, which no restart fixes"),
 )
 
 

@@ -15,6 +15,8 @@ from .config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, MAX_SUPPORTED_LENGTH, OPT
 from .encoding import BUILTIN_TEMPLATES, CrossEncoderHead, DecoderRerankerHead, ModelHead, PromptTemplate
 from .errors import EXIT_CONFIG, EXIT_MODEL, StartupError
 from .hub import HubSettings, check_repo_file, fetch_model, parse_repo_id
+from .referencescores import FILE_NAME as REFERENCE_SCORES_FILE
+from .referencescores import ReferenceScores, parse_reference_scores
 
 # The IR served when --model-file is not given: the first of these the model has. INT8 first, as the service is
 # meant to serve INT8: sentence-transformers publishes a fully quantized static INT8 IR (NNCF post-training
@@ -61,6 +63,7 @@ class ModelFiles:
     pad_tokens: tuple[str, ...] = ()  # tokenizer_config.json's pad_token then eos_token, when it names them
     template: PromptTemplate | None = None  # set for decoder rerankers
     source: Mapping[str, Any] = field(default_factory=dict)  # a Hub model's repo, revision and commit
+    reference_scores: ReferenceScores | None = None  # reference_scores.json beside the IR, when there is one
 
     @property
     def head_kind(self) -> str:
@@ -128,6 +131,21 @@ def pick_template(root: Path, template_path: str, model_type: str | None) -> Pro
                            f"{TEMPLATE_FILE} beside the IR or named by --prompt-template (see README, \"Model "
                            f"families\")", EXIT_MODEL)
     return None
+
+
+def load_reference_scores(path: Path) -> ReferenceScores | None:
+    """The model's reference scores (`reference_scores.json` beside the IR), or None when it has none; a file that
+    is there but cannot be read or is malformed is a broken model (exit 4)."""
+    if not path.is_file():
+        return None
+    try:
+        return parse_reference_scores(path.read_text(encoding="utf-8"), str(path))
+    except OSError as exc:
+        raise StartupError(f"cannot read {path}: {exc.strerror or exc}", EXIT_MODEL) from None
+    except UnicodeDecodeError as exc:
+        raise StartupError(f"{path} is not UTF-8 text (byte {exc.start})", EXIT_MODEL) from None
+    except ValueError as exc:
+        raise StartupError(f"reference scores {path}: {exc}", EXIT_MODEL) from None
 
 
 def locate_model(config: Config, environ: Mapping[str, str], on_progress: Callable[[str], None] | None = None
@@ -203,7 +221,7 @@ def load_model_files(model_dir: str | Path, requested_max_length: int, model_fil
             pad_tokens.append(token)
     return ModelFiles(root, name, xml, tok, requested_max_length or min(model_limit, DEFAULT_MAX_LENGTH),
                       model_type, pad_token_id, tuple(pad_tokens), pick_template(root, template_path, model_type),
-                      dict(source or {}))
+                      dict(source or {}), load_reference_scores(xml.parent / REFERENCE_SCORES_FILE))
 
 
 def decoder_pad_id(files: ModelFiles, tokenizer) -> int:

@@ -1,10 +1,13 @@
 """The compile-configuration guard: before serving, scores from the serving compile must match an f32
-single-stream CPU compile of the same IR; a compile that disagrees is replaced by a safe one, or refused.
+single-stream CPU compile of the same IR (and, when the model carries them, its own reference scores); a compile
+that disagrees is replaced by the next step of the fallback ladder that scores right, or refused.
 
-Why: some OpenVINO CPU configurations return wrong scores. On an AMX Xeon (OpenVINO 2026.4.1) a weight-only INT8
-IR compiled with several streams at the default bf16 precision gave logits off by 100-400 on about 2 of 3
-compiles, and upstream issue openvinotoolkit/openvino#38256 reports corrupted bf16 MatMul results on CPUs with
-AVX512-BF16 but no AMX. SPEC.md, "Startup parity guard", is the contract.
+Why: some OpenVINO CPU configurations return wrong scores. On an AMX Xeon (OpenVINO 2026.4.1) every compile of an
+IR with INT8 weights on several streams at the default bf16 precision scored garbage (logits off by 14-260), while
+bf16 on one stream was right; upstream issue openvinotoolkit/openvino#38256 reports corrupted bf16 MatMul results on
+CPUs with AVX512-BF16 but no AMX. And comparing two compiles of one IR cannot see a wrong prompt template, pad id or
+tokenizer: the model's reference scores (referencescores.py) can. SPEC.md, "Startup parity guard" and "Reference
+scores", is the contract.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from .compilecache import CompileCache
 from .config import Config, ShapeBucket
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter
-from .errors import EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
+from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
+from .referencescores import ReferenceScores
 
 log = logging.getLogger("openvino_reranker")
 
@@ -63,17 +67,95 @@ def serving_properties(config: Config) -> dict[str, str]:
 
 
 def safe_properties(device: str) -> dict[str, str]:
-    """The fallback: one stream, one request; on the CPU also f32 (the reference configuration itself)."""
+    """The ladder's last step: one stream, one request; on the CPU also f32 (the reference configuration itself)."""
     return dict(REFERENCE_PROPERTIES) if device == "CPU" else {"PERFORMANCE_HINT": "LATENCY"}
+
+
+def one_stream_properties(config: Config) -> dict[str, str]:
+    """The ladder's first fallback: what was asked for (precision, threads) on one stream: PERFORMANCE_HINT=LATENCY
+    and, on the CPU, NUM_STREAMS=1."""
+    asked = {k: v for k, v in serving_properties(config).items() if k not in ("PERFORMANCE_HINT", "NUM_STREAMS")}
+    one_stream = {"PERFORMANCE_HINT": "LATENCY", **({"NUM_STREAMS": "1"} if config.device == "CPU" else {})}
+    return {**one_stream, **asked}
+
+
+def is_one_stream(properties: Mapping[str, str]) -> bool:
+    """A configuration that already runs one stream: the LATENCY hint and no NUM_STREAMS above 1."""
+    return properties.get("PERFORMANCE_HINT") == "LATENCY" and properties.get("NUM_STREAMS", "1") == "1"
+
+
+@dataclass(frozen=True)
+class LadderStep:
+    """One compile configuration the guard may serve: `configured` (as asked), `one_stream` (the requested precision
+    on one stream) or `safe` (`safe_properties`)."""
+
+    name: str
+    properties: Mapping[str, str]
+    infer_requests: int  # 0: OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS
+
+
+def fallback_ladder(config: Config) -> tuple[LadderStep, ...]:
+    """The configurations tried in order until one scores right: as configured; the same on one stream (unless it
+    already is one stream); the safe configuration (unless a step before is exactly it). Each step after the first
+    runs one infer request."""
+    steps = [LadderStep("configured", serving_properties(config), config.infer_requests)]
+    if not is_one_stream(steps[0].properties):
+        steps.append(LadderStep("one_stream", one_stream_properties(config), 1))
+    safe = safe_properties(config.device)
+    if all(dict(step.properties) != safe for step in steps):
+        steps.append(LadderStep("safe", safe, 1))
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one ladder step's compile scored: its largest difference from the f32 reference on the parity pairs and
+    from the model's reference scores (None without them), and whether it passed both."""
+
+    step: LadderStep
+    max_abs_diff: float
+    passed: bool
+    infer_requests: int  # how many its compile ran (the step's own number, or OpenVINO's choice for 0)
+    reference_scores_max_abs_diff: float | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceScoresCheck:
+    """The model's reference scores against the exact f32 CPU compile and against the compile that serves."""
+
+    source: str
+    pairs: int
+    compared: int  # pairs truncated alike here and when the scores were made (see `same_truncation`)
+    exact_max_abs_diff: float | None  # the f32 CPU reference compile; must be within file_tolerance
+    max_abs_diff: float | None  # the compile that serves; must be within tolerance
+    file_tolerance: float
+    tolerance: float  # parity_tolerance + file_tolerance
+    passed: bool | None  # None: no pair could be compared at this max_length
 
 
 @dataclass(frozen=True)
 class ParityCheck:
     max_abs_diff: float  # of the configuration now serving
     tolerance: float
-    fallback: bool  # True: the configured compile disagreed and the safe one serves
-    failed_max_abs_diff: float | None = None
+    fallback: bool  # True: the configured compile disagreed and a later step of the ladder serves
+    failed_max_abs_diff: float | None = None  # of the configured compile, when it was rejected
     failed_properties: Mapping[str, str] | None = None
+    steps: tuple[StepResult, ...] = ()  # every step tried, in order; the last one serves
+    reference_scores: ReferenceScoresCheck | None = None  # None: the model has no reference scores
+
+    @property
+    def step(self) -> str:
+        return self.steps[-1].step.name if self.steps else "configured"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the exact f32 CPU compile scored: the parity pairs, and the model's reference pairs when it has them,
+    with which of those can be compared (`same_truncation`)."""
+
+    parity_scores: np.ndarray
+    pair_scores: np.ndarray | None = None
+    comparable: np.ndarray | None = None
 
 
 def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
@@ -101,56 +183,150 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
     return float(max(np.abs(r - reference).max() for r in results))
 
 
+def same_truncation(lengths: np.ndarray, truncated: np.ndarray, max_length: int, made_at: int | None) -> np.ndarray:
+    """Which pairs were cut alike here (at `max_length`) and when the reference scores were made (at `made_at`, None:
+    nothing was cut): pairs cut in neither, or cut in both at the same length."""
+    if made_at is None:
+        return ~truncated
+    return np.where(truncated, max_length == made_at, lengths <= made_at)
+
+
+def score_reference_pairs(reranker: Reranker, reference: ReferenceScores) -> tuple[np.ndarray, np.ndarray]:
+    """The reference pairs' scores through the model head (template, truncation, padding) and this compile, one
+    call per instruction, and which of them can be compared with the file's."""
+    pairs = reference.pairs
+    scores, comparable = np.empty(len(pairs)), np.zeros(len(pairs), dtype=bool)
+    rows_by_instruction: dict[str | None, list[int]] = {}
+    for n, pair in enumerate(pairs):
+        rows_by_instruction.setdefault(pair.instruction, []).append(n)
+    for instruction, rows in rows_by_instruction.items():
+        try:
+            scored = reranker.score_pairs([pairs[n].query for n in rows], [pairs[n].document for n in rows],
+                                          instruction=instruction)
+        except ServiceError as exc:
+            raise StartupError(f"scoring the reference pairs of {reference.source} failed: {exc.message}",
+                               EXIT_STARTUP_CHECK) from None
+        scores[rows] = scored.scores
+        comparable[rows] = same_truncation(scored.lengths, scored.truncated, reranker.head.max_length,
+                                           reference.max_length)
+    return scores, comparable
+
+
+def largest_diff(scores: np.ndarray, expected: np.ndarray, comparable: np.ndarray) -> float | None:
+    """The largest |scores - expected| over the comparable pairs; None when there are none."""
+    return float(np.abs(scores - expected)[comparable].max()) if comparable.any() else None
+
+
+def expected_scores(reference: ReferenceScores) -> np.ndarray:
+    return np.array([pair.score for pair in reference.pairs])
+
+
+def check_exact(reference: Reference, scores: ReferenceScores, head: ModelHead) -> float | None:
+    """The reference pairs on the exact f32 CPU compile must be within the file's tolerance of its scores: else the
+    head (tokenizer, template, pad id) or the IR is not what the scores were made with, and no compile
+    configuration can fix that (exit 9). Returns the largest difference (None: no pair comparable)."""
+    diff = largest_diff(reference.pair_scores, expected_scores(scores), reference.comparable)
+    if diff is None:
+        log.warning("reference scores %s: none of its %d pairs can be compared at max_length %d (they were made at "
+                    "%s); not checked", scores.source, len(scores.pairs), head.max_length, scores.max_length)
+    elif diff > scores.tolerance:
+        head_description = ", ".join(f"{k} {v}" for k, v in head.describe().items() if k in
+                                     ("kind", "template", "pad_token_id"))
+        raise StartupError(f"the model's reference scores {scores.source} disagree with its IR computed exactly: "
+                           f"the f32 CPU compile, fed by the model head ({head_description}), scores its pairs up to "
+                           f"{diff:.4g} away (tolerance {scores.tolerance}): the tokenizer, prompt template, pad id "
+                           f"or IR is not what the scores were made with, which no compile configuration fixes",
+                           EXIT_REFERENCE_SCORES)
+    return diff
+
+
+def describe_step(result: StepResult) -> str:
+    text = f"{result.step.name} {dict(result.step.properties)} by {result.max_abs_diff:.4g}"
+    if result.reference_scores_max_abs_diff is not None:
+        text += f" (reference scores {result.reference_scores_max_abs_diff:.4g})"
+    return text
+
+
 def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
                     counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
-                    before_reference: Callable[[], None] = lambda: None, cache: CompileCache | None = None
-                    ) -> tuple[Reranker, Engine, ParityCheck]:
+                    before_reference: Callable[[], None] = lambda: None, cache: CompileCache | None = None,
+                    reference_scores: ReferenceScores | None = None) -> tuple[Reranker, Engine, ParityCheck]:
     """Compile for serving (through `cache`, each configuration in its own keyed directory), compare with the f32
-    single-stream CPU reference, and apply `on_parity_failure`: recompile with `safe_properties` (checked again) or
-    refuse. Returns what serves; on any failure (including a cancelled startup) nothing is left running."""
-    reference = None
+    single-stream CPU reference on the parity pairs and, with `reference_scores`, with the model's own scores, and
+    apply `on_parity_failure`: go down `fallback_ladder` until a step passes both (each compiled and checked), or
+    refuse. Reference scores that the f32 reference compile itself misses stop startup (exit 9) whatever the policy.
+    Returns what serves; on any failure (including a cancelled startup) nothing is left running."""
+    reference: Reference | None = None
+    exact_diff = None
+    tolerance = config.parity_tolerance
+    pairs_tolerance = tolerance + (reference_scores.tolerance if reference_scores is not None else 0.0)
 
-    def serve(properties: Mapping[str, str], infer_requests: int) -> tuple[Reranker, Engine, float]:
-        nonlocal reference
-        engine = Engine(core, model, config.device, buckets, properties, head.contract, before_compile,
-                        infer_requests, cache)
+    def serve(step: LadderStep) -> tuple[Reranker, Engine, StepResult]:
+        nonlocal reference, exact_diff
+        engine = Engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
+                        step.infer_requests, cache)
         reranker = Reranker(head, engine, config.batch_size, counter)
         try:
             if reference is None:
                 before_reference()
-                reference = _reference_scores(core, model, head, config.batch_size)
-            return reranker, engine, parity_diff(reranker, reference)
+                reference = _reference_scores(core, model, head, config.batch_size, reference_scores)
+                if reference_scores is not None:
+                    exact_diff = check_exact(reference, reference_scores, head)
+            diff = parity_diff(reranker, reference.parity_scores)
+            pairs_diff = None
+            if reference_scores is not None:
+                scores, _ = score_reference_pairs(reranker, reference_scores)
+                pairs_diff = largest_diff(scores, expected_scores(reference_scores), reference.comparable)
+            passed = diff <= tolerance and (pairs_diff is None or pairs_diff <= pairs_tolerance)
+            return reranker, engine, StepResult(step, diff, passed, engine.num_requests, pairs_diff)
         except BaseException:
             reranker.close()  # startup stops: nothing may keep the batcher's threads or the compiled model
             raise
 
-    properties = serving_properties(config)
-    reranker, engine, diff = serve(properties, config.infer_requests)
-    if diff <= config.parity_tolerance:
-        return reranker, engine, ParityCheck(diff, config.parity_tolerance, False)
-    reranker.close()
-    message = (f"scores on {config.device} with {properties} differ from the f32 single-stream CPU reference "
-               f"by {diff:.4g} (tolerance {config.parity_tolerance})")
-    if config.on_parity_failure == "refuse":
-        raise StartupError(message, EXIT_STARTUP_CHECK)
-    safe = safe_properties(config.device)
-    log.warning("%s; falling back to %s", message, safe)
-    reranker, engine, safe_diff = serve(safe, 1)
-    if safe_diff > config.parity_tolerance:
+    ladder = fallback_ladder(config)
+    tried: list[StepResult] = []
+    for n, step in enumerate(ladder):
+        reranker, engine, result = serve(step)
+        tried.append(result)
+        if result.passed:
+            first = tried[0]
+            checked = None if reference_scores is None else ReferenceScoresCheck(
+                reference_scores.source, len(reference_scores.pairs), int(reference.comparable.sum()), exact_diff,
+                result.reference_scores_max_abs_diff, reference_scores.tolerance, pairs_tolerance,
+                None if exact_diff is None else True)
+            return reranker, engine, ParityCheck(
+                result.max_abs_diff, tolerance, n > 0, None if n == 0 else first.max_abs_diff,
+                None if n == 0 else dict(first.step.properties), tuple(tried), checked)
         reranker.close()
-        raise StartupError(f"{message}, and the safe configuration {safe} still differs by {safe_diff:.4g}",
-                           EXIT_STARTUP_CHECK)
-    return reranker, engine, ParityCheck(safe_diff, config.parity_tolerance, True, diff, properties)
+        message = f"scores on {config.device} with {dict(step.properties)} differ"
+        if result.max_abs_diff > tolerance:
+            message += f" from the f32 single-stream CPU reference by {result.max_abs_diff:.4g} (tolerance {tolerance})"
+        else:
+            message += (f" from the model's reference scores {reference_scores.source} by "
+                        f"{result.reference_scores_max_abs_diff:.4g} (tolerance {pairs_tolerance:.4g})")
+        if config.on_parity_failure == "refuse":
+            raise StartupError(message, EXIT_STARTUP_CHECK)
+        if n + 1 < len(ladder):
+            log.warning("%s; falling back to the next step of the ladder, %s %s", message, ladder[n + 1].name,
+                        dict(ladder[n + 1].properties))
+    raise StartupError(f"scores on {config.device} differ from the f32 single-stream CPU reference or the model's "
+                       f"reference scores at every step: {'; '.join(map(describe_step, tried))} (tolerance "
+                       f"{tolerance}{'' if reference_scores is None else f', reference scores {pairs_tolerance:.4g}'}"
+                       f"): no step of the fallback ladder scores right", EXIT_STARTUP_CHECK)
 
 
-def _reference_scores(core, model, head: ModelHead, batch_size: int) -> np.ndarray:
-    """The parity pairs' scores from a fresh compile of the reference configuration. It never reads or writes the
-    compile cache (`cache=None` compiles with CACHE_DIR ""): a reference loaded from a blob could be the very blob
-    that is wrong, and then agree with it."""
+def _reference_scores(core, model, head: ModelHead, batch_size: int,
+                      reference_scores: ReferenceScores | None = None) -> Reference:
+    """The parity pairs' scores (and the model's reference pairs', when it has them) from a fresh compile of the
+    reference configuration. It never reads or writes the compile cache (`cache=None` compiles with CACHE_DIR ""):
+    a reference loaded from a blob could be the very blob that is wrong, and then agree with it."""
     reference = Reranker(head, Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract,
                                       infer_requests=1, cache=None), batch_size)
     try:
-        return reference.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
+        parity_scores = reference.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
+        if reference_scores is None:
+            return Reference(parity_scores)
+        return Reference(parity_scores, *score_reference_pairs(reference, reference_scores))
     except ServiceError as exc:  # e.g. weights that give NaN: no compile of this IR can be trusted
         raise StartupError(f"startup inference failed on the f32 CPU reference: {exc.message}",
                            EXIT_STARTUP_CHECK) from None

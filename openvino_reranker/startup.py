@@ -106,11 +106,16 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
         sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=checking scores against the f32 CPU reference")
 
     reranker, engine, parity = compile_checked(core, model, config, head, buckets, counter, before_compile,
-                                               before_reference, compile_cache)
+                                               before_reference, compile_cache, model_files.reference_scores)
     reranker.cache = ScoreCache(config.score_cache_size) if config.score_cache_size else None
     log.info("serving with %s (compile cache %s); parity with the f32 reference: max score difference %.3g%s",
              engine.properties, engine.cache_dir or "off", parity.max_abs_diff,
-             " (after falling back)" if parity.fallback else "")
+             f" (after falling back to the ladder's {parity.step} step)" if parity.fallback else "")
+    checked = parity.reference_scores
+    if checked is not None and checked.passed:
+        log.info("the model's reference scores %s: %d of %d pairs compared, max difference %.3g exact (f32) and "
+                 "%.3g served", checked.source, checked.compared, checked.pairs, checked.exact_max_abs_diff,
+                 checked.max_abs_diff)
     return reranker, model_files, engine.info(), parity
 
 

@@ -39,6 +39,7 @@ SCORE_TOLERANCE = 1e-4  # served score vs the float64 numpy reference (SPEC.md, 
 # OpenVINO's choice, not this service's error (SPEC.md, "Scores").
 F32 = ["--inference-precision", "f32"]
 F32_LATENCY = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+F32_EXACT = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
 
 
 @dataclass
@@ -400,8 +401,15 @@ class FakeCore:
       `execution_devices` as EXECUTION_DEVICES, and, when `bump`, adds 250 to the fake sysfs busy counter file
       `counter` on every inference, as the ivpu driver does on a real NPU.
     - `corrupt`: "multi" - models compiled with several streams or the THROUGHPUT hint return logits * 40 + 7 (the
-      shape of the bug seen on AMX CPUs); "always" - those and every other compile except the first with the
-      reference properties (the parity reference itself), so that the fallback compile is wrong too.
+      shape of the bug seen on AMX CPUs), so the fallback ladder's one-stream step is right; "not_f32" - those and
+      every compile whose INFERENCE_PRECISION_HINT is not f32, so that only its f32 step is right; "always" - every
+      compile except the first with the reference properties (the parity reference itself), so that every step of
+      the ladder is wrong.
+    - `corrupt_rows_with`: a corrupting compile corrupts only the rows whose input ids hold this token id (None:
+      every row), as a kernel bug that shows on some inputs only: the parity pairs can pass while others fail.
+    - `f32_compute`: every compile computes at exact f32 (INFERENCE_PRECISION_HINT=f32,
+      DYNAMIC_QUANTIZATION_GROUP_SIZE=0 handed to OpenVINO) whatever it asks for, so that `corrupt` alone decides
+      which compile scores wrongly, not the CPU's bf16 rounding. `compiles` still records what was asked.
     - `crash`: once this Event is set, every inference raises `InferenceCrash`, a BaseException that no
       `except Exception` catches: what a scoring thread cannot survive.
 
@@ -410,9 +418,10 @@ class FakeCore:
     compiles' device and input shapes."""
 
     def __init__(self, claim=(), counter: Path | None = None, bump: bool = True, execution_devices=("NPU.4000",),
-                 corrupt: str | None = None, crash: threading.Event | None = None):
-        assert corrupt in (None, "multi", "always")
-        self.crash = crash
+                 corrupt: str | None = None, crash: threading.Event | None = None, f32_compute: bool = False,
+                 corrupt_rows_with: int | None = None):
+        assert corrupt in (None, "multi", "not_f32", "always")
+        self.crash, self.f32_compute, self.corrupt_rows_with = crash, f32_compute, corrupt_rows_with
         self.core = ov.Core()
         self.claim, self.counter, self.bump = tuple(claim), counter, bump
         self.execution_devices, self.corrupt = tuple(execution_devices), corrupt
@@ -439,7 +448,9 @@ class FakeCore:
         cache_dir = props.pop("CACHE_DIR", None)
         multi = props.get("PERFORMANCE_HINT") == "THROUGHPUT" or props.get("NUM_STREAMS", "1") != "1"
         first_reference = props == REFERENCE_PROPERTIES and REFERENCE_PROPERTIES not in self.compiles
-        corrupt = (self.corrupt is not None and multi) or (self.corrupt == "always" and not first_reference)
+        not_f32 = props.get("INFERENCE_PRECISION_HINT") != "f32"
+        corrupt = (self.corrupt is not None and multi) or (self.corrupt == "not_f32" and not_f32) or \
+            (self.corrupt == "always" and not first_reference)
         self.compiles.append(props)
         self.cache_dirs.append(cache_dir)
         claimed = device in self.claim
@@ -447,7 +458,8 @@ class FakeCore:
             self.compiled_for.append(device)
             self.shapes.append([list(p.get_partial_shape().to_shape()) for p in model.inputs])  # static or it raises
             device = "CPU"
-        compile_props = props if cache_dir is None else {**props, "CACHE_DIR": cache_dir}
+        compile_props = {**props, **(F32_EXACT if self.f32_compute else {})}
+        compile_props = compile_props if cache_dir is None else {**compile_props, "CACHE_DIR": cache_dir}
         return _FakeCompiled(self.core.compile_model(model, device, compile_props), self, claimed, corrupt)
 
 
@@ -475,10 +487,11 @@ class _FakeRequest:
             raise InferenceCrash("the device went away mid-call")
         result = self.request.infer(feed)
         if self.compiled.corrupt:
+            token = self.compiled.fake.corrupt_rows_with
+            rows = slice(None) if token is None else (feed["input_ids"] == token).any(axis=1)
             for key in result:
                 values = result[key]
-                np.multiply(values, 40, out=values)
-                np.add(values, 7, out=values)
+                values[rows] = values[rows] * 40 + 7
         fake = self.compiled.fake
         if self.compiled.claimed and fake.bump and fake.counter is not None and fake.counter.exists():
             fake.counter.write_text(str(int(fake.counter.read_text()) + 250) + "\n")

@@ -108,7 +108,7 @@ def test_unit_directives_that_matter():
     assert d["Service.CacheDirectory"] == ["openvino-reranker"]
     assert "OPENVINO_RERANKER_CACHE_DIR=%C/openvino-reranker" in d["Service.Environment"]
     assert d["Service.ExecStart"][0].split()[-1].endswith("/server.py")
-    assert d["Service.RestartPreventExitStatus"] == ["2 4"]
+    assert d["Service.RestartPreventExitStatus"] == ["2 4 9"]
     assert d["Install.WantedBy"] == ["default.target"]
     # hardening that works in user units, and none of the options that break OpenVINO or hide the NPU
     assert d["Service.NoNewPrivileges"] == ["yes"]

@@ -34,7 +34,11 @@ Writes into OUTPUT_DIR:
   output `logits` (f32, [batch, 1]); padding may be on either side and with any id, the mask decides;
 - `tokenizer.json` (+ `tokenizer_config.json`, `special_tokens_map.json` when the checkpoint has them), copied;
 - `config.json`, the checkpoint's own (`model_type` `llama_bidirec`);
-- `rerank_template.json`: `{"template": "question:{query} \\n \\n passage:{document}", "add_special_tokens": true}`.
+- `rerank_template.json`: `{"template": "question:{query} \\n \\n passage:{document}", "add_special_tokens": true}`;
+- `reference_scores.json`: the torch module's scores (sigmoid of the logit) of a fixed set of short public pairs,
+  written through the template and tokenized with the checkpoint's tokenizer, one pair at a time, with the
+  tolerance the IR was made for (1.25 x its measured difference from them at f32, rounded up, at least 1e-4): the
+  server checks them at startup (SPEC.md, "Reference scores").
 Once written, the IR is compiled on the CPU (f32) and compared with the torch module on a padded batch; an fp32 IR
 that differs by more than 1e-3 is removed again (exit 2).
 """
@@ -43,9 +47,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository's openvino_reranker, when run here
+
+from openvino_reranker.referencescores import EXPORT_PAIRS, reference_scores_json, tolerance_for  # noqa: E402
+from openvino_reranker.referencescores import FILE_NAME as REFERENCE_SCORES_FILE  # noqa: E402
 
 TEMPLATE = {"template": "question:{query} \n \n passage:{document}", "add_special_tokens": True}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -234,6 +244,43 @@ def compare(module, xml: Path, vocab_size: int) -> float:
     return float(abs(got - expected).max())
 
 
+def reference_scores(module, checkpoint: Path, xml: Path) -> tuple[list[tuple[str, str, None, float]], float]:
+    """The torch module's scores of EXPORT_PAIRS (the template filled, the checkpoint's tokenizer with its special
+    tokens, one pair at a time, unpadded), and the largest difference of the written IR's f32 scores from them."""
+    ov = require("openvino")
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(checkpoint))
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                         "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    pairs, measured = [], 0.0
+    for query, document in EXPORT_PAIRS:
+        text = TEMPLATE["template"].format(query=query, document=document)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=TEMPLATE["add_special_tokens"]).input_ids])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            score = _sigmoid(float(module(ids, mask)[0, 0]))
+        ir_score = _sigmoid(float(compiled({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["logits"][0, 0]))
+        pairs.append((query, document, None, score))
+        measured = max(measured, abs(ir_score - score))
+    return pairs, measured
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def write_reference_scores(output: Path, model: str, weight_format: str, pairs, measured: float) -> None:
+    from importlib.metadata import version
+
+    versions = {name: version(name) for name in ("torch", "transformers", "openvino")}
+    produced_by = {"tool": "tools/export_nemotron.py", "model": model, "weight_format": weight_format,
+                   "scores": "torch fp32 (the module converted), one pair at a time, unpadded",
+                   "versions": versions, "ir": "openvino_model.xml", "ir_f32_max_abs_diff": measured}
+    (output / REFERENCE_SCORES_FILE).write_text(reference_scores_json(pairs, tolerance_for(measured), None,
+                                                                      produced_by), encoding="utf-8")
+
+
 def export(model: str, output: Path, weight_format: str, revision: str | None) -> float:
     for name in ("torch", "transformers", "openvino", *(("nncf",) if weight_format == "int8" else ())):
         require(name)
@@ -259,6 +306,7 @@ def export(model: str, output: Path, weight_format: str, revision: str | None) -
                 shutil.copyfile(checkpoint / name, output / name)
         shutil.copyfile(checkpoint / "config.json", output / "config.json")
         (output / "rerank_template.json").write_text(json.dumps(TEMPLATE, indent=2) + "\n", encoding="utf-8")
+        write_reference_scores(output, model, weight_format, *reference_scores(module, checkpoint, xml))
     except OSError as exc:
         raise ExportError(f"{output}: cannot write ({exc.strerror or exc})") from None
     return diff
