@@ -140,6 +140,16 @@ def drain(server: RerankServer, service: RerankService, end_grace: threading.Eve
         log.warning("drain time over with requests still in flight; exiting anyway")
 
 
+def describe_cache_use(loaded_from_cache: Sequence[bool]) -> str:
+    """How the compiled models came to be, for the ready line: one per compile (one, or one per static bucket)."""
+    hits = sum(bool(x) for x in loaded_from_cache)
+    if len(loaded_from_cache) <= 1:
+        return "loaded from the compile cache" if hits else "compiled anew"
+    if hits in (0, len(loaded_from_cache)):
+        return f"all {len(loaded_from_cache)} {'loaded from the compile cache' if hits else 'compiled anew'}"
+    return f"{hits} of {len(loaded_from_cache)} loaded from the compile cache"
+
+
 WATCH_INTERVAL_S = 0.5  # how often the main thread looks for a scoring thread that ended
 
 
@@ -207,7 +217,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         host, port = server.server_address[:2]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
                          name="http").start()
-        log.info("listening on http://%s:%d (not ready until the model is compiled)", host, port)
+        log.info("port claimed: http://%s:%d; loading the model (/readyz answers 503 until it is compiled and checked)",
+                 host, port)
         if threading.current_thread() is threading.main_thread():
             install_signal_handlers(stop, end_grace)
         service.readiness.reason = "loading the model"
@@ -227,9 +238,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             reranker.close()
             raise
         service.mark_ready(reranker, model_files, engine_info, check, parity)
-        log.info("ready: model %s on %s (execution devices %s, compile %.0f ms, from cache %s); %s",
+        log.info("ready: model %s on %s (execution devices %s, compile %.0f ms, %s); %s",
                  model_files.name, config.device, ",".join(engine_info.execution_devices), engine_info.compile_ms,
-                 engine_info.loaded_from_cache, check.npu_note)
+                 describe_cache_use(engine_info.loaded_from_cache), check.npu_note)
         sd_notify(f"READY=1\nSTATUS=serving on {host}:{port}, device {config.device} "
                   f"({','.join(engine_info.execution_devices)})")
         del reranker
@@ -242,9 +253,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 break
         drain(server, service, end_grace)
         service.release_model()
+        log.info("stopped; exit status %d", exit_code)
         return exit_code
     except StartupCancelled as exc:
-        log.info("%s; exiting", exc)
+        log.info("%s; exiting; exit status 0", exc)
         return 0
     except StartupError as exc:
         print(f"openvino-reranker: error: {exc}", file=sys.stderr, flush=True)

@@ -172,3 +172,30 @@ def test_a_second_sigterm_ends_the_drain_grace(tiny_model):
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---- log lines a person reads (issue 19, item 7)
+
+def test_the_cache_use_is_said_in_words():
+    from openvino_reranker.startup import describe_cache_use
+
+    assert describe_cache_use((False,)) == "compiled anew"
+    assert describe_cache_use((True,)) == "loaded from the compile cache"
+    assert describe_cache_use((True, True, True)) == "all 3 loaded from the compile cache"
+    assert describe_cache_use((False, False)) == "all 2 compiled anew"
+    assert describe_cache_use((True, False, True)) == "2 of 3 loaded from the compile cache"
+
+
+def test_the_log_says_port_claimed_then_ready_then_the_exit_status(tiny_model):
+    from conftest import spawn_ready_server
+
+    proc, _ = spawn_ready_server(tiny_model)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    lines = [line for line in stderr.splitlines() if " INFO " in line or " WARNING " in line]
+    claimed = next(i for i, line in enumerate(lines) if "port claimed: http://127.0.0.1:" in line)
+    ready = next(i for i, line in enumerate(lines) if "ready: model" in line)
+    assert claimed < ready and "loading the model" in lines[claimed] and "listening" not in stderr
+    assert "compiled anew" in lines[ready] and "(False,)" not in stderr
+    assert lines[-1].endswith("stopped; exit status 0")
