@@ -3,7 +3,7 @@ module where JSON field names appear.
 
 `DIALECTS` is the table the HTTP layer routes from: each entry names its paths, its parser, its renderer, its
 error shape and whether it needs the API key. Adding an API is one entry plus its parse and render functions
-(README.md, "Development").
+(ARCHITECTURE.md, "Adding an API dialect").
 """
 
 from __future__ import annotations

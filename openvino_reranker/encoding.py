@@ -4,8 +4,8 @@ A head owns everything that differs between model families: the template that jo
 tokenizer truncates the pair, which inputs the graph takes and with which pad id, which output holds the logits,
 and the activation. The engine and the batcher only move arrays; they never look inside a pair or a logit.
 `CrossEncoderHead` serves BERT- and XLM-R-style cross-encoders, `DecoderRerankerHead` decoder rerankers (Qwen3-Reranker
-and other one-logit decoder classifiers, nemotron-style bidirectional Llama) through a `PromptTemplate`; README.md,
-"Development", says how to add another.
+and other one-logit decoder classifiers, nemotron-style bidirectional Llama) through a `PromptTemplate`;
+ARCHITECTURE.md, "Adding a model head", says how to add another.
 """
 
 from __future__ import annotations
