@@ -444,7 +444,7 @@ class DecoderRerankerHead(ModelHead):
         shape = model.outputs[index].get_partial_shape()
         if shape.rank.is_dynamic or shape.rank.get_length() != 2 or shape[1].is_dynamic or shape[1].get_length() != 1:
             raise StartupError(f"the model's logits have shape {shape}: a decoder reranker gives [batch, 1] (convert "
-                               f"the LM head's yes/no rows into one label first; see README)", EXIT_MODEL)
+                               f"the LM head's yes/no rows into one label first; see docs/models.md)", EXIT_MODEL)
         dtype = model.input("input_ids").get_element_type().to_dtype().type
         return ModelContract(cls.REQUIRED_INPUTS, 1, cls.OUTPUT, index, dtype)
 

@@ -38,8 +38,8 @@ ROBERTA_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "xlm-rob
 # OpenVINO/* ones publish IRs), then the export recipe, which needs torch in an environment of its own.
 EXPORT_HINT = (f"serve a model from the Hugging Face Hub with --model ORG/NAME (the default, {DEFAULT_MODEL}, "
                f"publishes ready IRs), or export one with `optimum-cli export openvino --model ORG/NAME --task "
-               f"text-classification DIR` in an environment with torch (README, \"Export a model yourself\") and "
-               f"serve DIR")
+               f"text-classification DIR` in an environment with torch (docs/models.md, \"Export a model "
+               f"yourself\") and serve DIR")
 
 
 def missing_model_dir(typed: str, path: Path) -> str:
@@ -128,8 +128,8 @@ def pick_template(root: Path, template_path: str, model_type: str | None) -> Pro
         return BUILTIN_TEMPLATES[model_type]
     if model_type in DECODER_MODEL_TYPES:
         raise StartupError(f"{root} holds a {model_type} model, a decoder: it needs its prompt template, in "
-                           f"{TEMPLATE_FILE} beside the IR or named by --prompt-template (see README, \"Model "
-                           f"families\")", EXIT_MODEL)
+                           f"{TEMPLATE_FILE} beside the IR or named by --prompt-template (see docs/models.md, "
+                           f"\"Decoder rerankers\")", EXIT_MODEL)
     return None
 
 
