@@ -170,7 +170,7 @@ OPTIONS = (
     Option("batch_size", _int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
     Option("performance_hint", Choice(("latency", "throughput")), "latency",
            "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
-           "README). Every compile is checked against an f32 single-stream reference"),
+           "docs/performance.md). Every compile is checked against an f32 single-stream reference"),
     Option("num_streams", _int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
     Option("inference_threads", _int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
     Option("infer_requests", _int(0, 64), "0",
