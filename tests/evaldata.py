@@ -1,5 +1,5 @@
-"""A small synthetic BEIR dataset and a first-stage TREC run, for `openvino-reranker eval` (tests and the README's
-example). Deterministic for a seed; nothing is downloaded.
+"""A small synthetic BEIR dataset and a first-stage TREC run, for `openvino-reranker eval` (tests and the
+example in docs/performance.md). Deterministic for a seed; nothing is downloaded.
 
     python tests/evaldata.py OUT_DIR [--queries 40] [--documents 400] [--seed 0]
 
