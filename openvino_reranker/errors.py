@@ -101,7 +101,8 @@ DOCUMENTS = DocumentNames()
 
 
 class StartupError(Exception):
-    """Stops the process before it serves: one line on stderr and a distinct exit code (SPEC.md, "Exit codes")."""
+    """Stops the process before it serves: one line on stderr and a distinct exit code (SPEC.md, "Startup and exit
+    codes")."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)

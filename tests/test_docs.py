@@ -1,5 +1,7 @@
-"""The docs against the code: SPEC.md's and README.md's configuration tables against `config.OPTIONS`, SPEC.md's
-error and exit code tables against `errors.py`, and no citation of files outside the repository.
+"""The docs against the code and against themselves: SPEC.md's configuration table (the only one) against
+`config.OPTIONS`, README.md's few common options against it too, SPEC.md's error and exit code tables against
+`errors.py`, README's test command against .ci/run, every relative link and anchor in the docs, every section a
+file cites by name, and no citation of files outside the repository.
 
 How a documented default is read (both tables): the default cell starts with the default as a backticked value
 (`` `127.0.0.1` ``, `` `0` = the model's limit ``), or with the word `none`, which means the empty string; anything
@@ -26,6 +28,16 @@ BY_ENV = {opt.env: opt for opt in OPTIONS}
 
 
 # ---- markdown helpers
+
+
+def docs() -> list[str]:
+    """The project's documentation pages, relative to the repository root."""
+    pages = ["README.md", "SPEC.md", "ARCHITECTURE.md"]
+    pages += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    return pages
+
+
+DOCS = docs()
 
 
 # the directory beside the repository that CI has and a user who clones it does not (spelt in two pieces, so
@@ -113,8 +125,14 @@ def test_spec_configuration_table_matches_options():
     assert not stray, f"SPEC.md has option rows outside the configuration table: {stray}"
 
 
+# README lists the options most users set, not all of them: the table of every option is SPEC's.
+README_MOST_OPTIONS = 12
+
+
 def test_readme_configuration_table_is_true():
-    rows = table(section("README.md", "Configuration"), ["flag / variable", "default"])
+    lines = section("README.md", "Configuration")
+    assert any("(SPEC.md#configuration)" in line for line in lines), "README's options must link SPEC's table"
+    rows = table(lines, ["flag / variable", "default"])
     seen: dict[str, int] = {}
     for names_cell, default_cell in rows:
         names = backticked(names_cell)
@@ -140,6 +158,25 @@ def test_readme_configuration_table_is_true():
             seen[name] = seen.get(name, 0) + 1
     twice = [name for name, n in seen.items() if n > 1]
     assert not twice, f"README.md's configuration table names {twice} more than once"
+    assert len(seen) <= README_MOST_OPTIONS, \
+        f"README.md lists {len(seen)} options; it shows the few most users set and links SPEC.md for the rest"
+
+
+def test_the_configuration_table_exists_once():
+    """No page but SPEC (and README's few common options) has a table row for a server option: one table to keep
+    true, not one per page."""
+    allowed = {("SPEC.md", "Configuration"), ("README.md", "Configuration")}
+    found = []
+    for doc in DOCS:
+        current = None
+        for number, line in enumerate((ROOT / doc).read_text(encoding="utf-8").splitlines(), 1):
+            if line.startswith("## "):
+                current = line[3:].strip()
+            if line.startswith("|") and (doc, current) not in allowed:
+                names = backticked(split_row(line)[0])
+                if any(name in BY_FLAG or name in BY_ENV for name in names):
+                    found.append(f"{doc}:{number}: {line[:80]}")
+    assert not found, "option rows outside SPEC's configuration table:\n" + "\n".join(found)
 
 
 def test_spec_exit_codes_table_matches_the_code():
@@ -187,6 +224,110 @@ def test_spec_error_table_matches_error_classes():
     code = served_errors()
     assert sorted(code - set(documented)) == [], "errors a client can receive that SPEC.md does not list"
     assert sorted(set(documented) - code) == [], "errors SPEC.md lists that no class in errors.py gives"
+
+
+# ---- README's test command is CI's
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README's "Run the tests" command is byte for byte the last line of .ci/run."""
+    ci_last = (ROOT / ".ci" / "run").read_text(encoding="utf-8").rstrip("\n").splitlines()[-1]
+    setup = "\n".join(section("README.md", "Setup"))
+    commands = [line for line in setup.splitlines() if line.rstrip().endswith("-m pytest")]
+    assert commands == [ci_last], f"README's test command {commands} is not .ci/run's last line {ci_last!r}"
+
+
+# ---- links and citations
+
+
+def strip_code(text: str) -> str:
+    """The text without fenced code blocks and inline code spans, where brackets are not links."""
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def headings(doc: str) -> list[str]:
+    """A page's headings as text, markdown marks removed, fenced code skipped."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    text = re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.S | re.M)
+    return [re.sub(r"[`*]", "", m.group(2)).strip() for m in re.finditer(r"^(#{1,6}) +(.+?) *#*$", text, re.M)]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def anchors(doc: str) -> set[str]:
+    """Every anchor GitHub makes for a page's headings; a repeated heading gets -1, -2, ..."""
+    found, seen = set(), {}
+    for heading in headings(doc):
+        base = slug(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        found.add(base if n == 0 else f"{base}-{n}")
+    return found
+
+
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+REFERENCE = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$", re.M)
+
+
+def test_slug_rule():
+    assert slug("Startup and exit codes") == "startup-and-exit-codes"
+    assert slug("POST /rerank with texts (Hugging Face TEI)") == "post-rerank-with-texts-hugging-face-tei"
+    assert slug("smoke.py's contract") == "smokepys-contract"
+    assert slug("Ranking quality: bf16 against f32") == "ranking-quality-bf16-against-f32"
+    assert slug("ms_marco 2") == "ms_marco-2"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_resolves(doc):
+    """Every relative link in a page names a file of the repository, and its #anchor, if any, a heading there (or
+    in the page itself for a bare #anchor)."""
+    text = strip_code((ROOT / doc).read_text(encoding="utf-8"))
+    targets = LINK.findall(text) + REFERENCE.findall(text)
+    broken = []
+    for target in targets:
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):  # https:, mailto:, file: ...
+            continue
+        path, _, anchor = target.partition("#")
+        file = (ROOT / doc).parent / path if path else ROOT / doc
+        if not file.resolve().is_relative_to(ROOT) or not file.exists():
+            broken.append(f"{target}: no such file")
+            continue
+        if anchor and file.suffix == ".md" and anchor not in anchors(str(file.resolve().relative_to(ROOT))):
+            broken.append(f"{target}: no heading with that anchor")
+    assert not broken, f"{doc}: broken links:\n" + "\n".join(broken)
+
+
+# A section named in prose or in code, as `SPEC.md, "Compile cache"` or `see docs/models.md, "Export a model
+# yourself"`: the file and then the heading's text in quotes.
+CITATION = re.compile(r"\b((?:docs/[a-z_-]+|README|SPEC|ARCHITECTURE)(?:\.md)?),? (?:\\?\")([^\"\\\n]+)\\?\"")
+
+
+def test_every_cited_section_exists():
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    texts = [f for f in files if f.endswith((".md", ".py", ".cfg", ".service")) or f == ".ci/run"]
+    titles = {doc: {h.lower() for h in headings(doc)} for doc in DOCS}
+    found = []
+    for name in texts:
+        path = ROOT / name
+        if not path.is_file() or name == "tests/test_docs.py":
+            continue
+        # a citation may wrap: join the lines, dropping comment marks and indentation, and in code the quotes
+        # between string literals that continue one another ("... (see docs/models.md, "  f"\"Export ...)
+        text = re.sub(r"\s*\n\s*(?:#+ )?", " ", path.read_text(encoding="utf-8"))
+        if name.endswith(".py"):
+            text = re.sub(r"\"\s+[rbf]*\"", "", text)
+        for cited, title in CITATION.findall(text):
+            doc = cited if cited.endswith(".md") else f"{cited}.md"
+            if doc not in titles:
+                found.append(f"{name}: {cited}, \"{title}\": no such page")
+            elif title.strip().lower() not in titles[doc]:
+                found.append(f"{name}: {cited}, \"{title}\": no such heading in {doc}")
+    assert not found, "sections cited that do not exist:\n" + "\n".join(found)
 
 
 # ---- the repository stands alone
