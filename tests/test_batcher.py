@@ -6,7 +6,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SCORE_TOLERANCE, FakeEngine, close_reranker, fake_head, real_reranker, wait_until
+from support.engines import FakeEngine, close_reranker, fake_head, real_reranker
+from support.models import SCORE_TOLERANCE
+from support.waiting import wait_until
 
 from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import ShapeBucket

@@ -3,7 +3,8 @@ stays the default. The engine stand-in scores by which words a window holds, so 
 
 import numpy as np
 import pytest
-from conftest import FakeEngine, fake_head, request
+from support.engines import FakeEngine, fake_head
+from support.http import request
 
 from openvino_reranker.batcher import Reranker
 from openvino_reranker.encoding import Truncation

@@ -3,7 +3,8 @@ NPU busy counter."""
 
 import openvino as ov
 import pytest
-from conftest import SCORE_TOLERANCE, real_reranker
+from support.engines import real_reranker
+from support.models import SCORE_TOLERANCE
 
 from openvino_reranker.compilecache import CONFIGURATION_FILE, open_compile_cache
 from openvino_reranker.config import ShapeBucket

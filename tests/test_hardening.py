@@ -8,7 +8,10 @@ import threading
 import time
 
 import pytest
-from conftest import FakeEngine, close_reranker, free_port, http_bytes, request, send_raw, wait_until
+from support.engines import FakeEngine, close_reranker
+from support.http import http_bytes, request, send_raw
+from support.servers import free_port
+from support.waiting import wait_until
 
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_MODEL, DeadlineExceededError
 from openvino_reranker.startup import drain, main

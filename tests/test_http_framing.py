@@ -9,9 +9,11 @@ import socket
 import time
 
 import pytest
-from conftest import FakeEngine, request, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.engines import FakeEngine
+from support.http import request
+from support.waiting import wait_until
 
 from openvino_reranker.connection import EVICTABLE_AFTER_S, peer_closed
 from openvino_reranker.httpserver import RerankHandler

@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, free_port, request, run_server, server_env
+from support import ROOT
+from support.http import request
+from support.servers import free_port, run_server, server_env
 
 from openvino_reranker.demomodel import DEMO_MODEL_NAME
 from openvino_reranker.errors import EXIT_CONFIG

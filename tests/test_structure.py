@@ -4,7 +4,7 @@ entry point stays thin."""
 import ast
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from openvino_reranker import MODULES
 
