@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import length_order, plan_batches
+from .batching import length_order, plan_batches, slice_round
 from .cache import ScoreCache
 from .encoding import TRUNCATE_RIGHT, EncodedPairs, ModelHead, Truncation
 from .engine import NpuBusyCounter
@@ -231,27 +231,25 @@ class Batcher:
             waiting.append(item)
 
     def _plan_round(self, waiting: deque) -> list:
-        """Take slices round-robin up to round_pairs pairs and about round_tokens tokens (a round always takes at
-        least one pair); return [(feed, shape, [(job, index, ...)])]."""
-        taken: list[tuple[_Job, list[int]]] = []
-        pairs_left, tokens_left = self.round_pairs, self.round_tokens
-        for _ in range(len(waiting)):
-            if pairs_left <= 0 or tokens_left <= 0:
-                break
-            job = waiting.popleft()
+        """Fail the waiting requests that have died, take this round's slices (`slice_round`: at most round_pairs
+        pairs and about round_tokens tokens, requests in turn), send the rest of a request that gave a slice behind
+        the others, and return the micro-batches: [(feed, shape, [(job, index), ...])]."""
+        for job in list(waiting):
             problem = job.dead()
             if problem is not None:
+                waiting.remove(job)
                 self._fail([job], problem)
-                continue
-            n = 0
-            while n < len(job.todo) and n < pairs_left and tokens_left > 0:
-                tokens_left -= int(job.encoded.lengths[job.todo[n]])
-                n += 1
-            part, job.todo = job.todo[:n], job.todo[n:]
-            pairs_left -= n
-            taken.append((job, part))
-            if job.todo:
-                waiting.append(job)  # the rest of a large request goes behind the others
+        jobs = list(waiting)
+        counts = slice_round([job.encoded.lengths[job.todo] for job in jobs], self.round_pairs, self.round_tokens)
+        waiting.clear()
+        waiting.extend(job for job, n in zip(jobs, counts, strict=True) if n == 0)
+        taken: list[tuple[_Job, list[int]]] = []
+        for job, n in zip(jobs, counts, strict=True):
+            if n:
+                part, job.todo = job.todo[:n], job.todo[n:]
+                taken.append((job, part))
+                if job.todo:
+                    waiting.append(job)  # the rest of a large request goes behind the others
         if not taken:
             return []
         owners = [(job, i) for job, part in taken for i in part]
