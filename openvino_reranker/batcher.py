@@ -18,7 +18,7 @@ import numpy as np
 from .batching import length_order, plan_batches, slice_round
 from .cache import ScoreCache
 from .encoding import TRUNCATE_RIGHT, EncodedPairs, ModelHead, Truncation
-from .engine import NpuBusyCounter
+from .engine import InferenceEngine, NpuBusyCounter
 from .errors import (
     DOCUMENTS,
     ClientGoneError,
@@ -122,14 +122,14 @@ class Batcher:
     later request fails at once with 503 and `stopped_reason` says which thread ended and why (/readyz shows it,
     and the process exits so that systemd restarts it)."""
 
-    def __init__(self, engine, head: ModelHead, batch_size: int, round_pairs: int = 64,
+    def __init__(self, engine: InferenceEngine, head: ModelHead, batch_size: int, round_pairs: int = 64,
                  round_tokens: int | None = None):
         self.engine, self.head = engine, head
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
         # long pairs cost more device time: a round also stops at about round_pairs pairs of 128 tokens, so that a
         # small request waits behind a round of 512-token pairs no longer than behind one of short pairs
         self.round_tokens = round_tokens or self.round_pairs * 128
-        self.workers = max(1, getattr(engine, "num_requests", 1))
+        self.workers = engine.num_requests
         self.stopped_reason: str | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
@@ -336,8 +336,8 @@ class Reranker:
     concurrent requests and collects their logits, and the head turns those into scores. `score_pairs` is the one
     scoring API the service calls."""
 
-    def __init__(self, head: ModelHead, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
-                 round_pairs: int = 64, cache: ScoreCache | None = None):
+    def __init__(self, head: ModelHead, engine: InferenceEngine, batch_size: int,
+                 busy_counter: NpuBusyCounter | None = None, round_pairs: int = 64, cache: ScoreCache | None = None):
         self.head = head
         self.engine = engine
         self.busy_counter = busy_counter

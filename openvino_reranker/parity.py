@@ -161,7 +161,7 @@ class Reference:
 def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
     """Score the parity pairs on every infer request at once (all streams busy), twice each, and return the
     largest score difference from `reference`."""
-    runs = max(1, getattr(reranker.engine, "num_requests", 1)) * 2
+    runs = reranker.engine.num_requests * 2
     results: list[np.ndarray] = []
     errors: list[str] = []
 
