@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batcher import Reranker
 from .compilecache import CompileCache
 from .config import Config, ShapeBucket
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter
 from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
 from .referencescores import ReferenceScores
+from .reranker import Reranker
 
 log = logging.getLogger("openvino_reranker")
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import __version__
 from .api import RequestLimits, RerankRequest, ServedModel, render_readyz
-from .batcher import Reranker, WorkLimits
+from .batcher import WorkLimits
 from .checks import StartupCheck
 from .config import Config
 from .engine import EngineInfo, NpuBusyCounter
@@ -21,6 +21,7 @@ from .errors import BadRequestError, InferenceError, NotReadyError, OverloadedEr
 from .metrics import Metrics
 from .modeldir import ModelFiles
 from .parity import ParityCheck
+from .reranker import Reranker
 from .scoring import ScoredPairs
 
 

@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import tinymodel  # noqa: E402
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import load_api_key, load_config
 from openvino_reranker.encoding import CrossEncoderHead, ModelContract
 from openvino_reranker.errors import InferenceError
 from openvino_reranker.parity import REFERENCE_PROPERTIES
+from openvino_reranker.reranker import Reranker
 from openvino_reranker.service import RerankService
 from openvino_reranker.startup import bind_server, main
 

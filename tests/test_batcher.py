@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import SCORE_TOLERANCE, FakeEngine, close_reranker, fake_head, real_reranker, wait_until
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import ShapeBucket
 from openvino_reranker.errors import NotReadyError
+from openvino_reranker.reranker import Reranker
 from openvino_reranker.scoring import logits_to_scores
 
 

@@ -4,9 +4,9 @@ everything a request can change, it is bounded, it can be bypassed, and /metrics
 import numpy as np
 from conftest import FakeEngine, fake_head, request
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.cache import ScoreCache
 from openvino_reranker.encoding import Truncation
+from openvino_reranker.reranker import Reranker
 
 
 def test_lru_bounded_by_entries():

@@ -260,8 +260,8 @@ def test_the_logits_output_is_picked_by_name_not_position(tiny_model):
     import openvino.opset13 as ops
     from conftest import F32_LATENCY, SCORE_TOLERANCE
 
-    from openvino_reranker.batcher import Reranker
     from openvino_reranker.engine import Engine
+    from openvino_reranker.reranker import Reranker
 
     core = ov.Core()
     model = core.read_model(str(tiny_model.path / "openvino_model.xml"))

@@ -26,7 +26,7 @@ from conftest import (
     wait_until,
 )
 
-from openvino_reranker.batcher import ENCODE_SLICE, Reranker, WorkLimits
+from openvino_reranker.batcher import WorkLimits
 from openvino_reranker.errors import (
     EXIT_CONFIG,
     EXIT_MODEL,
@@ -35,6 +35,7 @@ from openvino_reranker.errors import (
     NotReadyError,
     PayloadTooLargeError,
 )
+from openvino_reranker.reranker import ENCODE_SLICE, Reranker
 
 
 class Crash(BaseException):
