@@ -16,12 +16,11 @@ from typing import Any
 
 from .checks import StartupCheck
 from .config import TIMEOUT_MS, Config, IntRange
-from .encoding import TRUNCATE_RIGHT, Truncation
 from .engine import EngineInfo
 from .errors import DOCUMENTS, BadRequestError, DocumentNames, PayloadTooLargeError, ServiceError
 from .modeldir import ModelFiles
 from .parity import REFERENCE_PROPERTIES, ParityCheck, ReferenceScoresCheck
-from .scoring import ScoredPairs, rank
+from .scoring import TRUNCATE_RIGHT, ScoredPairs, Truncation, rank
 
 # ---- JSON
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ShapeBucket
 from .errors import EXIT_CONFIG, EXIT_MODEL, PayloadTooLargeError, StartupError, error_reason
-from .scoring import logits_to_scores
+from .scoring import TRUNCATE_RIGHT, Truncation, logits_to_scores
 from .textcut import TextCutter
 
 
@@ -53,22 +53,6 @@ class ModelContract:
     output_name: str = "logits"
     output_index: int = 0  # the logits' position among the model's outputs (picked by name when checked)
     input_dtype: type = np.int64
-
-
-@dataclass(frozen=True)
-class Truncation:
-    """How a request wants its pairs cut to max_length: from the end (`right`, the default) or the start (`left`,
-    TEI's truncation_direction), each document first cut after its first `max_document_tokens` tokens (Cohere's
-    max_tokens_per_doc), and whether cutting is allowed at all (TEI's truncate=false: a pair that does not fit is
-    an error)."""
-
-    side: str = "right"
-    max_document_tokens: int | None = None
-    allowed: bool = True
-    max_chunks: int | None = None  # chunk instead: a long document is scored as its best of up to this many windows
-
-
-TRUNCATE_RIGHT = Truncation()
 
 
 def pad_pairs(encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket, input_names: Sequence[str],

@@ -13,10 +13,10 @@ import numpy as np
 
 from .batcher import Batcher, WorkLimits
 from .cache import ScoreCache
-from .encoding import TRUNCATE_RIGHT, EncodedPairs, ModelHead, Truncation
+from .encoding import EncodedPairs, ModelHead
 from .engine import InferenceEngine, NpuBusyCounter
 from .errors import DeadlineExceededError, DocumentNames, PayloadTooLargeError
-from .scoring import ScoredPairs
+from .scoring import TRUNCATE_RIGHT, ScoredPairs, Truncation
 
 ENCODE_SLICE = 64  # documents tokenized at a time between deadline and token-budget checks
 NO_LIMITS = WorkLimits()  # no deadline and no token budget (the startup checks' calls)

@@ -5,8 +5,8 @@ import numpy as np
 from conftest import FakeEngine, fake_head, request
 
 from openvino_reranker.cache import ScoreCache
-from openvino_reranker.encoding import Truncation
 from openvino_reranker.reranker import Reranker
+from openvino_reranker.scoring import Truncation
 
 
 def test_lru_bounded_by_entries():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from conftest import FakeEngine, fake_head, request
 
-from openvino_reranker.encoding import Truncation
 from openvino_reranker.reranker import Reranker
+from openvino_reranker.scoring import Truncation
 
 FILLER = "solar power energy from the sun and wind over the ocean "  # 11 tokens, none of them relevant
 NEEDLE = "paris"  # the only relevant word

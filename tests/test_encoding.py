@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, Truncation, pad_pairs
+from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, pad_pairs
+from openvino_reranker.scoring import Truncation
 from openvino_reranker.textcut import BertRuns, TextCutter
 
 
