@@ -37,6 +37,12 @@ def test_imports_point_one_way(module):
     assert imported <= earlier, f"{module} imports {sorted(imported - earlier)}, which come after it in MODULES"
 
 
+
+def test_the_wire_depends_only_on_errors_config_and_scoring():
+    """api.py parses and renders requests: it must not reach into the model, the engine or the startup checks (what
+    /readyz reports is rendered by service.py)."""
+    assert package_imports(PACKAGE / "api.py") <= {"errors", "config", "scoring"}
+
 def test_no_module_shadows_a_stdlib_name():
     import sys
 
