@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batching import length_order, plan_batches, slice_round
+from .config import ShapeBucket
 from .encoding import EncodedPairs, ModelHead
 from .engine import InferenceEngine
 from .errors import (
@@ -54,8 +55,9 @@ class WorkLimits:
             raise ClientGoneError("the client closed the connection")
 
 
-class _Job:
-    """One request's pairs inside the Batcher: logits arrive batch by batch; the future completes at the last."""
+class Job:
+    """One request's pairs inside the Batcher (what `submit` returns): logits arrive batch by batch; the future
+    completes at the last."""
 
     def __init__(self, encoded: EncodedPairs, limits: WorkLimits, num_labels: int):
         self.encoded = encoded
@@ -79,13 +81,44 @@ class _Job:
         return None
 
 
+def take_round(waiting: deque[Job], max_pairs: int, max_tokens: int) -> list[tuple[Job, list[int]]]:
+    """This round's slices of the waiting jobs (`slice_round`: requests in turn, at most max_pairs pairs and about
+    max_tokens tokens), each with the indices it gives, taken off the job's todo. Jobs the round does not reach keep
+    their place at the front of `waiting`; the rest of a job that gave a slice goes behind them, so that a small
+    request never waits behind the whole of a large one."""
+    jobs = list(waiting)
+    counts = slice_round([job.encoded.lengths[job.todo] for job in jobs], max_pairs, max_tokens)
+    waiting.clear()
+    waiting.extend(job for job, n in zip(jobs, counts, strict=True) if n == 0)
+    taken = []
+    for job, n in zip(jobs, counts, strict=True):
+        if n:
+            part, job.todo = job.todo[:n], job.todo[n:]
+            taken.append((job, part))
+            if job.todo:
+                waiting.append(job)
+    return taken
+
+
+def micro_batches(taken: list[tuple[Job, list[int]]], head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
+                  batch_size: int) -> list[tuple[dict[str, np.ndarray], ShapeBucket, list[tuple[Job, int]]]]:
+    """A round's pairs (`taken`: each job with the indices of its slice) merged across requests and planned into
+    micro-batches (`plan_batches`), each as (the head's feed, its shape, the (job, index) of each of its rows)."""
+    owners = [(job, i) for job, part in taken for i in part]
+    merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
+                          type_ids=[job.encoded.type_ids[i] for job, i in owners],
+                          lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
+                          truncated=np.zeros(len(owners), bool))
+    return [(head.feed(merged, batch.indices, batch.shape), batch.shape, [owners[k] for k in batch.indices])
+            for batch in plan_batches(merged.lengths, buckets, batch_size, head.max_length)]
+
+
 class Batcher:
-    """Cross-request dynamic batching. One owner thread takes the waiting requests in arrival order, gives each a
-    slice of a round of at most `round_pairs` pairs and about `round_tokens` tokens (round-robin, so a small request
-    never waits behind the whole of a large one), sorts the round's pairs by length, plans micro-batches (per static
-    bucket when the engine has them) and hands them to one worker thread per infer request. Workers call the
-    engine's blocking `infer`, which releases the GIL, so the device runs `workers` batches at once while the owner
-    prepares the next. Each request waits on its own Future.
+    """Cross-request dynamic batching. One owner thread takes a round of at most `round_pairs` pairs and about
+    `round_tokens` tokens from the waiting requests in turn (`take_round`), plans its micro-batches by length, in the
+    engine's static buckets when it has them (`micro_batches`), and hands them to one worker thread per infer
+    request. Workers call the engine's blocking `infer`, which releases the GIL, so the device runs `workers` batches
+    at once while the owner prepares the next. Each request waits on its own Future.
 
     No request can wedge it: an unexpected exception while planning a round or running a batch fails the requests
     involved (the HTTP layer answers 500) and the thread goes on. Should a thread end anyway, every waiting and
@@ -104,7 +137,7 @@ class Batcher:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._jobs: set[_Job] = set()  # submitted and not done: failed at once if a thread ends
+        self._jobs: set[Job] = set()  # submitted and not done: failed at once if a thread ends
         self._jobs_lock = threading.Lock()  # not self._lock: futures complete (and call _forget) under that one
         self._idle_changed = threading.Condition()
         self._idle_workers = 0
@@ -115,8 +148,8 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> _Job:
-        job = _Job(encoded, limits, self.head.contract.num_labels)
+    def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> Job:
+        job = Job(encoded, limits, self.head.contract.num_labels)
         with self._jobs_lock:
             if self._closed:
                 job.future.set_exception(self._refusal())
@@ -126,7 +159,7 @@ class Batcher:
         self._inbox.put(job)
         return job
 
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: Job) -> None:
         with self._jobs_lock:
             self._jobs.discard(job)
 
@@ -166,7 +199,7 @@ class Batcher:
     # ---- owner: rounds of micro-batches
 
     def _own(self) -> None:
-        waiting: deque[_Job] = deque()
+        waiting: deque[Job] = deque()
         while True:
             if not waiting:
                 item = self._inbox.get()
@@ -201,38 +234,18 @@ class Batcher:
             waiting.append(item)
 
     def _plan_round(self, waiting: deque) -> list:
-        """Fail the waiting requests that have died, take this round's slices (`slice_round`: at most round_pairs
-        pairs and about round_tokens tokens, requests in turn), send the rest of a request that gave a slice behind
-        the others, and return the micro-batches: [(feed, shape, [(job, index), ...])]."""
+        """Fail the waiting requests that have died, take this round's slices (`take_round`) and plan them into
+        micro-batches (`micro_batches`)."""
         for job in list(waiting):
             problem = job.dead()
             if problem is not None:
                 waiting.remove(job)
                 self._fail([job], problem)
-        jobs = list(waiting)
-        counts = slice_round([job.encoded.lengths[job.todo] for job in jobs], self.round_pairs, self.round_tokens)
-        waiting.clear()
-        waiting.extend(job for job, n in zip(jobs, counts, strict=True) if n == 0)
-        taken: list[tuple[_Job, list[int]]] = []
-        for job, n in zip(jobs, counts, strict=True):
-            if n:
-                part, job.todo = job.todo[:n], job.todo[n:]
-                taken.append((job, part))
-                if job.todo:
-                    waiting.append(job)  # the rest of a large request goes behind the others
+        taken = take_round(waiting, self.round_pairs, self.round_tokens)
         if not taken:
             return []
-        owners = [(job, i) for job, part in taken for i in part]
         try:
-            merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
-                                  type_ids=[job.encoded.type_ids[i] for job, i in owners],
-                                  lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
-                                  truncated=np.zeros(len(owners), bool))
-            batches = []
-            for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.head.max_length):
-                feed = self.head.feed(merged, batch.indices, batch.shape)
-                batches.append((feed, batch.shape, [owners[k] for k in batch.indices]))
-            return batches
+            return micro_batches(taken, self.head, self.engine.buckets, self.batch_size)
         except Exception as exc:  # fail the requests whose pairs were taken; the others stay queued
             log.exception("planning micro-batches failed")
             self._fail([job for job, _ in taken], exc)
@@ -290,7 +303,7 @@ class Batcher:
                 if job.remaining == 0 and not job.future.done():
                     job.future.set_result(job.logits)
 
-    def cancel(self, job: _Job) -> None:
+    def cancel(self, job: Job) -> None:
         with self._lock:
             job.future.cancel()
 
