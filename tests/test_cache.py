@@ -5,9 +5,9 @@ import numpy as np
 from support.engines import FakeEngine, fake_head
 from support.http import request
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.cache import ScoreCache
-from openvino_reranker.encoding import Truncation
+from openvino_reranker.reranker import Reranker
+from openvino_reranker.scoring import Truncation
 
 
 def test_lru_bounded_by_entries():

@@ -6,8 +6,8 @@ import pytest
 from support.engines import FakeEngine, fake_head
 from support.http import request
 
-from openvino_reranker.batcher import Reranker
-from openvino_reranker.encoding import Truncation
+from openvino_reranker.reranker import Reranker
+from openvino_reranker.scoring import Truncation
 
 FILLER = "solar power energy from the sun and wind over the ocean "  # 11 tokens, none of them relevant
 NEEDLE = "paris"  # the only relevant word

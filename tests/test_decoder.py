@@ -17,11 +17,11 @@ from openvino_reranker.encoding import (
     EncodedPairs,
     ModelContract,
     PromptTemplate,
-    Truncation,
     pad_pairs,
 )
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_MODEL, PayloadTooLargeError, StartupError
 from openvino_reranker.modeldir import load_model_files, static_buckets_for
+from openvino_reranker.scoring import Truncation
 
 DECODER_CONTRACT = ModelContract(("input_ids", "attention_mask"), 1)
 

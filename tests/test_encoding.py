@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from support.engines import FAKE_CONTRACT, fake_head
 
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, Truncation, pad_pairs
+from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, pad_pairs
+from openvino_reranker.scoring import Truncation
 from openvino_reranker.textcut import BertRuns, TextCutter
 
 
@@ -260,8 +261,8 @@ def test_the_logits_output_is_picked_by_name_not_position(tiny_model):
     import openvino.opset13 as ops
     from support.models import F32_LATENCY, SCORE_TOLERANCE
 
-    from openvino_reranker.batcher import Reranker
     from openvino_reranker.engine import Engine
+    from openvino_reranker.reranker import Reranker
 
     core = ov.Core()
     model = core.read_model(str(tiny_model.path / "openvino_model.xml"))

@@ -18,7 +18,7 @@ from support.models import F32
 from support.servers import RunningServer, free_port, run_server, server_env, spawn_ready_server
 from support.waiting import wait_until
 
-from openvino_reranker.batcher import ENCODE_SLICE, Reranker, WorkLimits
+from openvino_reranker.batcher import WorkLimits
 from openvino_reranker.errors import (
     EXIT_CONFIG,
     EXIT_MODEL,
@@ -27,6 +27,7 @@ from openvino_reranker.errors import (
     NotReadyError,
     PayloadTooLargeError,
 )
+from openvino_reranker.reranker import ENCODE_SLICE, Reranker
 
 
 class Crash(BaseException):

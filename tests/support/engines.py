@@ -12,10 +12,10 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.encoding import CrossEncoderHead, ModelContract
 from openvino_reranker.errors import InferenceError
 from openvino_reranker.parity import REFERENCE_PROPERTIES
+from openvino_reranker.reranker import Reranker
 
 from .models import F32_EXACT, F32_LATENCY, TinyModel
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.config import load_api_key, load_config
+from openvino_reranker.reranker import Reranker
 from openvino_reranker.service import RerankService
 from openvino_reranker.startup import bind_server, main
 
