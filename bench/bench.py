@@ -26,9 +26,7 @@ import json
 import random
 import re
 import shutil
-import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -41,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import tinymodel  # noqa: E402
+from serverproc import ServerError, start_server  # noqa: E402
 
 MINILM_SHAPE = tinymodel.BertShape(vocab_size=30522, hidden=384, layers=6, heads=12, intermediate=1536,
                                    max_positions=512, num_labels=1)
@@ -200,26 +199,6 @@ def pct(values, q):
 # ---------------------------------------------------------------------------------------------- service over HTTP
 
 
-def start_service(model_dir: Path, device: str, extra: list[str]) -> tuple[subprocess.Popen, int, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--device", device,
-                             "--model-dir", str(model_dir), "--log-level", "WARNING", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while True:
-        if proc.poll() is not None:
-            sys.exit("server exited: " + proc.stderr.read().decode()[-2000:])
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return proc, port, time.perf_counter() - started
-        except OSError:
-            time.sleep(0.05)
-
-
 def load(port: int, workload, concurrency: int, max_seconds: float) -> dict:
     latencies, pairs, errors = [], [0], []
     lock = threading.Lock()
@@ -341,20 +320,21 @@ def main() -> int:
     cache = Path(args.model_dir).parent / "compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     extra = ["--cache-dir", str(cache), *args.server_args.split()]
-    proc, port, cold = start_service(model_dir, args.device, extra)
+    server_args = ["--device", args.device, "--model-dir", str(model_dir), "--log-level", "WARNING", *extra]
     try:
-        for c in map(int, args.concurrency.split(",")):
-            r = load(port, workload, c, args.max_seconds)
-            r["ratio"] = r["pairs_per_s"] / best
-            results[f"service_c{c}"] = r
-            print(f"service c={c}: {r['pairs_per_s']:.1f} pairs/s  p50 {r['p50_ms']:.0f} ms  p95 {r['p95_ms']:.0f} ms  "
-                  f"p99 {r['p99_ms']:.0f} ms  ratio {r['ratio']:.2f}  errors {r['errors']}")
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    proc, port, warm = start_service(model_dir, args.device, extra)
-    proc.terminate()
-    proc.wait(30)
+        with start_server(server_args) as server:
+            cold = server.ready_s
+            for c in map(int, args.concurrency.split(",")):
+                r = load(server.port, workload, c, args.max_seconds)
+                r["ratio"] = r["pairs_per_s"] / best
+                results[f"service_c{c}"] = r
+                print(f"service c={c}: {r['pairs_per_s']:.1f} pairs/s  p50 {r['p50_ms']:.0f} ms  "
+                      f"p95 {r['p95_ms']:.0f} ms  p99 {r['p99_ms']:.0f} ms  ratio {r['ratio']:.2f}  "
+                      f"errors {r['errors']}")
+        with start_server(server_args) as server:
+            warm = server.ready_s
+    except ServerError as e:
+        sys.exit(str(e))
     results["start_s"] = {"cold": round(cold, 2), "warm_cache": round(warm, 2)}
     print(f"start to ready: cold {cold:.2f} s, warm (compile cache) {warm:.2f} s")
     print(json.dumps(results, indent=2, default=float))

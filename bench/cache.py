@@ -14,16 +14,15 @@ import argparse
 import http.client
 import json
 import random
-import signal
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from soak import WORDS, start_server  # noqa: E402
+from serverproc import ServerError, start_server  # noqa: E402
+from soak import WORDS  # noqa: E402
 
 
 def workload(sessions: int, seed: int) -> list[dict]:
@@ -80,18 +79,18 @@ def main() -> int:
     pairs = sum(len(r["documents"]) for r in requests)
     report = {"requests": len(requests), "pairs": pairs}
     for size in (0, args.cache_size):
-        proc, url = start_server(args.model_dir, args.device, ["--cache-dir", "", "--score-cache-size", str(size)])
-        port = urlsplit(url).port
         try:
-            run(port, workload(2, args.seed + 1))  # warm-up on other texts: nothing of it is reused below
-            before = cache_counts(port)
-            seconds = run(port, requests)
-            counts = {name: value - before.get(name, 0) for name, value in cache_counts(port).items()}
+            server = start_server(["--device", args.device, "--model-dir", args.model_dir, "--log-level", "WARNING",
+                                   "--cache-dir", "", "--score-cache-size", str(size)])
+        except ServerError as e:
+            sys.exit(str(e))
+        with server:
+            run(server.port, workload(2, args.seed + 1))  # warm-up on other texts: nothing of it is reused below
+            before = cache_counts(server.port)
+            seconds = run(server.port, requests)
+            counts = {name: value - before.get(name, 0) for name, value in cache_counts(server.port).items()}
             report[f"cache {size}"] = {"seconds": round(seconds, 2), "pairs_per_s": round(pairs / seconds, 1),
                                        **counts}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
     report["speedup"] = round(report["cache 0"]["seconds"] / report[f"cache {args.cache_size}"]["seconds"], 2)
     print(json.dumps(report, indent=2))
     return 0

@@ -26,18 +26,18 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from serverproc import ServerError, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4
@@ -387,12 +387,6 @@ def die(msg: str):
     raise SystemExit(2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def call(host: str, port: int, method: str, path: str, body=None, timeout: float = 60.0):
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
@@ -424,50 +418,25 @@ class Service:
     """server.py on the tests' tiny model, started and stopped by this script."""
 
     def __init__(self, python: str, log):
-        self.log = log
         self.tmp = Path(tempfile.mkdtemp(prefix="clients-service-"))
         run = subprocess.run([python, str(REPO / "tests" / "tinymodel.py"), str(self.tmp / "model")],
                              capture_output=True, text=True, timeout=300)
         if run.returncode:
+            shutil.rmtree(self.tmp, ignore_errors=True)
             die(f"tests/tinymodel.py failed:\n{run.stderr[-2000:]}")
         model_dir = run.stdout.strip().splitlines()[-1]
-        self.port = free_port()
-        self.log_path = self.tmp / "server.log"
-        self.log_file = open(self.log_path, "wb")
-        cmd = [python, str(REPO / "server.py"), "--device", "CPU", "--inference-precision", "f32",
-               "--port", str(self.port), "--model-dir", model_dir, "--cache-dir", ""]
-        log(f"[service] {' '.join(cmd)}")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=str(REPO))
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                die(f"server.py exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if call("127.0.0.1", self.port, "GET", "/readyz", timeout=5)[0] == 200:
-                    log(f"[service] ready on 127.0.0.1:{self.port}")
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        die(f"server.py was not ready within 180 s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
+        args = ["--device", "CPU", "--inference-precision", "f32", "--model-dir", model_dir, "--cache-dir", ""]
+        log(f"[service] {python} server.py {' '.join(args)}")
         try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
+            self.server = start_server(args, python=python, ready_within_s=180, log_path=self.tmp / "server.log")
+        except ServerError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            die(str(e))
+        self.port = self.server.port
+        log(f"[service] ready on 127.0.0.1:{self.port}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
+        self.server.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

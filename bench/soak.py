@@ -19,16 +19,14 @@ import http.client
 import json
 import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent
+from serverproc import ServerError, start_server
+
 WORDS = ("the solar power energy city river water music history system model search document light wind ocean "
          "train engine computer network bread coffee health school library language temperature pressure mountain "
          "capital france paris tower museum planet earth space rocket program python server data cell protein gene "
@@ -62,31 +60,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def start_server(model_dir: str, device: str, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """server.py on a free loopback port, once /readyz is 200; returns the process and its URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", device, "--model-dir", model_dir, "--log-level", "WARNING", *(extra or [])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return proc, url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit("server did not become ready")
 
 
 def _raw(head: str, body: bytes = b"") -> bytes:
@@ -222,8 +195,15 @@ def main() -> int:
     # the workload cycles through 64 requests: with the score cache on, all but the first pass would be cache hits
     # and the soak would not exercise inference, so the server it starts has no score cache
     extra = ["--score-cache-size", "0"] if args.score_cache_off else []
-    proc, url = start_server(args.model_dir, args.device, extra) if args.model_dir else (None, args.url)
-    pid = proc.pid if proc else args.pid
+    server = None
+    if args.model_dir:
+        try:
+            server = start_server(["--device", args.device, "--model-dir", args.model_dir, "--log-level", "WARNING",
+                                   *extra])
+        except ServerError as e:
+            sys.exit(str(e))
+    url = server.url if server else args.url
+    pid = server.pid if server else args.pid
     workload = make_requests(64, args.documents, args.seed)
     stats = {"latencies": [], "errors": [], "pairs": 0, "expected_4xx": 0, "hostile": 0, "hostile_unexpected": []}
     lock, counter = threading.Lock(), [0]
@@ -263,14 +243,9 @@ def main() -> int:
                     "peak": max((r for r in rss_samples if r), default=None)},
     }
     print(json.dumps(report, indent=2))
-    if proc:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            report_exit = proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            report_exit = "killed"
-        print(f"server exit status after SIGTERM: {report_exit}")
+    if server:
+        status = server.stop()
+        print(f"server exit status after SIGTERM: {'killed' if status is None else status}")
     return 0 if not stats["errors"] and not stats["hostile_unexpected"] else 1
 
 

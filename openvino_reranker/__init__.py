@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 # (tests/test_structure.py checks this), so the package reads top to bottom along a request's path.
 MODULES = (
     "errors", "config", "scoring", "batching", "textcut", "encoding", "cache", "compilecache", "engine", "batcher",
-    "hub", "referencescores", "modeldir", "demomodel", "checks", "parity", "api", "metrics", "service", "framing",
-    "connection", "httpserver", "evaluate", "systemd", "startup",
+    "reranker", "hub", "referencescores", "modeldir", "demomodel", "checks", "parity", "api", "metrics", "service",
+    "framing", "connection", "httpserver", "evaluate", "systemd", "startup",
 )

@@ -1,5 +1,6 @@
-"""The wire: request parsing and response rendering per API dialect, error bodies, and the /readyz body. The only
-module where JSON field names appear.
+"""The wire: request parsing and response rendering per API dialect, error bodies and the /healthz body (the /readyz
+body, which reports what serves, is service.py's). The field names of scoring requests and answers appear only
+here. It depends on errors, config and scoring alone.
 
 `DIALECTS` is the table the HTTP layer routes from: each entry names its paths, its parser, its renderer, its
 error shape and whether it needs the API key. Adding an API is one entry plus its parse and render functions
@@ -10,18 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import StartupCheck
 from .config import TIMEOUT_MS, Config, IntRange
-from .encoding import TRUNCATE_RIGHT, Truncation
-from .engine import EngineInfo
 from .errors import DOCUMENTS, BadRequestError, DocumentNames, PayloadTooLargeError, ServiceError
-from .modeldir import ModelFiles
-from .parity import REFERENCE_PROPERTIES, ParityCheck, ReferenceScoresCheck
-from .scoring import ScoredPairs, rank
+from .scoring import TRUNCATE_RIGHT, ScoredPairs, Truncation, rank
 
 # ---- JSON
 
@@ -508,70 +504,8 @@ def dialect_for(dialects: tuple[Dialect, ...], body: Any) -> Dialect:
     return next((d for d in dialects if d.matches is not None and d.matches(body)), dialects[-1])
 
 
-# ---- health and readiness
+# ---- liveness
 
 
 def render_healthz(version: str) -> dict:
     return {"ok": True, "status": "alive", "version": version}
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What serves, as /readyz reports it: fixed once the startup check passed."""
-
-    model: ModelFiles
-    head: Mapping[str, Any]  # the model head's description (kind, template, padding)
-    engine: EngineInfo
-    check: StartupCheck
-    parity: ParityCheck
-    config: Config
-    versions: Mapping[str, str]
-
-
-def render_reference_scores(checked: ReferenceScoresCheck | None) -> dict | None:
-    """/readyz's `reference_scores`: the model's own scores checked at startup; None when it has none."""
-    if checked is None:
-        return None
-    return {"file": checked.source, "pairs": checked.pairs, "compared": checked.compared,
-            "max_abs_diff": checked.max_abs_diff, "tolerance": checked.tolerance,
-            "exact_max_abs_diff": checked.exact_max_abs_diff, "file_tolerance": checked.file_tolerance,
-            "passed": checked.passed}
-
-
-def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
-    body: dict[str, Any] = {"ready": ready, "reason": reason}
-    if served is None:
-        return body
-    engine, parity, config = served.engine, served.parity, served.config
-    body.update({
-        "device": config.device,
-        "execution_devices": list(engine.execution_devices),
-        "model": served.model.name,
-        "model_dir": str(served.model.model_dir),
-        "model_file": str(served.model.xml.relative_to(served.model.model_dir)),
-        "source": dict(served.model.source) or None,
-        "head": dict(served.head),
-        "max_length": served.model.max_length,
-        "num_labels": engine.num_labels,
-        "inputs": list(engine.input_names),
-        "shape_mode": "static" if engine.buckets is not None else "dynamic",
-        "buckets": [str(b) for b in engine.buckets] if engine.buckets is not None else None,
-        "batch_size": config.batch_size,
-        "compile": {"ms": engine.compile_ms, "cache_dir": engine.cache_dir,
-                    "loaded_from_cache": list(engine.loaded_from_cache),
-                    "properties": dict(engine.properties), "infer_requests": engine.infer_requests},
-        "parity": {"max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,
-                   "fallback": parity.fallback, "step": parity.step,
-                   "failed_max_abs_diff": parity.failed_max_abs_diff,
-                   "failed_properties": dict(parity.failed_properties) if parity.failed_properties else None,
-                   "steps": [{"step": r.step.name, "properties": dict(r.step.properties),
-                              "infer_requests": r.infer_requests, "max_abs_diff": r.max_abs_diff,
-                              "reference_scores_max_abs_diff": r.reference_scores_max_abs_diff,
-                              "passed": r.passed} for r in parity.steps],
-                   "reference": "CPU, " + ", ".join(f"{k}={v}" for k, v in REFERENCE_PROPERTIES.items())},
-        "reference_scores": render_reference_scores(parity.reference_scores),
-        "startup_check": {"ms": served.check.elapsed_ms, "npu_busy_delta_us": served.check.npu_busy_delta_us,
-                          "npu_note": served.check.npu_note},
-        "versions": dict(served.versions),
-    })
-    return body

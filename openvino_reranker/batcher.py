@@ -1,5 +1,5 @@
-"""The cross-request batcher, which moves raw logits, and the scoring call (`Reranker.score_pairs`): pairs in,
-scores out."""
+"""The cross-request batcher: the encoded pairs of concurrent requests in, their raw logits out, through shared
+micro-batches on the engine's infer requests; `WorkLimits`, the per-request bounds it checks."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import length_order, plan_batches
-from .cache import ScoreCache
-from .encoding import TRUNCATE_RIGHT, EncodedPairs, ModelHead, Truncation
-from .engine import NpuBusyCounter
+from .batching import length_order, plan_batches, slice_round
+from .config import ShapeBucket
+from .encoding import EncodedPairs, ModelHead
+from .engine import InferenceEngine
 from .errors import (
     DOCUMENTS,
     ClientGoneError,
@@ -26,15 +25,11 @@ from .errors import (
     DocumentNames,
     InferenceError,
     NotReadyError,
-    PayloadTooLargeError,
     ServiceError,
     error_reason,
 )
-from .scoring import ScoredPairs
 
 log = logging.getLogger("openvino_reranker")
-
-ENCODE_SLICE = 64  # documents tokenized at a time between deadline and token-budget checks
 
 
 @dataclass(frozen=True)
@@ -60,32 +55,9 @@ class WorkLimits:
             raise ClientGoneError("the client closed the connection")
 
 
-@dataclass(frozen=True)
-class Tally:
-    """What the score cache's hits already hold for a request: their tokens (each pair counted as often as it stands
-    in the request) and the request positions of those that truncation cut."""
-
-    tokens: int
-    truncated_origins: list[int]
-
-
-class TokenBudget:
-    """One scoring call's running count of tokens after truncation against max_total_tokens: every document of the
-    request counts, duplicates and cache hits included, and a chunked document as the sum of its windows. This is
-    the number `usage` reports and `tokens_scored_total` adds up."""
-
-    def __init__(self, limit: int | None, names: DocumentNames):
-        self.limit, self.names, self.tokens = limit, names, 0
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-        if self.limit is not None and self.tokens > self.limit:
-            raise PayloadTooLargeError(f"the request's {self.names.array} come to more than {self.limit} tokens after "
-                                       f"truncation; the limit (max_total_tokens) is {self.limit}", self.names.array)
-
-
-class _Job:
-    """One request's pairs inside the Batcher: logits arrive batch by batch; the future completes at the last."""
+class Job:
+    """One request's pairs inside the Batcher (what `submit` returns): logits arrive batch by batch; the future
+    completes at the last."""
 
     def __init__(self, encoded: EncodedPairs, limits: WorkLimits, num_labels: int):
         self.encoded = encoded
@@ -109,32 +81,63 @@ class _Job:
         return None
 
 
+def take_round(waiting: deque[Job], max_pairs: int, max_tokens: int) -> list[tuple[Job, list[int]]]:
+    """This round's slices of the waiting jobs (`slice_round`: requests in turn, at most max_pairs pairs and about
+    max_tokens tokens), each with the indices it gives, taken off the job's todo. Jobs the round does not reach keep
+    their place at the front of `waiting`; the rest of a job that gave a slice goes behind them, so that a small
+    request never waits behind the whole of a large one."""
+    jobs = list(waiting)
+    counts = slice_round([job.encoded.lengths[job.todo] for job in jobs], max_pairs, max_tokens)
+    waiting.clear()
+    waiting.extend(job for job, n in zip(jobs, counts, strict=True) if n == 0)
+    taken = []
+    for job, n in zip(jobs, counts, strict=True):
+        if n:
+            part, job.todo = job.todo[:n], job.todo[n:]
+            taken.append((job, part))
+            if job.todo:
+                waiting.append(job)
+    return taken
+
+
+def micro_batches(taken: list[tuple[Job, list[int]]], head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
+                  batch_size: int) -> list[tuple[dict[str, np.ndarray], ShapeBucket, list[tuple[Job, int]]]]:
+    """A round's pairs (`taken`: each job with the indices of its slice) merged across requests and planned into
+    micro-batches (`plan_batches`), each as (the head's feed, its shape, the (job, index) of each of its rows)."""
+    owners = [(job, i) for job, part in taken for i in part]
+    merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
+                          type_ids=[job.encoded.type_ids[i] for job, i in owners],
+                          lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
+                          truncated=np.zeros(len(owners), bool))
+    return [(head.feed(merged, batch.indices, batch.shape), batch.shape, [owners[k] for k in batch.indices])
+            for batch in plan_batches(merged.lengths, buckets, batch_size, head.max_length)]
+
+
 class Batcher:
-    """Cross-request dynamic batching. One owner thread takes the waiting requests in arrival order, gives each a
-    slice of a round of at most `round_pairs` pairs and about `round_tokens` tokens (round-robin, so a small request
-    never waits behind the whole of a large one), sorts the round's pairs by length, plans micro-batches (per static
-    bucket when the engine has them) and hands them to one worker thread per infer request. Workers call the
-    engine's blocking `infer`, which releases the GIL, so the device runs `workers` batches at once while the owner
-    prepares the next. Each request waits on its own Future.
+    """Cross-request dynamic batching. One owner thread takes a round of at most `round_pairs` pairs and about
+    `round_tokens` tokens from the waiting requests in turn (`take_round`), plans its micro-batches by length, in the
+    engine's static buckets when it has them (`micro_batches`), and hands them to one worker thread per infer
+    request. Workers call the engine's blocking `infer`, which releases the GIL, so the device runs `workers` batches
+    at once while the owner prepares the next. Each request waits on its own Future.
 
     No request can wedge it: an unexpected exception while planning a round or running a batch fails the requests
     involved (the HTTP layer answers 500) and the thread goes on. Should a thread end anyway, every waiting and
     later request fails at once with 503 and `stopped_reason` says which thread ended and why (/readyz shows it,
     and the process exits so that systemd restarts it)."""
 
-    def __init__(self, engine, head: ModelHead, batch_size: int, round_pairs: int = 64,
+    def __init__(self, engine: InferenceEngine, head: ModelHead, batch_size: int, round_pairs: int = 64,
                  round_tokens: int | None = None):
         self.engine, self.head = engine, head
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
         # long pairs cost more device time: a round also stops at about round_pairs pairs of 128 tokens, so that a
         # small request waits behind a round of 512-token pairs no longer than behind one of short pairs
         self.round_tokens = round_tokens or self.round_pairs * 128
-        self.workers = max(1, getattr(engine, "num_requests", 1))
+        self.workers = engine.num_requests
         self.stopped_reason: str | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._jobs: set[_Job] = set()  # submitted and not done: failed at once if a thread ends
+        self._jobs: set[Job] = set()  # submitted and not done: failed at once if a thread ends
         self._jobs_lock = threading.Lock()  # not self._lock: futures complete (and call _forget) under that one
         self._idle_changed = threading.Condition()
         self._idle_workers = 0
@@ -145,8 +148,8 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> _Job:
-        job = _Job(encoded, limits, self.head.contract.num_labels)
+    def submit(self, encoded: EncodedPairs, limits: WorkLimits) -> Job:
+        job = Job(encoded, limits, self.head.contract.num_labels)
         with self._jobs_lock:
             if self._closed:
                 job.future.set_exception(self._refusal())
@@ -156,7 +159,7 @@ class Batcher:
         self._inbox.put(job)
         return job
 
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: Job) -> None:
         with self._jobs_lock:
             self._jobs.discard(job)
 
@@ -196,7 +199,7 @@ class Batcher:
     # ---- owner: rounds of micro-batches
 
     def _own(self) -> None:
-        waiting: deque[_Job] = deque()
+        waiting: deque[Job] = deque()
         while True:
             if not waiting:
                 item = self._inbox.get()
@@ -231,40 +234,18 @@ class Batcher:
             waiting.append(item)
 
     def _plan_round(self, waiting: deque) -> list:
-        """Take slices round-robin up to round_pairs pairs and about round_tokens tokens (a round always takes at
-        least one pair); return [(feed, shape, [(job, index, ...)])]."""
-        taken: list[tuple[_Job, list[int]]] = []
-        pairs_left, tokens_left = self.round_pairs, self.round_tokens
-        for _ in range(len(waiting)):
-            if pairs_left <= 0 or tokens_left <= 0:
-                break
-            job = waiting.popleft()
+        """Fail the waiting requests that have died, take this round's slices (`take_round`) and plan them into
+        micro-batches (`micro_batches`)."""
+        for job in list(waiting):
             problem = job.dead()
             if problem is not None:
+                waiting.remove(job)
                 self._fail([job], problem)
-                continue
-            n = 0
-            while n < len(job.todo) and n < pairs_left and tokens_left > 0:
-                tokens_left -= int(job.encoded.lengths[job.todo[n]])
-                n += 1
-            part, job.todo = job.todo[:n], job.todo[n:]
-            pairs_left -= n
-            taken.append((job, part))
-            if job.todo:
-                waiting.append(job)  # the rest of a large request goes behind the others
+        taken = take_round(waiting, self.round_pairs, self.round_tokens)
         if not taken:
             return []
-        owners = [(job, i) for job, part in taken for i in part]
         try:
-            merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
-                                  type_ids=[job.encoded.type_ids[i] for job, i in owners],
-                                  lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
-                                  truncated=np.zeros(len(owners), bool))
-            batches = []
-            for batch in plan_batches(merged.lengths, self.engine.buckets, self.batch_size, self.head.max_length):
-                feed = self.head.feed(merged, batch.indices, batch.shape)
-                batches.append((feed, batch.shape, [owners[k] for k in batch.indices]))
-            return batches
+            return micro_batches(taken, self.head, self.engine.buckets, self.batch_size)
         except Exception as exc:  # fail the requests whose pairs were taken; the others stay queued
             log.exception("planning micro-batches failed")
             self._fail([job for job, _ in taken], exc)
@@ -322,7 +303,7 @@ class Batcher:
                 if job.remaining == 0 and not job.future.done():
                     job.future.set_result(job.logits)
 
-    def cancel(self, job: _Job) -> None:
+    def cancel(self, job: Job) -> None:
         with self._lock:
             job.future.cancel()
 
@@ -331,148 +312,3 @@ class Batcher:
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(error)
-
-
-class Reranker:
-    """Pairs in, scores out: the head encodes (on the caller's thread), the Batcher plans micro-batches across
-    concurrent requests and collects their logits, and the head turns those into scores. `score_pairs` is the one
-    scoring API the service calls."""
-
-    def __init__(self, head: ModelHead, engine, batch_size: int, busy_counter: NpuBusyCounter | None = None,
-                 round_pairs: int = 64, cache: ScoreCache | None = None):
-        self.head = head
-        self.engine = engine
-        self.busy_counter = busy_counter
-        self.cache = cache
-        self.batcher = Batcher(engine, head, batch_size, round_pairs)
-
-    @property
-    def stopped_reason(self) -> str | None:
-        """Why scoring has stopped for good (a batcher thread ended), or None."""
-        return self.batcher.stopped_reason
-
-    def score_pairs(self, query: str | Sequence[str], texts: Sequence[str], limits: WorkLimits = WorkLimits(),
-                    truncation: Truncation = TRUNCATE_RIGHT, use_cache: bool = True,
-                    instruction: str | None = None) -> ScoredPairs:
-        """Scores of (query, text) pairs in request order; `query` is one query for all texts or one per text.
-        Identical pairs are tokenized and scored once and their results fanned out. With `truncation.max_chunks`
-        a long text is scored as its best window (head.windows). `instruction` replaces the prompt template's
-        default instruction (decoder heads that take one)."""
-        queries = [query] * len(texts) if isinstance(query, str) else list(query)
-        if truncation.max_chunks is None:
-            return self._score(queries, list(texts), limits, truncation, use_cache, instruction)
-        owners, window_queries, window_texts, left_over = [], [], [], []
-        for i, (q, text) in enumerate(zip(queries, texts, strict=True)):
-            limits.check()
-            windows, rest = self.head.windows(q, text, truncation.max_chunks, instruction)
-            owners += [i] * len(windows)
-            window_queries += [q] * len(windows)
-            window_texts += windows
-            left_over.append(rest)
-        scored = self._score(window_queries, window_texts, limits, TRUNCATE_RIGHT, use_cache, instruction)
-        owners_array = np.array(owners, dtype=np.int64)
-        best = np.empty(len(texts), dtype=np.int64)  # each text's best window; ties keep the first
-        for i in range(len(texts)):
-            mine = np.flatnonzero(owners_array == i)
-            best[i] = mine[int(np.argmax(scored.scores[mine]))]
-        lengths = np.bincount(owners_array, weights=scored.lengths, minlength=len(texts)).astype(np.int64)
-        truncated = np.array(left_over, dtype=bool) | np.bincount(owners_array, weights=scored.truncated,
-                                                                  minlength=len(texts)).astype(bool)
-        return ScoredPairs(scored.scores[best], scored.raw_scores[best], lengths, truncated, scored.tokenize_ms,
-                           scored.infer_ms, scored.batches, scored.npu_busy_delta_us, scored.queue_ms,
-                           chunks=np.bincount(owners_array, minlength=len(texts)))
-
-    def _score(self, queries: list[str], texts: list[str], limits: WorkLimits, truncation: Truncation,
-               use_cache: bool = True, instruction: str | None = None) -> ScoredPairs:
-        """Distinct pairs once each; those in the score cache are neither tokenized nor batched. A cache hit answers
-        exactly as scoring would: its tokens count towards max_total_tokens and its truncation towards
-        truncate=false, so the same request gets the same status with or without the cache."""
-        distinct: dict[tuple[str, str], int] = {}
-        inverse = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, texts, strict=True)],
-                           dtype=np.int64)
-        pairs = list(distinct)
-        first_index = np.unique(inverse, return_index=True)[1]  # where each distinct pair first stands
-        copies = np.bincount(inverse, minlength=len(pairs))  # how often each distinct pair stands in the request
-        scores, raw = np.zeros(len(pairs)), np.zeros(len(pairs))
-        lengths, truncated = np.zeros(len(pairs), dtype=np.int64), np.zeros(len(pairs), dtype=bool)
-        cache = self.cache if use_cache else None
-        keys = [cache.key(truncation, q, t, instruction) for q, t in pairs] if cache is not None else []
-        todo, hits = [], []
-        for i in range(len(pairs)):
-            hit = cache.get(keys[i]) if cache is not None else None
-            if hit is None:
-                todo.append(i)
-            else:
-                hits.append(i)
-                scores[i], raw[i], lengths[i], truncated[i] = hit
-        known = Tally(int((lengths[hits] * copies[hits]).sum()), [int(first_index[i]) for i in hits if truncated[i]])
-        budget = TokenBudget(limits.max_total_tokens, limits.names)
-        budget.add(known.tokens)
-        run = ScoredPairs(scores[:0], raw[:0], lengths[:0], truncated[:0], 0.0, 0.0, 0, None)
-        if todo:
-            run = self._run([pairs[i] for i in todo], first_index[todo], copies[todo], limits, budget, truncation,
-                            instruction, known)
-            scores[todo], raw[todo], lengths[todo], truncated[todo] = run.scores, run.raw_scores, run.lengths, \
-                run.truncated
-            for i in todo if cache is not None else ():
-                cache.put(keys[i], (float(scores[i]), float(raw[i]), int(lengths[i]), bool(truncated[i])))
-        else:
-            self._refuse_truncated(truncation, known.truncated_origins, limits)
-        return ScoredPairs(scores[inverse], raw[inverse], lengths[inverse], truncated[inverse], run.tokenize_ms,
-                           run.infer_ms, run.batches, run.npu_busy_delta_us, run.queue_ms)
-
-    def _refuse_truncated(self, truncation: Truncation, origins, limits: WorkLimits) -> None:
-        """With truncate=false, a 413 naming the first document (in request order) that truncation cut."""
-        if not truncation.allowed and len(origins):
-            first = limits.names.entry(int(min(origins)))
-            raise PayloadTooLargeError(f"{first} with the query is longer than max_length ({self.head.max_length} "
-                                       f"tokens) and truncation was not allowed", first)
-
-    def _run(self, pairs: list[tuple[str, str]], origins: np.ndarray, copies: np.ndarray, limits: WorkLimits,
-             budget: TokenBudget, truncation: Truncation, instruction: str | None = None,
-             known: Tally | None = None) -> ScoredPairs:
-        """Tokenize, batch and infer `pairs`; `origins` are their documents' positions in the request (for errors),
-        `copies` how often each stands in it (for the token budget); `known` what the cache hits already hold."""
-        t0 = time.perf_counter()
-        encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], copies, limits, budget, truncation,
-                               instruction)
-        self._refuse_truncated(truncation, [*origins[encoded.truncated].tolist(),
-                                            *(known.truncated_origins if known else [])], limits)
-        t1 = time.perf_counter()
-        limits.check()
-        busy_before = self.busy_counter.read() if self.busy_counter else None
-        job = self.batcher.submit(encoded, limits)
-        timeout = None if limits.deadline is None else max(0.0, limits.deadline - time.monotonic())
-        try:
-            logits = job.future.result(timeout)
-        except FutureTimeoutError:
-            self.batcher.cancel(job)  # its remaining batches are dropped
-            raise DeadlineExceededError("the request's deadline passed before its work finished") from None
-        except BaseException:
-            self.batcher.cancel(job)  # whatever went wrong, no batch of this request may run any more
-            raise
-        scores = self.head.scores(logits)
-        raw_scores = self.head.raw_scores(logits)
-        t2 = time.perf_counter()
-        busy_after = self.busy_counter.read() if self.busy_counter else None
-        delta = busy_after - busy_before if busy_before is not None and busy_after is not None else None
-        queued = (job.first_started or t2) - job.submitted
-        return ScoredPairs(scores, raw_scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000,
-                           (t2 - t1 - queued) * 1000, job.batches, delta, queued * 1000)
-
-    def _encode(self, queries: list[str], texts: list[str], copies: np.ndarray, limits: WorkLimits,
-                budget: TokenBudget, truncation: Truncation, instruction: str | None = None) -> EncodedPairs:
-        """Tokenize in slices, checking the deadline and the client before each and the token budget after each
-        (each pair counted as often as it stands in the request), so that a request over max_total_tokens costs
-        about the budget, not its whole body."""
-        parts = []
-        for start in range(0, len(texts), ENCODE_SLICE):
-            limits.check()
-            end = start + ENCODE_SLICE
-            part = self.head.encode(queries[start:end], texts[start:end], truncation, instruction)
-            budget.add(int((part.lengths * copies[start:end]).sum()))
-            parts.append(part)
-        return EncodedPairs.concat(parts)
-
-    def close(self) -> None:
-        self.batcher.close()

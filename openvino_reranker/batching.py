@@ -1,4 +1,5 @@
-"""Batching and shapes: pure functions that plan micro-batches (padding them is the model head's job)."""
+"""Batching and shapes: pure functions that slice rounds across requests and plan micro-batches (padding them is the
+model head's job)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ class MicroBatch:
 def length_order(lengths: Sequence[int]) -> list[int]:
     """Indices by descending length, ties by ascending index (a stable order, so plans are reproducible)."""
     return sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+
+
+def slice_round(pending: Sequence[Sequence[int]], max_pairs: int, max_tokens: int) -> list[int]:
+    """How many pairs each waiting request gives to the next round: `pending` holds, in queue order, the token
+    lengths of each request's pairs not yet planned, in the order they are to run. The requests take their turn in
+    order, each giving pairs until the round holds `max_pairs` pairs or its tokens reach `max_tokens` (the pair that
+    crosses it still goes, so a round always takes at least one pair); a request the round does not reach gives 0.
+    """
+    counts = []
+    pairs_left, tokens_left = max_pairs, max_tokens
+    for lengths in pending:
+        n = 0
+        while n < len(lengths) and n < pairs_left and tokens_left > 0:
+            tokens_left -= int(lengths[n])
+            n += 1
+        pairs_left -= n
+        counts.append(n)
+    return counts
 
 
 def _round_up(value: int, multiple: int) -> int:

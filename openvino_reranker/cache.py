@@ -16,7 +16,7 @@ import json
 import threading
 from collections import OrderedDict
 
-from .encoding import Truncation
+from .scoring import Truncation
 
 ENTRY_BYTES = 300  # key object, value tuple and OrderedDict links: 294 bytes measured with tracemalloc (50,000 entries)
 

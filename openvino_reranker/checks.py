@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .batcher import Reranker
 from .config import ENV_PREFIX, Config
 from .engine import EngineInfo, NpuBusyCounter
 from .errors import EXIT_STARTUP_CHECK, ServiceError, StartupError
+from .reranker import Reranker
 
 SMOKE_QUERY = "what is the capital of france"
 SMOKE_DOCUMENTS = (

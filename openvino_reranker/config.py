@@ -11,7 +11,7 @@ import socket
 import sys
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from . import __version__
@@ -103,6 +103,10 @@ class Choice:
         raise ValueError(f"{text!r} is not one of {', '.join(self.values)}")
 
 
+def _parse_text(text: str) -> str:
+    return text.strip()
+
+
 def _parse_path(text: str) -> str:
     return os.path.expanduser(text.strip()) if text.strip() else ""
 
@@ -126,7 +130,7 @@ def _parse_fraction(text: str) -> float:
 
 @dataclass(frozen=True)
 class Option:
-    name: str  # config field; the flag is --name-with-dashes, the env var OPENVINO_RERANKER_NAME
+    name: str  # the Config field; the flag is --name-with-dashes, the env var OPENVINO_RERANKER_NAME
     parse: Callable[[str], Any]
     default: str
     help: str
@@ -142,133 +146,96 @@ class Option:
         return ENV_PREFIX + self.name.upper()
 
 
-OPTIONS = (
-    Option("host", lambda s: s.strip(), "127.0.0.1", "address to bind"),
-    Option("port", _int(0, 65535), "18818", "TCP port to bind (0 = any free port)"),
-    Option("device", _parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]"),
-    Option("model", lambda s: s.strip(), DEFAULT_MODEL,
-           "a local model directory, or a Hugging Face Hub id org/name[@revision] fetched into the Hub cache",
-           metavar="ID|DIR"),
-    Option("model_dir", lambda s: s.strip(), "", "a local model directory (the same as --model DIR; not with --model)",
-           metavar="DIR"),
-    Option("model_file", lambda s: s.strip(), "",
-           "the IR inside the model (a path ending .xml); '' = the first present of "
-           "openvino/openvino_model_qint8_quantized.xml, openvino_model.xml, openvino/openvino_model.xml",
-           metavar="XML"),
-    Option("prompt_template", _parse_path, "",
-           "JSON file with a decoder reranker's prompt template; '' = rerank_template.json beside the IR, else the "
-           "built-in one for the model's model_type (qwen3)", metavar="FILE"),
-    Option("instruction", lambda s: s.strip(), "",
-           "instruction for decoder rerankers whose template takes one, when a request names none; '' = the "
-           "template's default", metavar="TEXT"),
-    Option("max_length", _int(0, MAX_SUPPORTED_LENGTH), "0",
-           f"tokens per (query, document) pair; 0 = the model's limit, at most {DEFAULT_MAX_LENGTH}"),
-    Option("shape_mode", Choice(("auto", "static", "dynamic")), "auto",
-           "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere"),
-    Option("buckets", _parse_buckets, "8x64,8x128,8x256,8x512",
-           "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)", metavar="LIST"),
-    Option("batch_size", _int(1, 256), "8", "pairs per micro-batch with dynamic shapes"),
-    Option("performance_hint", Choice(("latency", "throughput")), "latency",
-           "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
-           "docs/performance.md). Every compile is checked against an f32 single-stream reference"),
-    Option("num_streams", _int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides"),
-    Option("inference_threads", _int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default"),
-    Option("infer_requests", _int(0, 64), "0",
-           "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS"),
-    Option("inference_precision", Choice(("default", "f32", "bf16", "f16")), "default",
-           "INFERENCE_PRECISION_HINT; default = the device's choice"),
-    Option("parity_tolerance", _parse_fraction, "0.02",
-           "largest score difference from the f32 single-stream CPU reference accepted at startup", metavar="X"),
-    Option("on_parity_failure", Choice(("fallback", "refuse")), "fallback",
-           "when the serving compile disagrees with the reference: recompile safely, or refuse to start"),
-    Option("cache_dir", _parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)",
-           metavar="DIR"),
-    Option("npu_busy_path", _parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)",
-           metavar="PATH"),
-    Option("max_body_bytes", _int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted"),
-    Option("max_documents", _int(1, 100_000), "1000", "most documents in one request"),
-    Option("max_query_chars", _int(1, 10_000_000), "8192", "longest query, in characters"),
-    Option("max_document_chars", _int(1, 10_000_000), "2097152",
-           "longest document text, in characters (only what truncation or chunking keeps is tokenized)"),
-    Option("max_total_tokens", _int(1, 100_000_000), "131072",
-           "most tokens per request after truncation, every document counted (as usage counts them)"),
-    Option("score_cache_size", _int(0, 10_000_000), "10000",
-           "pairs whose scores are kept for repeats (about 300 bytes each; 0 disables)"),
-    Option("max_queued_requests", _int(1, 100_000), "32",
-           "scoring requests admitted at once (running + waiting); beyond it 503 overloaded"),
-    Option("request_timeout_ms", TIMEOUT_MS, "30000",
-           "default per-request deadline; a request may ask for less or more (X-Request-Timeout-Ms, timeout_ms)"),
-    Option("read_timeout_s", _int(1, 3600), "10", "seconds to receive a whole request once it has begun"),
-    Option("idle_timeout_s", _int(1, 3600), "30", "seconds a keep-alive connection may sit idle"),
-    Option("first_byte_timeout_s", _int(1, 3600), "5",
-           "seconds a new connection may wait before sending its first byte (idle_timeout_s applies after a request)"),
-    Option("max_header_bytes", _int(1024, 1 << 20), "65536",
-           "largest request line plus headers, read before the API key is checked; beyond it 414 or 431"),
-    Option("max_connections", _int(1, 100_000), "128", "open client connections; beyond it 503 at once"),
-    Option("drain_grace_s", _int(0, 3600), "0",
-           "on SIGTERM, seconds to keep serving with /readyz at 503 before the drain, so that a load balancer "
-           "stops sending requests first (0 = drain at once)"),
-    Option("drain_timeout_s", _int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish"),
-    Option("failures_before_unready", _int(1, 1000), "3",
-           "consecutive inference failures that flip /readyz to 503 (a success flips it back)"),
-    Option("api_key", lambda s: s.strip(), "", "require 'Authorization: Bearer KEY' on scoring routes and /metrics",
-           metavar="KEY"),
-    Option("api_key_file", _parse_path, "", "file holding the API key (first line); instead of api_key",
-           metavar="FILE"),
-    Option("allow_remote_without_key", _parse_bool_option, "false",
-           "allow binding a non-loopback address with no API key (a switch; the older `true`/`false` value still "
-           "works)", switch=True),
-    Option("log_level", Choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO", "how much the log says"),
-    Option("strict_env", _parse_bool_option, "false",
-           f"stop at startup (exit 2) when an {ENV_PREFIX}* variable is not an option, instead of warning",
-           switch=True),
-)
+def option(parse: Callable[[str], Any], default: str, help: str, switch: bool = False, metavar: str = "") -> Any:
+    """A Config field that is an option: its flag and variable are named after the field (`Option`)."""
+    return field(metadata={"option": Option("", parse, default, help, switch, metavar)})
 
 
 @dataclass(frozen=True)
 class Config:
-    host: str
-    port: int
-    device: str
-    model: str
-    model_dir: str
-    model_file: str
-    prompt_template: str
-    instruction: str
-    max_length: int
-    shape_mode: str
-    buckets: tuple[ShapeBucket, ...]
-    batch_size: int
-    performance_hint: str
-    num_streams: int
-    inference_threads: int
-    infer_requests: int
-    inference_precision: str
-    parity_tolerance: float
-    on_parity_failure: str
-    cache_dir: str
-    npu_busy_path: str
-    max_body_bytes: int
-    max_documents: int
-    max_query_chars: int
-    max_document_chars: int
-    max_total_tokens: int
-    score_cache_size: int
-    max_queued_requests: int
-    request_timeout_ms: int
-    read_timeout_s: int
-    idle_timeout_s: int
-    first_byte_timeout_s: int
-    max_header_bytes: int
-    max_connections: int
-    drain_grace_s: int
-    drain_timeout_s: int
-    failures_before_unready: int
-    api_key: str
-    api_key_file: str
-    allow_remote_without_key: bool
-    log_level: str
-    strict_env: bool
+    """Every option, written once: each field is an option (flag --name-with-dashes, variable OPENVINO_RERANKER_NAME)
+    with its parser, default (as the text a user would type), help and, for --help, its value's name. `OPTIONS` is
+    derived from these fields, in this order."""
+
+    host: str = option(_parse_text, "127.0.0.1", "address to bind")
+    port: int = option(_int(0, 65535), "18818", "TCP port to bind (0 = any free port)")
+    device: str = option(_parse_device, "NPU", "OpenVINO device: NPU, CPU, GPU[.N], AUTO[:list]")
+    model: str = option(_parse_text, DEFAULT_MODEL,
+        "a local model directory, or a Hugging Face Hub id org/name[@revision] fetched into the Hub cache",
+        metavar="ID|DIR")
+    model_dir: str = option(_parse_text, "",
+        "a local model directory (the same as --model DIR; not with --model)", metavar="DIR")
+    model_file: str = option(_parse_text, "",
+        "the IR inside the model (a path ending .xml); '' = the first present of "
+        "openvino/openvino_model_qint8_quantized.xml, openvino_model.xml, openvino/openvino_model.xml",
+        metavar="XML")
+    prompt_template: str = option(_parse_path, "",
+        "JSON file with a decoder reranker's prompt template; '' = rerank_template.json beside the IR, else the "
+        "built-in one for the model's model_type (qwen3)", metavar="FILE")
+    instruction: str = option(_parse_text, "",
+        "instruction for decoder rerankers whose template takes one, when a request names none; '' = the "
+        "template's default", metavar="TEXT")
+    max_length: int = option(_int(0, MAX_SUPPORTED_LENGTH), "0",
+        f"tokens per (query, document) pair; 0 = the model's limit, at most {DEFAULT_MAX_LENGTH}")
+    shape_mode: str = option(Choice(("auto", "static", "dynamic")), "auto",
+        "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere")
+    buckets: tuple[ShapeBucket, ...] = option(_parse_buckets, "8x64,8x128,8x256,8x512",
+        "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)", metavar="LIST")
+    batch_size: int = option(_int(1, 256), "8", "pairs per micro-batch with dynamic shapes")
+    performance_hint: str = option(Choice(("latency", "throughput")), "latency",
+        "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
+        "docs/performance.md). Every compile is checked against an f32 single-stream reference")
+    num_streams: int = option(_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides")
+    inference_threads: int = option(_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default")
+    infer_requests: int = option(_int(0, 64), "0",
+        "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+    inference_precision: str = option(Choice(("default", "f32", "bf16", "f16")), "default",
+        "INFERENCE_PRECISION_HINT; default = the device's choice")
+    parity_tolerance: float = option(_parse_fraction, "0.02",
+        "largest score difference from the f32 single-stream CPU reference accepted at startup", metavar="X")
+    on_parity_failure: str = option(Choice(("fallback", "refuse")), "fallback",
+        "when the serving compile disagrees with the reference: recompile safely, or refuse to start")
+    cache_dir: str = option(_parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)",
+        metavar="DIR")
+    npu_busy_path: str = option(_parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)",
+        metavar="PATH")
+    max_body_bytes: int = option(_int(1024, 1 << 30), str(2 * 1024 * 1024), "largest request body accepted")
+    max_documents: int = option(_int(1, 100_000), "1000", "most documents in one request")
+    max_query_chars: int = option(_int(1, 10_000_000), "8192", "longest query, in characters")
+    max_document_chars: int = option(_int(1, 10_000_000), "2097152",
+        "longest document text, in characters (only what truncation or chunking keeps is tokenized)")
+    max_total_tokens: int = option(_int(1, 100_000_000), "131072",
+        "most tokens per request after truncation, every document counted (as usage counts them)")
+    score_cache_size: int = option(_int(0, 10_000_000), "10000",
+        "pairs whose scores are kept for repeats (about 300 bytes each; 0 disables)")
+    max_queued_requests: int = option(_int(1, 100_000), "32",
+        "scoring requests admitted at once (running + waiting); beyond it 503 overloaded")
+    request_timeout_ms: int = option(TIMEOUT_MS, "30000",
+        "default per-request deadline; a request may ask for less or more (X-Request-Timeout-Ms, timeout_ms)")
+    read_timeout_s: int = option(_int(1, 3600), "10", "seconds to receive a whole request once it has begun")
+    idle_timeout_s: int = option(_int(1, 3600), "30", "seconds a keep-alive connection may sit idle")
+    first_byte_timeout_s: int = option(_int(1, 3600), "5",
+        "seconds a new connection may wait before sending its first byte (idle_timeout_s applies after a request)")
+    max_header_bytes: int = option(_int(1024, 1 << 20), "65536",
+        "largest request line plus headers, read before the API key is checked; beyond it 414 or 431")
+    max_connections: int = option(_int(1, 100_000), "128", "open client connections; beyond it 503 at once")
+    drain_grace_s: int = option(_int(0, 3600), "0",
+        "on SIGTERM, seconds to keep serving with /readyz at 503 before the drain, so that a load balancer "
+        "stops sending requests first (0 = drain at once)")
+    drain_timeout_s: int = option(_int(0, 3600), "10", "on SIGTERM, seconds to let in-flight requests finish")
+    failures_before_unready: int = option(_int(1, 1000), "3",
+        "consecutive inference failures that flip /readyz to 503 (a success flips it back)")
+    api_key: str = option(_parse_text, "",
+        "require 'Authorization: Bearer KEY' on scoring routes and /metrics", metavar="KEY")
+    api_key_file: str = option(_parse_path, "", "file holding the API key (first line); instead of api_key",
+        metavar="FILE")
+    allow_remote_without_key: bool = option(_parse_bool_option, "false",
+        "allow binding a non-loopback address with no API key (a switch; the older `true`/`false` value still "
+        "works)", switch=True)
+    log_level: str = option(Choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO", "how much the log says")
+    strict_env: bool = option(_parse_bool_option, "false",
+        f"stop at startup (exit 2) when an {ENV_PREFIX}* variable is not an option, instead of warning",
+        switch=True)
 
     # The two questions about the NPU, answered here only:
     @property
@@ -285,6 +252,9 @@ class Config:
     @property
     def static_shapes(self) -> bool:
         return self.shape_mode == "static" or (self.shape_mode == "auto" and self.may_use_npu)
+
+
+OPTIONS = tuple(replace(f.metadata["option"], name=f.name) for f in fields(Config))
 
 
 # --help's sections, in order, and the options in each

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ShapeBucket
 from .errors import EXIT_CONFIG, EXIT_MODEL, PayloadTooLargeError, StartupError, error_reason
-from .scoring import logits_to_scores
+from .scoring import TRUNCATE_RIGHT, Truncation, logits_to_scores
 from .textcut import TextCutter
 
 
@@ -53,22 +53,6 @@ class ModelContract:
     output_name: str = "logits"
     output_index: int = 0  # the logits' position among the model's outputs (picked by name when checked)
     input_dtype: type = np.int64
-
-
-@dataclass(frozen=True)
-class Truncation:
-    """How a request wants its pairs cut to max_length: from the end (`right`, the default) or the start (`left`,
-    TEI's truncation_direction), each document first cut after its first `max_document_tokens` tokens (Cohere's
-    max_tokens_per_doc), and whether cutting is allowed at all (TEI's truncate=false: a pair that does not fit is
-    an error)."""
-
-    side: str = "right"
-    max_document_tokens: int | None = None
-    allowed: bool = True
-    max_chunks: int | None = None  # chunk instead: a long document is scored as its best of up to this many windows
-
-
-TRUNCATE_RIGHT = Truncation()
 
 
 def pad_pairs(encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket, input_names: Sequence[str],
@@ -167,16 +151,39 @@ def logit_output(model, name: str = "logits") -> int:
 
 
 class ModelHead(ABC):
-    """What every head shares: chunking windows sized by the head (`window_size`), padding on the head's side with
-    its pad id, and the activation. Subclasses own the template, truncation and the contract."""
+    """What the rest of the service uses of a model head, and what every head shares. A head declares the model it
+    serves (`check_contract`), writes pairs as model inputs (`encode`, then `feed` for one micro-batch, padded on
+    `padding_side` with `pad_id`), cuts a long document into windows for chunking (`window_size`, `windows`) and turns
+    logits into scores (`scores`, `raw_scores`); `describe` is its part of /readyz. Subclasses own the template,
+    truncation and the contract; the engine and the batcher never look inside a pair or a logit."""
 
-    kind = ""
-    padding_side = "right"
-    max_length: int
+    kind: str = ""  # "cross-encoder", "decoder": named in /readyz and in errors
+    padding_side: str = "right"  # where `feed` pads: "right" (after the tokens) or "left"
+    takes_instruction: bool = False  # whether a request's `instruction` means anything to this head
+    max_length: int  # tokens per pair, special tokens and template included
+    min_pair_tokens: int  # the shortest pair it can make (one query and one document token): buckets must hold it
     pad_id: int
-    contract: ModelContract
+    contract: ModelContract  # what the compiled graph takes and gives, as `check_contract` found it
     _counter = None  # a copy of the tokenizer that neither truncates nor pads
     _cutter: TextCutter  # cuts long texts to what truncation keeps, with _counter
+
+    @classmethod
+    @abstractmethod
+    def check_contract(cls, model) -> ModelContract:
+        """The inputs this head feeds and the output that holds the logits, checked on an OpenVINO model; a model it
+        cannot serve is a StartupError (exit 3)."""
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """The head as /readyz shows it (`head`): kind, padding side, pad id, template and what else it has."""
+
+    # ---- pairs -> inputs
+
+    @abstractmethod
+    def encode(self, query: str | Sequence[str], texts: Sequence[str], truncation: Truncation = TRUNCATE_RIGHT,
+               instruction: str | None = None) -> EncodedPairs:
+        """(query, text) pairs as token ids, cut to max_length as `truncation` asks; `query` is one query for every
+        text or one per text, `instruction` replaces the template's default (heads that take one)."""
 
     @abstractmethod
     def window_size(self, query: str, instruction: str | None) -> int:
@@ -188,12 +195,19 @@ class ModelHead(ABC):
         return split_windows(self._cutter, text, max(8, self.window_size(query, instruction)), max_chunks)
 
     def feed(self, encoded: EncodedPairs, rows: Sequence[int], shape: ShapeBucket) -> dict[str, np.ndarray]:
+        """The model's inputs for the pairs at `rows`, padded to `shape`."""
         return pad_pairs(encoded, rows, shape, self.contract.input_names, self.pad_id, self.contract.input_dtype,
                          self.padding_side)
+
+    # ---- logits -> scores
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """float64 scores from this head's logits; a non-finite logit is an InferenceError."""
         return logits_to_scores(logits)
+
+    @abstractmethod
+    def raw_scores(self, logits: np.ndarray) -> np.ndarray:
+        """The logit each score is the sigmoid of (TEI's raw_scores), float64."""
 
 
 class CrossEncoderHead(ModelHead):

@@ -6,7 +6,7 @@ import queue
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -71,12 +71,26 @@ class EngineInfo:
     infer_requests: int
 
 
+@runtime_checkable
+class InferenceEngine(Protocol):
+    """What the batcher, the startup check and the parity guard use of an engine: `Engine`, or a test's stand-in."""
+
+    buckets: tuple[ShapeBucket, ...] | None  # the compiled static shapes; None: dynamic shapes
+    num_requests: int  # infer requests per compiled model (at least 1): how many batches may run at once
+
+    def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
+              deadline: float | None = None) -> np.ndarray:
+        """One batch's logits as float32 [rows, num_labels]; waiting for the device past `deadline`
+        (time.monotonic()) is a DeadlineExceededError, a failure an InferenceError."""
+        ...
+
+
 class Engine:
     """Compiled OpenVINO model(s) and a pool of infer requests per compiled model. `infer(feed, shape)` returns the
     contract's logits output as float32 [rows, num_labels]. Knows nothing about HTTP, JSON, tokens or scores.
 
     Every compile names its CACHE_DIR: the directory `cache` keys to this device, these properties and these shapes,
-    or "" (no cache) without one, so that no CACHE_DIR set on the Core can be used instead."""
+    or "" (no cache) without one, so that no CACHE_DIR set on the Core can be used instead. An `InferenceEngine`."""
 
     def __init__(self, core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping,
                  contract: ModelContract, before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None,

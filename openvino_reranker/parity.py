@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batcher import Reranker
 from .compilecache import CompileCache
 from .config import Config, ShapeBucket
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter
 from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
 from .referencescores import ReferenceScores
+from .reranker import Reranker
 
 log = logging.getLogger("openvino_reranker")
 
@@ -161,7 +161,7 @@ class Reference:
 def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
     """Score the parity pairs on every infer request at once (all streams busy), twice each, and return the
     largest score difference from `reference`."""
-    runs = max(1, getattr(reranker.engine, "num_requests", 1)) * 2
+    runs = reranker.engine.num_requests * 2
     results: list[np.ndarray] = []
     errors: list[str] = []
 

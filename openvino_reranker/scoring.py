@@ -1,4 +1,5 @@
-"""Scoring and ranking: logits to float64 scores, and the result order."""
+"""The scoring call's terms, shared by the wire and the model heads: how a request wants its pairs cut
+(`Truncation`), what scoring returns (`ScoredPairs`), logits to float64 scores, and the result order."""
 
 from __future__ import annotations
 
@@ -8,6 +9,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InferenceError
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How a request wants its pairs cut to max_length: from the end (`right`, the default) or the start (`left`,
+    TEI's truncation_direction), each document first cut after its first `max_document_tokens` tokens (Cohere's
+    max_tokens_per_doc), and whether cutting is allowed at all (TEI's truncate=false: a pair that does not fit is
+    an error)."""
+
+    side: str = "right"
+    max_document_tokens: int | None = None
+    allowed: bool = True
+    max_chunks: int | None = None  # chunk instead: a long document is scored as its best of up to this many windows
+
+
+TRUNCATE_RIGHT = Truncation()
 
 
 def logits_to_scores(logits: np.ndarray) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""The service: readiness, admission, deadlines, in-flight requests for the drain, and the one scoring call the HTTP
-layer makes (`RerankService.score`). Knows nothing of sockets or JSON."""
+"""The service: readiness and what /readyz reports (`render_readyz`), admission, deadlines, in-flight requests for the
+drain, and the one scoring call the HTTP layer makes (`RerankService.score`). Knows nothing of sockets or of the
+API dialects."""
 
 from __future__ import annotations
 
@@ -7,21 +8,88 @@ import contextlib
 import gc
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from . import __version__
-from .api import RequestLimits, RerankRequest, ServedModel, render_readyz
-from .batcher import Reranker, WorkLimits
+from .api import RequestLimits, RerankRequest
+from .batcher import WorkLimits
 from .checks import StartupCheck
 from .config import Config
 from .engine import EngineInfo, NpuBusyCounter
 from .errors import BadRequestError, InferenceError, NotReadyError, OverloadedError
 from .metrics import Metrics
 from .modeldir import ModelFiles
-from .parity import ParityCheck
+from .parity import REFERENCE_PROPERTIES, ParityCheck, ReferenceScoresCheck
+from .reranker import Reranker
 from .scoring import ScoredPairs
+
+# ---- readiness and /readyz
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What serves, as /readyz reports it: fixed once the startup check passed."""
+
+    model: ModelFiles
+    head: Mapping[str, Any]  # the model head's description (kind, template, padding)
+    engine: EngineInfo
+    check: StartupCheck
+    parity: ParityCheck
+    config: Config
+    versions: Mapping[str, str]
+
+
+def render_reference_scores(checked: ReferenceScoresCheck | None) -> dict | None:
+    """/readyz's `reference_scores`: the model's own scores checked at startup; None when it has none."""
+    if checked is None:
+        return None
+    return {"file": checked.source, "pairs": checked.pairs, "compared": checked.compared,
+            "max_abs_diff": checked.max_abs_diff, "tolerance": checked.tolerance,
+            "exact_max_abs_diff": checked.exact_max_abs_diff, "file_tolerance": checked.file_tolerance,
+            "passed": checked.passed}
+
+
+def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
+    body: dict[str, Any] = {"ready": ready, "reason": reason}
+    if served is None:
+        return body
+    engine, parity, config = served.engine, served.parity, served.config
+    body.update({
+        "device": config.device,
+        "execution_devices": list(engine.execution_devices),
+        "model": served.model.name,
+        "model_dir": str(served.model.model_dir),
+        "model_file": str(served.model.xml.relative_to(served.model.model_dir)),
+        "source": dict(served.model.source) or None,
+        "head": dict(served.head),
+        "max_length": served.model.max_length,
+        "num_labels": engine.num_labels,
+        "inputs": list(engine.input_names),
+        "shape_mode": "static" if engine.buckets is not None else "dynamic",
+        "buckets": [str(b) for b in engine.buckets] if engine.buckets is not None else None,
+        "batch_size": config.batch_size,
+        "compile": {"ms": engine.compile_ms, "cache_dir": engine.cache_dir,
+                    "loaded_from_cache": list(engine.loaded_from_cache),
+                    "properties": dict(engine.properties), "infer_requests": engine.infer_requests},
+        "parity": {"max_abs_diff": parity.max_abs_diff, "tolerance": parity.tolerance,
+                   "fallback": parity.fallback, "step": parity.step,
+                   "failed_max_abs_diff": parity.failed_max_abs_diff,
+                   "failed_properties": dict(parity.failed_properties) if parity.failed_properties else None,
+                   "steps": [{"step": r.step.name, "properties": dict(r.step.properties),
+                              "infer_requests": r.infer_requests, "max_abs_diff": r.max_abs_diff,
+                              "reference_scores_max_abs_diff": r.reference_scores_max_abs_diff,
+                              "passed": r.passed} for r in parity.steps],
+                   "reference": "CPU, " + ", ".join(f"{k}={v}" for k, v in REFERENCE_PROPERTIES.items())},
+        "reference_scores": render_reference_scores(parity.reference_scores),
+        "startup_check": {"ms": served.check.elapsed_ms, "npu_busy_delta_us": served.check.npu_busy_delta_us,
+                          "npu_note": served.check.npu_note},
+        "versions": dict(served.versions),
+    })
+    return body
 
 
 class Readiness:

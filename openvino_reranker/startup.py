@@ -11,7 +11,6 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from .batcher import Reranker
 from .cache import ScoreCache
 from .checks import check_startup
 from .compilecache import open_compile_cache
@@ -36,6 +35,7 @@ from .evaluate import main as evaluate_main
 from .httpserver import RerankServer
 from .modeldir import ModelFiles, load_model_files, locate_model, make_head, static_buckets_for
 from .parity import ParityCheck, compile_checked
+from .reranker import Reranker
 from .service import RerankService
 from .systemd import COMPILE_BUDGET_US, sd_notify
 

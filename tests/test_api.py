@@ -4,7 +4,8 @@ parser, and the error shapes per dialect."""
 import json
 
 import pytest
-from conftest import FakeEngine, request
+from support.engines import FakeEngine
+from support.http import request
 
 from openvino_reranker.api import (
     COHERE,

@@ -3,14 +3,19 @@ ones, and scores stay right under concurrency (real engine, dynamic and static s
 
 import threading
 import time
+from collections import deque
 
 import numpy as np
 import pytest
-from conftest import SCORE_TOLERANCE, FakeEngine, close_reranker, fake_head, real_reranker, wait_until
+from support.engines import FakeEngine, close_reranker, fake_head, real_reranker
+from support.models import SCORE_TOLERANCE
+from support.waiting import wait_until
 
-from openvino_reranker.batcher import Reranker
+from openvino_reranker.batcher import Job, WorkLimits, take_round
 from openvino_reranker.config import ShapeBucket
+from openvino_reranker.encoding import EncodedPairs
 from openvino_reranker.errors import NotReadyError
+from openvino_reranker.reranker import Reranker
 from openvino_reranker.scoring import logits_to_scores
 
 
@@ -189,3 +194,25 @@ def test_a_round_also_stops_at_its_token_budget(tiny_model):
         assert completed == ["small", "large"]  # the small one rode in an early round
     finally:
         reranker.close()
+
+
+def waiting_job(lengths: list[int]) -> Job:
+    ids = [np.zeros(n, dtype=np.int64) for n in lengths]
+    return Job(EncodedPairs(ids, ids, np.array(lengths), np.zeros(len(lengths), bool)), WorkLimits(), 1)
+
+
+def test_take_round_sends_the_rest_of_a_large_request_behind_the_others():
+    large, small, later = waiting_job([10] * 6), waiting_job([10]), waiting_job([10, 10])
+    waiting = deque([large, small, later])
+    taken = take_round(waiting, max_pairs=4, max_tokens=1000)
+    assert [(job, part) for job, part in taken] == [(large, [0, 1, 2, 3])]
+    assert list(waiting) == [small, later, large]  # not reached: their places; the rest of the large one behind
+    taken = take_round(waiting, max_pairs=4, max_tokens=1000)
+    assert taken == [(small, [0]), (later, [0, 1]), (large, [4])]
+    assert list(waiting) == [large] and large.todo == [5]
+    assert take_round(waiting, 4, 1000) == [(large, [5])] and not waiting
+
+
+def test_take_round_gives_each_request_its_longest_pairs_first():
+    job = waiting_job([3, 9, 5])
+    assert take_round(deque([job]), max_pairs=2, max_tokens=1000) == [(job, [1, 2])]

@@ -1,6 +1,6 @@
 import pytest
 
-from openvino_reranker.batching import length_order, pick_length, plan_batches
+from openvino_reranker.batching import length_order, pick_length, plan_batches, slice_round
 from openvino_reranker.config import ShapeBucket
 
 
@@ -47,3 +47,36 @@ def test_pick_length():
     assert pick_length(65, [64, 128]) == 128
     with pytest.raises(ValueError):
         pick_length(129, [64, 128])
+
+
+def test_a_round_takes_whole_small_requests_in_queue_order():
+    assert slice_round([[10, 10], [10], [10, 10, 10]], max_pairs=64, max_tokens=1000) == [2, 1, 3]
+    assert slice_round([], max_pairs=64, max_tokens=1000) == []
+
+
+def test_a_round_stops_at_max_pairs_and_later_requests_give_nothing():
+    assert slice_round([[10] * 5, [10] * 5, [10]], max_pairs=6, max_tokens=1000) == [5, 1, 0]
+    assert slice_round([[10] * 10, [10]], max_pairs=4, max_tokens=1000) == [4, 0]
+
+
+def test_a_round_stops_once_its_tokens_reach_max_tokens_taking_the_pair_that_crosses_it():
+    assert slice_round([[100, 100, 100]], max_pairs=64, max_tokens=150) == [2]
+    assert slice_round([[50, 50, 50]], max_pairs=64, max_tokens=100) == [2]  # exactly reached: no more
+    assert slice_round([[100, 100, 100], [5], [5]], max_pairs=64, max_tokens=250) == [3, 0, 0]
+    assert slice_round([[60], [60], [60]], max_pairs=64, max_tokens=100) == [1, 1, 0]
+
+
+def test_a_round_always_takes_at_least_one_pair():
+    assert slice_round([[5000]], max_pairs=1, max_tokens=10) == [1]
+    assert slice_round([[], [7]], max_pairs=1, max_tokens=10) == [0, 1]
+
+
+@pytest.mark.parametrize("max_pairs,max_tokens", [(1, 1), (3, 50), (8, 1000), (64, 64 * 128)])
+def test_a_round_never_exceeds_max_pairs_nor_a_request_its_pending_pairs(max_pairs, max_tokens):
+    pending = [[40] * 7, [3], [120, 90, 12], [], [64] * 20]
+    counts = slice_round(pending, max_pairs, max_tokens)
+    assert 1 <= sum(counts) <= max_pairs
+    assert all(0 <= n <= len(lengths) for n, lengths in zip(counts, pending, strict=True))
+    # the requests reached form a prefix of the queue (an empty request aside), each given its pairs in order
+    reached = [i for i, n in enumerate(counts) if n]
+    assert reached == [i for i in range(reached[-1] + 1) if pending[i]]

@@ -2,11 +2,12 @@
 everything a request can change, it is bounded, it can be bypassed, and /metrics counts it."""
 
 import numpy as np
-from conftest import FakeEngine, fake_head, request
+from support.engines import FakeEngine, fake_head
+from support.http import request
 
-from openvino_reranker.batcher import Reranker
 from openvino_reranker.cache import ScoreCache
-from openvino_reranker.encoding import Truncation
+from openvino_reranker.reranker import Reranker
+from openvino_reranker.scoring import Truncation
 
 
 def test_lru_bounded_by_entries():
@@ -69,7 +70,8 @@ def test_metrics_count_hits_and_no_cache_bypasses(fake_server):
 
 
 def test_size_0_disables_it(tiny_model, tmp_path):
-    from conftest import F32, RunningServer
+    from support.models import F32
+    from support.servers import RunningServer
 
     with RunningServer(["--device", "CPU", *F32, "--model-dir", str(tiny_model.path), "--cache-dir", "",
                         "--score-cache-size", "0"]).wait_ready() as srv:
@@ -115,7 +117,8 @@ OPTION_REQUESTS = [
 def test_a_cached_answer_is_the_answer_the_request_gets_without_the_cache(tiny_model):
     """For each request: its answer with the cache bypassed, then after an ordinary request scored the same pairs,
     then after itself was answered from the cache, are the same status and the same body (timings and ids aside)."""
-    from conftest import F32, RunningServer
+    from support.models import F32
+    from support.servers import RunningServer
 
     with RunningServer(["--device", "CPU", *F32, "--model-dir", str(tiny_model.path), "--cache-dir", "",
                         "--max-length", "128", "--max-total-tokens", "2000"]).wait_ready() as srv:

@@ -3,10 +3,11 @@ stays the default. The engine stand-in scores by which words a window holds, so 
 
 import numpy as np
 import pytest
-from conftest import FakeEngine, fake_head, request
+from support.engines import FakeEngine, fake_head
+from support.http import request
 
-from openvino_reranker.batcher import Reranker
-from openvino_reranker.encoding import Truncation
+from openvino_reranker.reranker import Reranker
+from openvino_reranker.scoring import Truncation
 
 FILLER = "solar power energy from the sun and wind over the ocean "  # 11 tokens, none of them relevant
 NEEDLE = "paris"  # the only relevant word

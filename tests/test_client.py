@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from support.servers import free_port
 
 from client import RerankSettings, rerank_candidates, rerank_endpoint
 

@@ -17,11 +17,11 @@ from openvino_reranker.encoding import (
     EncodedPairs,
     ModelContract,
     PromptTemplate,
-    Truncation,
     pad_pairs,
 )
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_MODEL, PayloadTooLargeError, StartupError
 from openvino_reranker.modeldir import load_model_files, static_buckets_for
+from openvino_reranker.scoring import Truncation
 
 DECODER_CONTRACT = ModelContract(("input_ids", "attention_mask"), 1)
 
@@ -235,7 +235,7 @@ def test_buckets_too_short_for_the_template_are_skipped_with_a_line(caplog):
 
 
 def test_a_cross_encoder_refuses_an_instruction_and_readyz_names_its_head(cpu_server):
-    from conftest import request
+    from support.http import request
 
     status, body = request(cpu_server.port, "POST", "/rerank", {"query": "q", "documents": ["d"],
                                                                  "instruction": "find it"})[:2]
@@ -261,7 +261,7 @@ def test_default_buckets_grow_to_a_long_max_length_and_named_ones_do_not():
                                           ("tiny-nemotron", "has no {instruction}")])
 def test_an_instruction_for_a_model_that_takes_none_stops_startup(name, needle):
     import openvino as ov
-    from conftest import ROOT
+    from support import ROOT
 
     from openvino_reranker.encoding import load_tokenizer
     from openvino_reranker.modeldir import make_head

@@ -5,7 +5,8 @@ Every dialect must give the same scores as a direct native call."""
 import math
 
 import pytest
-from conftest import SCORE_TOLERANCE, request
+from support.http import request
+from support.models import SCORE_TOLERANCE
 
 QUERY = "how to boil water at sea level"
 DOCS = [

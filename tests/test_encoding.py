@@ -3,12 +3,13 @@ contract check."""
 
 import numpy as np
 import pytest
-from conftest import FAKE_CONTRACT, fake_head
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.engines import FAKE_CONTRACT, fake_head
 
 from openvino_reranker.config import ShapeBucket
-from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, Truncation, pad_pairs
+from openvino_reranker.encoding import CrossEncoderHead, EncodedPairs, pad_pairs
+from openvino_reranker.scoring import Truncation
 from openvino_reranker.textcut import BertRuns, TextCutter
 
 
@@ -161,7 +162,7 @@ FIXTURE_TOKENIZERS = ["tiny-bert-qint8", "tiny-llama", "tiny-nemotron", "tiny-qw
 def cutters(tiny_model):
     """A TextCutter for each tokenizer family the fixtures hold (WordPiece, byte-level BPE with and without NFC,
     Unigram with NFKC), the tests' own tiny WordPiece, and the trained byte-level BPE and Unigram above."""
-    from conftest import ROOT
+    from support import ROOT
     from tokenizers import Tokenizer
 
     tokenizers = [Tokenizer.from_file(str(ROOT / "tests" / "fixtures" / "models" / name / "tokenizer.json"))
@@ -213,7 +214,7 @@ def test_a_two_megabyte_run_costs_what_its_kept_tokens_cost(cutters, text):
 
 @pytest.mark.parametrize("source", ["tiny", "exported"])
 def test_bert_runs_shorten_without_changing_a_token(tiny_model, source):
-    from conftest import ROOT
+    from support import ROOT
     from tokenizers import Tokenizer
 
     path = tiny_model.path if source == "tiny" else ROOT / "tests" / "fixtures" / "models" / "tiny-bert-qint8"
@@ -258,10 +259,10 @@ def test_the_logits_output_is_picked_by_name_not_position(tiny_model):
     """An IR whose first output is something else: the head finds `logits` by name and the engine serves it."""
     import openvino as ov
     import openvino.opset13 as ops
-    from conftest import F32_LATENCY, SCORE_TOLERANCE
+    from support.models import F32_LATENCY, SCORE_TOLERANCE
 
-    from openvino_reranker.batcher import Reranker
     from openvino_reranker.engine import Engine
+    from openvino_reranker.reranker import Reranker
 
     core = ov.Core()
     model = core.read_model(str(tiny_model.path / "openvino_model.xml"))
@@ -300,7 +301,7 @@ def test_a_model_without_logits_among_several_outputs_is_refused(tiny_model):
 
 
 def test_unigram_runs_shorten_without_changing_a_token():
-    from conftest import ROOT
+    from support import ROOT
     from tokenizers import Tokenizer
 
     from openvino_reranker.textcut import UnigramRuns

@@ -3,12 +3,13 @@ NPU busy counter."""
 
 import openvino as ov
 import pytest
-from conftest import SCORE_TOLERANCE, real_reranker
+from support.engines import FakeEngine, real_reranker
+from support.models import SCORE_TOLERANCE
 
 from openvino_reranker.compilecache import CONFIGURATION_FILE, open_compile_cache
 from openvino_reranker.config import ShapeBucket
 from openvino_reranker.encoding import CrossEncoderHead
-from openvino_reranker.engine import NpuBusyCounter
+from openvino_reranker.engine import InferenceEngine, NpuBusyCounter
 from openvino_reranker.errors import EXIT_MODEL, StartupError
 from openvino_reranker.modeldir import load_model_files
 
@@ -33,6 +34,12 @@ def make_reranker():
     yield make
     for reranker in made:
         reranker.close()
+
+
+def test_the_engine_and_the_tests_stand_in_have_what_the_batcher_uses(make_reranker, tiny_model):
+    engine = make_reranker(tiny_model).engine
+    assert isinstance(engine, InferenceEngine) and engine.num_requests >= 1
+    assert isinstance(FakeEngine(), InferenceEngine)
 
 
 @pytest.mark.parametrize("buckets", [None, (ShapeBucket(1, 32), ShapeBucket(4, 32), ShapeBucket(2, 128))])

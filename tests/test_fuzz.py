@@ -3,9 +3,9 @@ keeps serving."""
 
 import json
 
-from conftest import http_bytes, request, send_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.http import http_bytes, request, send_raw
 
 FIELDS = ["query", "documents", "top_k", "top_n", "return_documents", "model", "timeout_ms", "rank_fields", "id",
           "text", "max_chunks_per_doc", "topk", "texts", "max_tokens_per_doc", "raw_scores", "truncate",

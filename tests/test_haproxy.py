@@ -19,7 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, request, spawn_ready_server, wait_until
+from support import ROOT
+from support.http import request
+from support.servers import free_port, spawn_ready_server
+from support.waiting import wait_until
 
 HAPROXY = shutil.which("haproxy")
 SHIPPED_CONFIG = ROOT / "deploy" / "haproxy.cfg"

@@ -8,7 +8,10 @@ import threading
 import time
 
 import pytest
-from conftest import FakeEngine, close_reranker, free_port, http_bytes, request, send_raw, wait_until
+from support.engines import FakeEngine, close_reranker
+from support.http import http_bytes, request, send_raw
+from support.servers import free_port
+from support.waiting import wait_until
 
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_MODEL, DeadlineExceededError
 from openvino_reranker.startup import drain, main
@@ -150,7 +153,9 @@ def test_deadline_from_header_and_server_default(fake_server):
     thread, second = in_background(request, fake.port, "POST", "/v1/rerank", {"query": "q", "documents": docs},
                                    {"X-Request-Timeout-Ms": "5000"})
     wait_until(lambda: fake.service.admission.admitted == 1, what="admitting the second request")
-    time.sleep(0.6)  # the second request waits behind the held batch for longer than the server's default
+    # deliberate, once it is admitted: the second request waits behind the held batch for longer than the server's
+    # default of 400 ms, which its header overrides
+    time.sleep(0.6)
     engine.release()
     thread.join(10)
     status, _, _ = second["value"]
@@ -264,8 +269,10 @@ def test_idle_keep_alive_connection_is_closed(fake_server):
     fake = fake_server("--idle-timeout-s", "1").start(FakeEngine())
     conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
     assert request(fake.port, "GET", "/healthz", conn=conn)[0] == 200
-    time.sleep(1.6)
+    started = time.monotonic()
+    # recv blocks until the server hangs up (bounded by the connection's 5 s timeout): no guess at when it does
     assert conn.sock.recv(1) == b""  # the server hung up
+    assert time.monotonic() - started > 0.5  # at the idle timeout, not at once
     conn.close()
 
 
@@ -310,7 +317,10 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(fake_server):
     engine.wait_entered()  # in flight, held on the device
     started = time.monotonic()
     drainer, drained = in_background(lambda: (drain(fake.srv, fake.service), time.monotonic())[1])
-    time.sleep(0.5)  # the request stays in flight this long: the drain must wait for it
+    # the drain has stopped accepting (serve_forever has returned) and so is at, or about to be at, its wait for
+    # the in-flight request
+    wait_until(lambda: not fake.thread.is_alive(), 10, "the drain to stop accepting")
+    time.sleep(0.5)  # deliberate: the request stays in flight this much longer, and the drain must wait for it
     engine.release()
     drainer.join(10)
     assert 0.4 < drained["value"] - started < 5  # waited for the running request, not longer

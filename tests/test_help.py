@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, server_env
+from support import ROOT
+from support.servers import server_env
 
 from openvino_reranker.config import HELP_GROUPS, OPTIONS, load_config
 from openvino_reranker.errors import EXIT_CODES
@@ -105,7 +106,7 @@ def test_allow_remote_without_key_is_a_switch_and_keeps_its_old_form():
 def test_the_refusal_names_the_switch(capsys):
     import threading
 
-    from conftest import free_port
+    from support.servers import free_port
 
     from openvino_reranker.startup import main
 

@@ -6,7 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import SCORE_TOLERANCE, FakeEngine, request, send_raw
+from support.engines import FakeEngine
+from support.http import request, send_raw
+from support.models import SCORE_TOLERANCE
 
 QUERY = "how to boil water at sea level"
 DOCS = [

@@ -9,9 +9,11 @@ import socket
 import time
 
 import pytest
-from conftest import FakeEngine, request, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.engines import FakeEngine
+from support.http import request
+from support.waiting import wait_until
 
 from openvino_reranker.connection import EVICTABLE_AFTER_S, peer_closed
 from openvino_reranker.httpserver import RerankHandler
@@ -388,7 +390,7 @@ def test_a_connection_that_never_speaks_is_closed_at_first_byte_timeout(fake_ser
     try:
         assert request(fake.port, "GET", "/healthz", conn=conn)[0] == 200
         used = conn.sock
-        time.sleep(1.6)
+        time.sleep(1.6)  # deliberate: the used connection idles past first_byte_timeout_s (1 s), within idle's 5 s
         assert request(fake.port, "GET", "/healthz", conn=conn)[0] == 200 and conn.sock is used
     finally:
         conn.close()

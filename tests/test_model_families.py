@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import F32, ROOT, SCORE_TOLERANCE, RunningServer, request
+from support import ROOT
+from support.http import request
+from support.models import F32, SCORE_TOLERANCE
+from support.servers import RunningServer
 
 from openvino_reranker.encoding import load_tokenizer
 from openvino_reranker.modeldir import load_model_files, make_head

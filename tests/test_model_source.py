@@ -4,8 +4,10 @@ the fetch's failures as startup exit codes."""
 
 import numpy as np
 import pytest
-from conftest import F32, SCORE_TOLERANCE, RunningServer, request
 from fakehub import FakeHub
+from support.http import request
+from support.models import F32, SCORE_TOLERANCE
+from support.servers import RunningServer
 
 from openvino_reranker.config import DEFAULT_MODEL
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DOWNLOAD, EXIT_MODEL

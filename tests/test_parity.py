@@ -6,7 +6,10 @@ the real OpenVINO bug (INT8 weights, bf16, several streams) is served where the 
 import numpy as np
 import openvino as ov
 import pytest
-from conftest import F32, F32_LATENCY, FakeCore, RunningServer, request
+from support.engines import FakeCore
+from support.http import request
+from support.models import F32, F32_LATENCY
+from support.servers import RunningServer
 
 from openvino_reranker.config import load_config
 from openvino_reranker.errors import EXIT_STARTUP_CHECK

@@ -11,8 +11,11 @@ import json
 import numpy as np
 import openvino as ov
 import pytest
-from conftest import F32, ROOT, RunningServer, request
 from fakehub import FakeHub
+from support import ROOT
+from support.http import request
+from support.models import F32
+from support.servers import RunningServer
 
 from openvino_reranker.config import DEFAULT_MODEL
 from openvino_reranker.encoding import load_tokenizer

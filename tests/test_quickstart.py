@@ -5,9 +5,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import ROOT, free_port, request, run_server, server_env
+from support import ROOT
+from support.http import request
+from support.servers import run_server, spawn_server
 
 from openvino_reranker.demomodel import DEMO_MODEL_NAME
 from openvino_reranker.errors import EXIT_CONFIG
@@ -39,19 +40,8 @@ def test_the_demo_model_is_the_tests_tiny_model(tmp_path, tiny_model):
 
 def test_a_server_on_the_demo_model_answers_rerank_without_network(tmp_path):
     assert write_demo(tmp_path / "demo").returncode == 0
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--device", "CPU", "--model",
-                             str(tmp_path / "demo"), "--port", str(port), "--cache-dir", ""],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=server_env(NO_NETWORK))
+    proc, port = spawn_server(["--device", "CPU", "--model", str(tmp_path / "demo"), "--cache-dir", ""], NO_NETWORK)
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if request(port, "GET", "/readyz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
         status, body, _ = request(port, "POST", "/rerank", {
             "query": "how does solar power work",
             "documents": ["solar power is energy from the sun", "the cat and the dog"]})

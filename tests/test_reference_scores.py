@@ -8,7 +8,11 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import F32, ROOT, FakeCore, RunningServer, request
+from support import ROOT
+from support.engines import FakeCore
+from support.http import request
+from support.models import F32
+from support.servers import RunningServer
 
 from openvino_reranker import parity
 from openvino_reranker.encoding import QWEN3_RERANKER, DecoderRerankerHead, load_tokenizer

@@ -11,22 +11,14 @@ import time
 import numpy as np
 import pytest
 import tinymodel
-from conftest import (
-    F32,
-    ROOT,
-    FakeCore,
-    FakeEngine,
-    RunningServer,
-    fake_head,
-    free_port,
-    request,
-    run_server,
-    server_env,
-    spawn_ready_server,
-    wait_until,
-)
+from support import ROOT
+from support.engines import FakeCore, FakeEngine, fake_head
+from support.http import request
+from support.models import F32
+from support.servers import RunningServer, free_port, run_server, server_env, spawn_ready_server
+from support.waiting import wait_until
 
-from openvino_reranker.batcher import ENCODE_SLICE, Reranker, WorkLimits
+from openvino_reranker.batcher import WorkLimits
 from openvino_reranker.errors import (
     EXIT_CONFIG,
     EXIT_MODEL,
@@ -35,6 +27,7 @@ from openvino_reranker.errors import (
     NotReadyError,
     PayloadTooLargeError,
 )
+from openvino_reranker.reranker import ENCODE_SLICE, Reranker
 
 
 class Crash(BaseException):

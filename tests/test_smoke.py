@@ -7,7 +7,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ROOT, TinyModel
+from support import ROOT
+from support.models import TinyModel
 
 import smoke
 
@@ -149,7 +150,7 @@ def test_smoke_catches_a_server_that_breaks_the_contract(lying_server):
 
 
 def test_unreachable_server_is_one_failure_line():
-    from conftest import free_port
+    from support.servers import free_port
 
     result = subprocess.run([sys.executable, str(ROOT / "smoke.py"), "--url", f"http://127.0.0.1:{free_port()}",
                              "--fixtures", str(TINY_FIXTURES)], capture_output=True, text=True, timeout=60)

@@ -7,7 +7,10 @@ import threading
 
 import openvino as ov
 import pytest
-from conftest import FakeCore, RunningServer, request, run_server, spawn_ready_server, wait_until
+from support.engines import FakeCore
+from support.http import request
+from support.servers import RunningServer, run_server, spawn_ready_server
+from support.waiting import wait_until
 
 from openvino_reranker.engine import check_device_available
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DEVICE, EXIT_MODEL, EXIT_PORT, EXIT_STARTUP_CHECK, StartupError
@@ -187,7 +190,7 @@ def test_the_cache_use_is_said_in_words():
 
 
 def test_the_log_says_port_claimed_then_ready_then_the_exit_status(tiny_model):
-    from conftest import spawn_ready_server
+    from support.servers import spawn_ready_server
 
     proc, _ = spawn_ready_server(tiny_model)
     proc.terminate()

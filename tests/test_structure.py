@@ -4,7 +4,7 @@ entry point stays thin."""
 import ast
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from openvino_reranker import MODULES
 
@@ -37,6 +37,12 @@ def test_imports_point_one_way(module):
     assert imported <= earlier, f"{module} imports {sorted(imported - earlier)}, which come after it in MODULES"
 
 
+
+def test_the_wire_depends_only_on_errors_config_and_scoring():
+    """api.py parses and renders requests: it must not reach into the model, the engine or the startup checks (what
+    /readyz reports is rendered by service.py)."""
+    assert package_imports(PACKAGE / "api.py") <= {"errors", "config", "scoring"}
+
 def test_no_module_shadows_a_stdlib_name():
     import sys
 
@@ -56,3 +62,17 @@ def test_architecture_maps_every_module():
     table = [line for line in section.splitlines() if line.startswith("| `")]
     named = {name.strip("` ") for line in table for name in line.split("|")[1].split(",")}
     assert named == set(MODULES)
+
+
+def test_what_the_service_uses_of_a_model_head_is_declared_on_model_head():
+    """Outside encoding.py a head is used only through what ModelHead declares (a method, or an attribute with its
+    annotation), so that a new head knows what it must provide."""
+    import re
+
+    from openvino_reranker.encoding import ModelHead
+
+    declared = set(dir(ModelHead)) | set(ModelHead.__annotations__)
+    users = ("batcher", "reranker", "checks", "parity", "service", "startup", "modeldir")
+    used = {name for module in users
+            for name in re.findall(r"\bhead\.([a-z_]+)", (PACKAGE / f"{module}.py").read_text())}
+    assert used and used <= declared, f"used on a head but not declared on ModelHead: {sorted(used - declared)}"

@@ -9,7 +9,9 @@ import sys
 import uuid
 
 import pytest
-from conftest import ROOT, free_port, request
+from support import ROOT
+from support.http import request
+from support.servers import free_port
 
 from openvino_reranker.systemd import sd_notify
 

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import openvino as ov
 import pytest
-from conftest import RunningServer, request
+from support.http import request
+from support.servers import RunningServer
 from test_model_families import FIXTURES, all_cases_in_one_request, reference
 
 from openvino_reranker.compilecache import (

@@ -14,8 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, FakeEngine, free_port, request, server_env
 from evaldata import write_dataset
+from support import ROOT
+from support.engines import FakeEngine
+from support.http import request
+from support.servers import free_port, server_env
 
 from openvino_reranker import evaluate
 from openvino_reranker.evaluate import (
