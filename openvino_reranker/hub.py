@@ -1,6 +1,6 @@
 """Fetching a ready OpenVINO IR from the Hugging Face Hub, standard library only, into huggingface_hub's cache.
 
-The protocol and the cache layout are huggingface_hub's (SPEC.md, "Fetching a model from the Hub"): a model that
+The protocol and the cache layout are huggingface_hub's (ARCHITECTURE.md, "Fetching from the Hub"): a model that
 `hf download` or transformers fetched is used from that cache, and what this module fetches is used by them. Unlike
 huggingface_hub, every downloaded file is checked against its ETag (the sha256 of an LFS file, the git blob sha1 of
 a regular one) before it enters the cache.

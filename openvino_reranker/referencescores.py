@@ -4,8 +4,9 @@ It holds pairs (query, document and, for a template that takes one, the instruct
 model (torch, before conversion) gave each, as this service scores: sigmoid of the one logit (of l1 - l0 for two).
 The startup guard scores the same pairs through the model head and the compiled IR and compares (parity.py): that
 is what catches a wrong prompt template, pad id or tokenizer, which comparing two compiles of one IR cannot. The
-export tools write the file with `reference_scores_json`; SPEC.md, "Reference scores", is the contract. This module
-only reads and writes the format: standard library only, so that export tools can import it.
+export tools write the file with `reference_scores_json`; docs/models.md, "Reference scores", has the format and
+SPEC.md, "Reference scores", the check. This module only reads and writes the format: standard library only, so
+that export tools can import it.
 """
 
 from __future__ import annotations
