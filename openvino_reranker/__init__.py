@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 MODULES = (
     "errors", "config", "scoring", "batching", "textcut", "encoding", "cache", "compilecache", "engine", "batcher",
     "hub", "modeldir", "demomodel", "checks", "parity", "api", "metrics", "service", "framing", "connection",
-    "httpserver", "evaluate", "systemd", "startup",
+    "httpserver", "evaluate", "quantize", "systemd", "startup",
 )
