@@ -156,7 +156,10 @@ def low_precision_constant(node) -> str | None:
 
 def weight_types(xml: Path) -> list[str]:
     """The stored type of every MatMul weight (a constant input) in the IR."""
-    model = ov.Core().read_model(str(xml))
+    return weight_types_of(ov.Core().read_model(str(xml)))
+
+
+def weight_types_of(model) -> list[str]:
     found = []
     for op in model.get_ops():
         if op.get_type_name() == "MatMul":
@@ -206,8 +209,28 @@ def test_bert_output_quantizes_activations_and_holds_int8_weights(tiny_model, be
     assert report["quantized_ir"]["ops"] == {"FakeQuantize": fake_quantize}
     assert report["quantized_ir"]["matmuls"]["weights_low_precision"] == 14
     assert report["head"] == "cross-encoder" and report["nncf"]["subset_size"] == SAMPLES
+    assert report["nncf"]["weights_decompressed"] == 14
     assert report["calibration"]["samples"] == SAMPLES and report["calibration"]["source"] == "built-in"
     assert f"on {SAMPLES} calibration pairs (built-in)" in stdout and "serve it with" in stdout
+
+
+def test_decompressed_weights_compute_the_same_function(tiny_model):
+    """quantize hands NNCF float weights (so that SmoothQuant can rescale them): the same values as the INT8 ones."""
+    core = ov.Core()
+    model = core.read_model(str(tiny_model.path / "openvino_model.xml"))
+    assert quantize.decompress_weights(model) == 14  # every linear layer: 2 x 6, the pooler, the classifier
+    assert weight_types_of(model) == ["f32"] * 14
+    assert quantize.decompress_weights(model) == 0
+    compiled = core.compile_model(model, "CPU", F32_LATENCY)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_model.path / "tokenizer.json"))
+    for document in DOCUMENTS:
+        enc = tokenizer.encode(QUERY, document)
+        ids = np.array([enc.ids])
+        logit = compiled({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                          "token_type_ids": np.array([enc.type_ids])})[0][0, 0]
+        assert sigmoid(float(logit)) == pytest.approx(tiny_model.reference_scores(QUERY, [document])[0], abs=1e-5)
 
 
 def test_decoder_output_quantizes_the_fp32_weights_and_activations(qwen3_output):
@@ -216,7 +239,7 @@ def test_decoder_output_quantizes_the_fp32_weights_and_activations(qwen3_output)
     weights = weight_types(out / "openvino_model.xml")
     assert weights.count("i8") >= len(weights) - 1, weights  # NNCF may keep the last (score) projection in float
     assert count_ops(out / "openvino_model.xml", "FakeQuantize") >= 8
-    assert report["head"] == "decoder"
+    assert report["head"] == "decoder" and report["nncf"]["weights_decompressed"] == 0
     files = load_model_files(out, 0)
     assert files.head_kind == "decoder" and files.model_type == "qwen3"  # config.json came along: built-in template
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "reference.json"):
