@@ -466,9 +466,12 @@ def replace_directory(staged: Path, output: Path) -> None:
 
 def exact_reranker(core, loaded: LoadedModel) -> Reranker:
     """The model's head on a CPU compile at f32 throughout (the parity guard's reference configuration), one infer
-    request, no compile cache: the scores the report compares are the IRs' own, not a precision's."""
-    engine = Engine(core, loaded.model, "CPU", None, REFERENCE_PROPERTIES, loaded.head.contract, infer_requests=1)
-    return Reranker(loaded.head, engine, SCORING_BATCH)
+    request, no compile cache: the scores the report compares are the IRs' own, not a precision's. A static IR is
+    compiled as its one bucket."""
+    shape = input_shape(loaded.model, loaded.head)
+    engine = Engine(core, loaded.model, "CPU", None if shape is None else (shape,), REFERENCE_PROPERTIES,
+                    loaded.head.contract, infer_requests=1)
+    return Reranker(loaded.head, engine, SCORING_BATCH if shape is None else shape.rows)
 
 
 def score(reranker: Reranker, pairs: Sequence[Pair]) -> np.ndarray:
@@ -646,9 +649,13 @@ def run_quantize(args: argparse.Namespace, environ: Mapping[str, str], stderr: T
         raise QuantizeError(f"{files.xml} is quantized already (it holds FakeQuantize or FakeConvert operations): "
                             f"name the unquantized IR with --model-file (for a sentence-transformers repo, "
                             f"openvino/openvino_model.xml)", EXIT_MODEL)
+    shape = input_shape(original.model, original.head)
+    if shape is not None and shape.length < files.max_length:
+        raise bad_input(f"{files.xml} has the static shape {shape}, shorter than max_length {files.max_length}: pass "
+                        f"--max-length {shape.length}")
     samples = spread(calibration, args.samples)
     progress(f"calibrating {files.xml.name} ({files.head_kind}) on {len(samples)} pairs ({source})")
-    feeds = calibration_feeds(original.head, samples, input_shape(original.model, original.head))
+    feeds = calibration_feeds(original.head, samples, shape)
     float_model = original.model.clone()
     decompressed = decompress_weights(float_model)
     quantized_model = quantize_model(nncf, float_model, feeds, len(feeds), ignored_types(original.head), stderr)

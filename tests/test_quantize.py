@@ -470,3 +470,22 @@ def test_the_builtin_set_ships_with_the_package_and_is_what_the_tool_writes(tmp_
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_calibration_pairs.py"), str(tmp_path / "p.jsonl")],
                    check=True, capture_output=True)
     assert (tmp_path / "p.jsonl").read_bytes() == (ROOT / "openvino_reranker" / "calibration_pairs.jsonl").read_bytes()
+
+
+def test_a_static_ir_is_calibrated_at_its_own_shape(tiny_model, tmp_path):
+    import shutil
+
+    static = tmp_path / "static"
+    shutil.copytree(tiny_model.path, static, ignore=shutil.ignore_patterns("openvino_model.*"))
+    core = ov.Core()
+    model = core.read_model(str(tiny_model.path / "openvino_model.xml"))
+    model.reshape({name: [2, 64] for name in ("input_ids", "attention_mask", "token_type_ids")})
+    ov.save_model(model, str(static / "openvino_model.xml"), compress_to_fp16=False)
+    code, _, stderr = run_quantize("--model", static, "--output", tmp_path / "out", "--samples", 4)
+    assert code == 2 and error_line(stderr).endswith("static shape 2x64, shorter than max_length 128: pass "
+                                                     "--max-length 64")
+    code, _, stderr = run_quantize("--model", static, "--output", tmp_path / "out", "--samples", 4, "--max-length", 64)
+    assert code == 0, stderr
+    quantized = core.read_model(str(tmp_path / "out" / "openvino_model.xml"))
+    assert quantized.input("input_ids").get_partial_shape().to_shape() == [2, 64]
+    assert count_ops(tmp_path / "out" / "openvino_model.xml", "FakeQuantize") > 0
