@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -54,6 +55,13 @@ BUILTIN_CALIBRATION = "calibration_pairs.jsonl"  # package data: tools/make_cali
 # Files that hold weights: never copied into the output (the quantized IR replaces the model's weights)
 WEIGHT_SUFFIXES = (".xml", ".bin", ".onnx", ".onnx_data", ".safetensors", ".pt", ".pth", ".ckpt", ".h5", ".msgpack",
                    ".gguf", ".tflite")
+# Issue 17.2's reference scores beside the IR: the original model's scores of a few pairs, checked at startup within
+# the file's tolerance of an exact f32 run of the IR. The quantized IR is further from them than the export was, so
+# the copy gets a tolerance that covers the quantization (reference_scores_for_quantized).
+REFERENCE_SCORES_FILE = "reference_scores.json"
+REFERENCE_SCORES_FORMAT = "openvino-reranker reference scores"
+REFERENCE_SCORES_BATCH = 8  # the server's default batch size: the startup check scores the pairs in such batches
+MAX_REFERENCE_TOLERANCE = 0.5  # the file's tolerance must stay below 1
 HELD_OUT_SHARE = 5  # one query in five (by the digest of its text) is held out of calibration
 MAX_HELD_OUT_PAIRS = 400  # the report's agreement is measured on at most this many pairs
 # The report scores each pair alone (a batch of one, padded to a multiple of 8 tokens as the server pads): a
@@ -506,6 +514,70 @@ def agreement_report(pairs: Sequence[Pair], original: np.ndarray, quantized: np.
     return {"pairs": len(pairs), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), **ranks}
 
 
+def two_digits_up(value: float) -> float:
+    """`value` rounded up to two significant digits (0.07854 -> 0.079)."""
+    exponent = math.floor(math.log10(value)) - 1
+    return float(f"{math.ceil(round(value / 10 ** exponent, 9))}e{exponent}")
+
+
+def read_reference_scores(path: Path) -> dict | None:
+    """The reference scores file's JSON when it is one (its `format` says so, with `tolerance` and `pairs`), else
+    None: a file this command does not know is copied as it is."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != REFERENCE_SCORES_FORMAT:
+        return None
+    pairs = data.get("pairs")
+    if not isinstance(data.get("tolerance"), (int, float)) or not isinstance(pairs, list) or not pairs or \
+            not all(isinstance(p, dict) and isinstance(p.get("query"), str) and isinstance(p.get("document"), str)
+                    and isinstance(p.get("score"), (int, float)) for p in pairs):
+        return None
+    return data
+
+
+def comparable_pairs(lengths: np.ndarray, truncated: np.ndarray, max_length: int, made_at: Any) -> np.ndarray:
+    """Which reference pairs were cut alike here and when their scores were made (the file's `max_length`; null:
+    none was cut), as the startup check decides: cut in neither, or in both at the same length."""
+    if not isinstance(made_at, int):
+        return ~truncated
+    return np.where(truncated, max_length == made_at, lengths <= made_at)
+
+
+def score_reference_pairs(reranker: Reranker, pairs: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray,
+                                                                                             np.ndarray]:
+    """The reference pairs' scores, token counts and truncation, one call per instruction, as the server's startup
+    check scores them."""
+    scores, lengths, truncated = np.empty(len(pairs)), np.zeros(len(pairs), dtype=np.int64), np.zeros(len(pairs), bool)
+    by_instruction: dict[str | None, list[int]] = {}
+    for n, pair in enumerate(pairs):
+        by_instruction.setdefault(pair.get("instruction"), []).append(n)
+    for instruction, rows in by_instruction.items():
+        try:
+            scored = reranker.score_pairs([pairs[n]["query"] for n in rows], [pairs[n]["document"] for n in rows],
+                                          use_cache=False, instruction=instruction)
+        except ServiceError as exc:
+            raise QuantizeError(f"scoring the reference pairs failed: {exc.message}", EXIT_QUANTIZE_FAILED) from None
+        scores[rows], lengths[rows], truncated[rows] = scored.scores, scored.lengths, scored.truncated
+    return scores, lengths, truncated
+
+
+def reference_scores_for_quantized(data: dict, measured: float) -> dict:
+    """The reference scores file of the quantized model: the original model's scores unchanged (they still catch a
+    wrong tokenizer, template or pad id), the tolerance widened to 1.5 times the quantized IR's measured distance
+    from them, rounded up to two significant digits, and never narrower than before; `produced_by.quantized` says
+    so. The margin: a quantized decoder's score also moves a little with the batch it is scored in. At most
+    MAX_REFERENCE_TOLERANCE: a quantized model that far off fails the startup check, as it should."""
+    before = float(data["tolerance"])
+    wanted = min(MAX_REFERENCE_TOLERANCE, two_digits_up(1.5 * measured)) if measured > 0 else before
+    widened = dict(data, tolerance=max(before, wanted))
+    produced_by = data.get("produced_by") if isinstance(data.get("produced_by"), dict) else {}
+    widened["produced_by"] = {**produced_by, "quantized": {
+        "by": PRODUCED_BY, "tolerance_before": before, "quantized_ir_f32_max_abs_diff": measured}}
+    return widened
+
+
 def score_evalset(reranker: Reranker, evalset, label: str) -> ServiceRun:
     """Every evaluated query's candidates (those with a text) scored in this process: `evaluate`'s ServiceRun."""
     run = ServiceRun(label, "")
@@ -667,16 +739,43 @@ def run_quantize(args: argparse.Namespace, environ: Mapping[str, str], stderr: T
         write_directory(staged, quantized_model, copies, config.prompt_template)
         staged_files = load_model_files(staged, config.max_length, "", "", None)
         quantized = load_model(core, staged_files, config.instruction)
+        reference_scores = update_reference_scores(core, staged / REFERENCE_SCORES_FILE, quantized)
         progress(f"scoring {len(held_out)} held-out pairs with both IRs (CPU, f32)")
         report = build_quantize_report(args, files, source, pairs, calibration, samples, held_out, original,
                                        quantized, core, nncf, sorted(copies), left_out, evalset, progress)
         report["nncf"]["weights_decompressed"] = decompressed
+        report["reference_scores"] = reference_scores
         report["seconds"] = round(time.monotonic() - started, 1)
         (staged / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         replace_directory(staged, output)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return report, output
+
+
+def update_reference_scores(core, path: Path, quantized: LoadedModel) -> dict | None:
+    """Widen the copied reference scores file's tolerance to cover the quantization (reference_scores_for_quantized),
+    measured as the server's startup check measures it: the quantized IR on the CPU at f32, through the model head in
+    batches of the default size. Returns what the report says of it, or None without such a file."""
+    data = read_reference_scores(path) if path.is_file() else None
+    if data is None:
+        return None
+    shape = input_shape(quantized.model, quantized.head)
+    engine = Engine(core, quantized.model, "CPU", None if shape is None else (shape,), REFERENCE_PROPERTIES,
+                    quantized.head.contract, infer_requests=1)
+    reranker = Reranker(quantized.head, engine, REFERENCE_SCORES_BATCH if shape is None else shape.rows)
+    try:
+        scores, lengths, truncated = score_reference_pairs(reranker, data["pairs"])
+    finally:
+        reranker.close()
+    comparable = comparable_pairs(lengths, truncated, quantized.head.max_length, data.get("max_length"))
+    expected = np.array([float(p["score"]) for p in data["pairs"]])
+    measured = float(np.abs(scores - expected)[comparable].max()) if comparable.any() else 0.0
+    widened = reference_scores_for_quantized(data, measured)
+    path.write_text(json.dumps(widened, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"file": REFERENCE_SCORES_FILE, "pairs": len(data["pairs"]), "compared": int(comparable.sum()),
+            "quantized_ir_f32_max_abs_diff": measured, "tolerance_before": float(data["tolerance"]),
+            "tolerance": widened["tolerance"]}
 
 
 def build_quantize_report(args, files: ModelFiles, source: str, pairs, calibration, samples, held_out,

@@ -189,10 +189,36 @@ def bert_output(tiny_model, eval_data, tmp_path_factory):
     return out, stdout, json.loads((out / "quantization_report.json").read_text())
 
 
+# Issue 17.2's reference scores file, as the server that checks it at startup reads it: the original model's scores of
+# a few pairs and the export's tolerance. The tiny Qwen3 model's are its own f32 scores here, with the fp32 export's
+# tolerance, 1e-4, far below what quantizing costs.
+REFERENCE_PAIRS = [Pair(QUERY, d) for d in DOCUMENTS] + [Pair("capital of france", "paris is the capital of france")]
+
+
+def reference_scores_file(scores: np.ndarray) -> dict:
+    return {"format": "openvino-reranker reference scores", "version": 1, "score": "sigmoid", "max_length": None,
+            "tolerance": 1e-4, "produced_by": {"tool": "tests/test_quantize.py"},
+            "pairs": [{"query": p.query, "document": p.document, "score": float(s)}
+                      for p, s in zip(REFERENCE_PAIRS, scores, strict=True)]}
+
+
 @pytest.fixture(scope="module")
-def qwen3_output(tmp_path_factory):
+def qwen3_source(tmp_path_factory):
+    """The tiny Qwen3 fixture with a reference scores file beside its IR and an unknown file of the same kind."""
+    import shutil
+
+    source = tmp_path_factory.mktemp("qwen3") / "tiny-qwen3"
+    shutil.copytree(QWEN3, source)
+    reference = reference_scores_file(decoder_scores(QWEN3, REFERENCE_PAIRS))
+    (source / "reference_scores.json").write_text(json.dumps(reference))
+    (source / "notes.json").write_text('{"format": "something else", "tolerance": 0.001, "pairs": []}')
+    return source
+
+
+@pytest.fixture(scope="module")
+def qwen3_output(qwen3_source, tmp_path_factory):
     out = tmp_path_factory.mktemp("quantized") / "qwen3-int8"
-    code, stdout, stderr = run_quantize("--model", QWEN3, "--output", out, "--samples", SAMPLES)
+    code, stdout, stderr = run_quantize("--model", qwen3_source, "--output", out, "--samples", SAMPLES)
     assert code == 0, stderr
     return out, stdout, json.loads((out / "quantization_report.json").read_text())
 
@@ -244,6 +270,28 @@ def test_decoder_output_quantizes_the_fp32_weights_and_activations(qwen3_output)
     assert files.head_kind == "decoder" and files.model_type == "qwen3"  # config.json came along: built-in template
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "reference.json"):
         assert (out / name).read_bytes() == (QWEN3 / name).read_bytes()
+    assert sorted(report["files"]["copied"]) == ["config.json", "notes.json", "reference.json",
+                                                 "reference_scores.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_copied_reference_scores_get_a_tolerance_that_covers_the_quantization(qwen3_source, qwen3_output):
+    """The server checks reference_scores.json against an exact f32 run of the IR it serves: copied unchanged, the
+    fp32 export's 1e-4 would stop the quantized model's start. The scores stay the original model's."""
+    out, _, report = qwen3_output
+    before = json.loads((qwen3_source / "reference_scores.json").read_text())
+    after = json.loads((out / "reference_scores.json").read_text())
+    quantized = decoder_scores(out, REFERENCE_PAIRS)
+    distance = float(np.abs(quantized - [p["score"] for p in before["pairs"]]).max())
+    assert distance > 10 * before["tolerance"]  # the copy as it was would fail the server's check
+    assert distance <= after["tolerance"] <= 2 * distance
+    assert after["pairs"] == before["pairs"]
+    assert {k: v for k, v in after.items() if k not in ("tolerance", "produced_by")} == \
+        {k: v for k, v in before.items() if k not in ("tolerance", "produced_by")}
+    assert after["produced_by"]["tool"] == "tests/test_quantize.py"
+    assert after["produced_by"]["quantized"]["tolerance_before"] == 1e-4
+    assert report["reference_scores"]["compared"] == len(REFERENCE_PAIRS)
+    assert report["reference_scores"]["tolerance"] == after["tolerance"]
+    assert (out / "notes.json").read_bytes() == (qwen3_source / "notes.json").read_bytes()  # not ours: as it was
 
 
 def test_padding_does_not_move_a_quantized_decoder_score(qwen3_output):
