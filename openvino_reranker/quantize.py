@@ -68,10 +68,10 @@ MAX_HELD_OUT_PAIRS = 400  # the report's agreement is measured on at most this m
 # quantized decoder's score moves a little with its padding (see ignored_types), so a pair that shared a batch with
 # pairs 400 tokens longer could move by 0.015 in score, which is the batching's doing, not the quantization's.
 SCORING_BATCH = 1
-# NNCF's settings and why (SPEC.md): the transformer model type keeps NNCF's quantizers off the places where
-# transformers lose accuracy (softmax, layer norm, position-wise adds) and turns on SmoothQuant; the mixed preset
-# (symmetric weights, asymmetric activations) is what NNCF applies to transformers by default and what the published
-# qint8 IRs were made with; target ANY keeps the graph loadable on the CPU, GPU and NPU.
+# NNCF's settings and why (SPEC.md): the transformer model type adds NNCF's transformer patterns (no quantizers where
+# transformers are known to lose accuracy) and turns on SmoothQuant; the mixed preset is NNCF's default for
+# transformers and what the published qint8 IRs were made with; target ANY keeps the graph loadable on the CPU, GPU
+# and NPU.
 NNCF_SETTINGS = {"model_type": "transformer", "preset": "mixed", "target_device": "ANY", "fast_bias_correction": True}
 QUANTIZED_OPS = ("FakeQuantize", "FakeConvert")
 LOW_PRECISION_TYPES = ("i8", "u8", "i4", "u4", "f8e4m3", "f8e5m2", "nf4")
@@ -154,7 +154,8 @@ def split_pairs(pairs: Sequence[Pair]) -> tuple[list[Pair], list[Pair]]:
     """(calibration, held out), deterministically and by query, so that no held-out query was seen in calibration:
     the queries whose text's sha256 is 0 modulo HELD_OUT_SHARE are held out, in the order of those digests, up to
     MAX_HELD_OUT_PAIRS pairs (the queries past that go back to calibration); each part keeps the file's order. A
-    set of one query, or whose digests hold none out, holds out the query with the smallest digest."""
+    set whose digests hold none out holds out the query with the smallest digest, and one whose digests would hold
+    out every query keeps the last of them for calibration."""
     queries = sorted({p.query for p in pairs}, key=lambda q: (query_digest(q), q))
     if len(queries) < 2:
         raise bad_input("the calibration pairs need at least 2 distinct queries (one is held out to measure the "
@@ -242,8 +243,9 @@ def weight_source(node):
 
 
 def matmul_summary(model) -> dict[str, int]:
-    """MatMuls by what they multiply: `weights_int8` (a weight stored in a low-precision type), `weights_float`,
-    and `activations_quantized` (every computed input comes through a FakeQuantize or FakeConvert)."""
+    """MatMuls by what they multiply: `weights_low_precision` (a weight stored in a low-precision type, INT8 here),
+    `weights_float`, and `activations_quantized` (every computed input comes through a FakeQuantize or
+    FakeConvert)."""
     summary = {"matmuls": 0, "weights_low_precision": 0, "weights_float": 0, "activations_quantized": 0}
     for op in model.get_ops():
         if op.get_type_name() != "MatMul":
@@ -446,11 +448,11 @@ def files_to_copy(files: ModelFiles) -> tuple[dict[str, Path], list[str]]:
 
 
 def write_directory(directory: Path, quantized, copies: Mapping[str, Path], template_path: str) -> None:
-    """The quantized IR at the root, the copied files and, for --prompt-template, that template as the template
-    file beside the IR (so that the server serves the directory with the template it was calibrated with)."""
+    """Into the (existing, empty) staging directory: the quantized IR at the root, the copied files and, for
+    --prompt-template, that template as the template file beside the IR (so that the server serves the directory
+    with the template it was calibrated with)."""
     import openvino as ov
 
-    directory.mkdir(parents=True)
     ov.save_model(quantized, str(directory / OUTPUT_IR), compress_to_fp16=False)
     for name, source in copies.items():
         shutil.copyfile(source, directory / name)  # follows symlinks: a Hub snapshot links into its blobs
@@ -726,17 +728,24 @@ def run_quantize(args: argparse.Namespace, environ: Mapping[str, str], stderr: T
         raise bad_input(f"{files.xml} has the static shape {shape}, shorter than max_length {files.max_length}: pass "
                         f"--max-length {shape.length}")
     samples = spread(calibration, args.samples)
-    progress(f"calibrating {files.xml.name} ({files.head_kind}) on {len(samples)} pairs ({source})")
-    feeds = calibration_feeds(original.head, samples, shape)
-    float_model = original.model.clone()
-    decompressed = decompress_weights(float_model)
-    quantized_model = quantize_model(nncf, float_model, feeds, len(feeds), ignored_types(original.head), stderr)
-    del float_model
-    copies, left_out = files_to_copy(files)
     staged = output.with_name(f".{output.name}.quantize-{os.getpid()}")
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        write_directory(staged, quantized_model, copies, config.prompt_template)
+        staged.mkdir(parents=True)  # before the slow part: an output that cannot be written fails at once
+    except OSError as exc:
+        raise bad_input(f"cannot write {staged}: {exc.strerror or exc}") from None
+    try:
+        progress(f"calibrating {files.xml.name} ({files.head_kind}) on {len(samples)} pairs ({source})")
+        feeds = calibration_feeds(original.head, samples, shape)
+        float_model = original.model.clone()
+        decompressed = decompress_weights(float_model)
+        quantized_model = quantize_model(nncf, float_model, feeds, len(feeds), ignored_types(original.head), stderr)
+        del float_model
+        copies, left_out = files_to_copy(files)
+        try:
+            write_directory(staged, quantized_model, copies, config.prompt_template)
+        except OSError as exc:
+            raise bad_input(f"cannot write {staged}: {exc.strerror or exc}") from None
         staged_files = load_model_files(staged, config.max_length, "", "", None)
         quantized = load_model(core, staged_files, config.instruction)
         reference_scores = update_reference_scores(core, staged / REFERENCE_SCORES_FILE, quantized)
@@ -746,8 +755,12 @@ def run_quantize(args: argparse.Namespace, environ: Mapping[str, str], stderr: T
         report["nncf"]["weights_decompressed"] = decompressed
         report["reference_scores"] = reference_scores
         report["seconds"] = round(time.monotonic() - started, 1)
-        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        replace_directory(staged, output)
+        try:
+            (staged / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+            replace_directory(staged, output)
+        except OSError as exc:
+            raise bad_input(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     return report, output

@@ -437,6 +437,12 @@ def test_an_earlier_output_is_replaced_whole(tiny_model, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left
 
 
+def test_an_output_that_cannot_be_written_fails_before_calibrating(tiny_model, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    code, _, stderr = run_quantize("--model", tiny_model.path, "--output", tmp_path / "a-file" / "out")
+    assert code == 2 and "cannot write" in error_line(stderr) and "calibrating" not in stderr
+
+
 def test_missing_nncf_is_one_line_naming_the_extra(tiny_model, tmp_path):
     script = ("import sys; sys.modules['nncf'] = None; from openvino_reranker.startup import main; "
               f"sys.exit(main(['quantize', '--model', {str(tiny_model.path)!r}, '--output', "
