@@ -42,10 +42,10 @@ DOCUMENTS = ["solar power is energy from the sun", "the cat and the dog", "paris
              "water boils at one hundred degrees celsius at sea level"]
 
 
-def run_quantize(*args) -> tuple[int, str, str]:
+def run_quantize(*args, env: dict | None = None) -> tuple[int, str, str]:
     """quantize.main in this process: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    code = quantize.main([str(a) for a in args], {}, stdout=out, stderr=err)
+    code = quantize.main([str(a) for a in args], env or {}, stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -378,6 +378,31 @@ def test_the_output_serves(which, shape_mode, request_fixture):
 @pytest.fixture
 def request_fixture(request):
     return request.getfixturevalue
+
+
+def test_a_hub_model_is_fetched_as_the_server_fetches_it(tiny_model, tmp_path):
+    from fakehub import FakeHub
+
+    hub = FakeHub()
+    try:
+        files = {p.name: p.read_bytes() for p in tiny_model.path.iterdir() if p.is_file()}
+        commit = hub.add_repo("org/tiny-reranker", files, lfs=("openvino_model.bin",))
+        published = {p.relative_to(BERT_QINT8).as_posix(): p.read_bytes() for p in BERT_QINT8.rglob("*")
+                     if p.is_file()}
+        hub.add_repo("cross-encoder/ms-marco-MiniLM-L6-v2", published)
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+        code, _, stderr = run_quantize("--model", "org/tiny-reranker", "--output", tmp_path / "out", "--samples", 4,
+                                       env=env)
+        assert code == 0, stderr
+        report = json.loads((tmp_path / "out" / "quantization_report.json").read_text())
+        assert report["source"]["repo"] == "org/tiny-reranker" and report["source"]["commit"] == commit
+        assert (tmp_path / "out" / "tokenizer.json").read_bytes() == files["tokenizer.json"]
+        # the default model's repo: the server picks its fully quantized IR first, which is no source for quantize
+        code, _, stderr = run_quantize("--model", "cross-encoder/ms-marco-MiniLM-L6-v2", "--output",
+                                       tmp_path / "out2", env=env)
+        assert code == 4 and "--model-file" in error_line(stderr)
+    finally:
+        hub.close()
 
 
 # ---------------------------------------------------------------------------------------------- refusals
