@@ -286,6 +286,7 @@ def invoked_as(argv0: str) -> str:
 
 DEMO_MODEL_COMMAND = "demo-model"
 EVAL_COMMAND = "eval"  # evaluate.py: a running service's ranking on the user's data
+QUANTIZE_COMMAND = "quantize"  # quantize.py: a calibrated full-INT8 copy of a model (needs the quantize extra)
 
 
 def parse_demo_model_args(argv: Sequence[str]) -> str:
@@ -341,11 +342,13 @@ def build_parser(argv0: str | None = None) -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog=os.path.basename(argv0) or "openvino-reranker", formatter_class=_HelpFormatter,
         usage="%(prog)s [OPTION ...]\n       %(prog)s demo-model DIR\n"
-              "       %(prog)s eval --url URL --dataset DIR --run RUN [--compare URL2] [...]",
+              "       %(prog)s eval --url URL --dataset DIR --run RUN [--compare URL2] [...]\n"
+              "       %(prog)s quantize --model MODEL --output DIR [--calibration FILE.jsonl] [...]",
         description="A local reranker over HTTP on OpenVINO (NPU, CPU, GPU); SPEC.md has the contract.\n"
                     f"Every option is also an {ENV_PREFIX}* variable: --max-length is {ENV_PREFIX}MAX_LENGTH\n"
                     "(a flag wins). `demo-model DIR` writes a demo model, to try the service without the Hub.\n"
-                    "`eval` measures a running service's ranking on your own data (`eval --help`).",
+                    "`eval` measures a running service's ranking on your own data (`eval --help`).\n"
+                    "`quantize` writes a calibrated full-INT8 copy of a model (`quantize --help`).",
         epilog=_help_epilog(invoked_as(argv0)))
     by_name = {opt.name: opt for opt in OPTIONS}
     for title, names in HELP_GROUPS:

@@ -18,6 +18,7 @@ from .config import (
     DEMO_MODEL_COMMAND,
     ENV_PREFIX,
     EVAL_COMMAND,
+    QUANTIZE_COMMAND,
     Config,
     describe_unknown_variable,
     invoked_as,
@@ -35,6 +36,7 @@ from .evaluate import main as evaluate_main
 from .httpserver import RerankServer
 from .modeldir import ModelFiles, load_model_files, locate_model, make_head, static_buckets_for
 from .parity import ParityCheck, compile_checked
+from .quantize import main as quantize_main
 from .reranker import Reranker
 from .service import RerankService
 from .systemd import COMPILE_BUDGET_US, sd_notify
@@ -190,12 +192,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     `demo-model DIR` writes the demo model instead.
 
     `core` and `stop` let tests inject an OpenVINO Core stand-in and stop the server without a signal. With `eval`
-    first it runs `openvino-reranker eval` instead (evaluate.py) and returns its exit code."""
+    first it runs `openvino-reranker eval` instead (evaluate.py), with `quantize` `openvino-reranker quantize`
+    (quantize.py, which imports NNCF only then), and returns its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [DEMO_MODEL_COMMAND]:
         return demo_model_main(argv[1:])
     if argv[:1] == [EVAL_COMMAND]:
         return evaluate_main(argv[1:], environ)
+    if argv[:1] == [QUANTIZE_COMMAND]:
+        return quantize_main(argv[1:], environ)
     stop = stop or threading.Event()
     end_grace = threading.Event()  # a second SIGTERM/SIGINT
     server = None
