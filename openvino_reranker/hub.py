@@ -134,6 +134,12 @@ def weights_file(ir_file: str) -> str:
     return ir_file[:-len(".xml")] + ".bin"
 
 
+def beside(ir_file: str, names: Sequence[str]) -> tuple[str, ...]:
+    """Files in the IR's folder: ('openvino/openvino_model.xml', ['a.json']) -> ('openvino/a.json',)."""
+    folder = ir_file.rpartition("/")[0]
+    return tuple(f"{folder}/{name}" if folder else name for name in names)
+
+
 # ---------------------------------------------------------------------------------------------- the fetch
 
 
@@ -170,16 +176,18 @@ class _Unreachable(Exception):
 
 def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], required: Sequence[str],
                 optional: Sequence[str], settings: HubSettings,
-                on_progress: Callable[[str], None] | None = None) -> FetchedModel:
+                on_progress: Callable[[str], None] | None = None, optional_beside_ir: Sequence[str] = ()
+                ) -> FetchedModel:
     """Pick the first of `ir_candidates` (.xml paths) that the repo has and fetch it, its .bin, every `required` file
-    (one missing is an error) and every `optional` file that exists, all at the one commit the revision points to
-    (one request lists them). Files already cached are not downloaded again; absent ones are remembered in
-    `.no_exist/<commit>/` as huggingface_hub remembers them. `on_progress(line)` gets one line per download started,
-    then at most one per `settings.progress_interval_s`, and a line saying why when the cache is used without asking
-    the Hub; this function prints nothing. Every failure is a StartupError with one line and an exit code (SPEC.md).
-    `on_progress` may raise (StartupCancelled, say, when a signal asks startup to stop): the exception ends the fetch
-    at once, and so does `interrupt_download()` from a signal handler."""
-    for path in (*ir_candidates, *required, *optional):
+    (one missing is an error) and every `optional` file that exists (and those of `optional_beside_ir` in the IR's
+    folder), all at the one commit the revision points to (one request lists them). Files already cached are not
+    downloaded again; absent ones are remembered in `.no_exist/<commit>/` as huggingface_hub remembers them.
+    `on_progress(line)` gets one line per download started, then at most one per `settings.progress_interval_s`,
+    and a line saying why when the cache is used without asking the Hub; this function prints nothing. Every
+    failure is a StartupError with one line and an exit code (SPEC.md). `on_progress` may raise (StartupCancelled,
+    say, when a signal asks startup to stop): the exception ends the fetch at once, and so does
+    `interrupt_download()` from a signal handler."""
+    for path in (*ir_candidates, *required, *optional, *optional_beside_ir):
         try:
             check_repo_file(path)
         except ValueError as exc:
@@ -195,7 +203,7 @@ def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], requi
     if settings.offline:
         return _from_cache(job, ir_candidates, required, None)
     if _COMMIT.fullmatch(revision):  # a pinned commit never changes: a complete snapshot needs no request
-        ir, _ = _cached_ir(job, revision, ir_candidates, required, optional, strict=True)
+        ir, _ = _cached_ir(job, revision, ir_candidates, required, optional, optional_beside_ir, strict=True)
         if ir is not None:
             return _cached_result(job, revision, ir, f"commit {revision} is pinned and completely cached: the Hub "
                                                      f"was not contacted")
@@ -205,6 +213,7 @@ def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], requi
         except _Unreachable as exc:
             return _from_cache(job, ir_candidates, required, str(exc))
         ir = _choose_ir(job, commit, files, ir_candidates, required)
+        optional = (*optional, *beside(ir, optional_beside_ir))
         earlier = ir_candidates[:list(ir_candidates).index(ir)]
         _remember_absent(job, commit, [path for path in (*earlier, *optional) if path not in files])
         for path in (ir, weights_file(ir), *required, *(path for path in optional if path in files)):
@@ -284,7 +293,7 @@ PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
 def _from_cache(job: _Job, ir_candidates, required, unreachable: str | None) -> FetchedModel:
     commit = _cached_commit(job)
     ir, missing = (None, "no snapshot of it") if commit is None else \
-        _cached_ir(job, commit, ir_candidates, required, (), strict=False)
+        _cached_ir(job, commit, ir_candidates, required, (), (), strict=False)
     where = job.settings.cache_dir
     if ir is None and unreachable is None:
         raise StartupError(f"HF_HUB_OFFLINE is set and {job.name} is not in the Hub cache {where} ({missing}). To "
@@ -343,7 +352,8 @@ def _cached_state(job: _Job, commit: str, path: str) -> str:
     return ABSENT if found is _CACHED_NO_EXIST else PRESENT if isinstance(found, str) else UNKNOWN
 
 
-def _cached_ir(job: _Job, commit: str, ir_candidates, required, optional, strict: bool) -> tuple[str | None, str]:
+def _cached_ir(job: _Job, commit: str, ir_candidates, required, optional, optional_beside_ir,
+               strict: bool) -> tuple[str | None, str]:
     """The IR to serve from snapshot `commit` and '', or None and what is missing. Strict (no request at all
     for a pinned commit): the IR is the one the Hub would give, so every candidate before it must be known to be
     absent, and every optional file known one way or the other. Otherwise the first cached candidate serves."""
@@ -360,7 +370,7 @@ def _cached_ir(job: _Job, commit: str, ir_candidates, required, optional, strict
     for path in (weights_file(ir), *required):
         if _cached_state(job, commit, path) != PRESENT:
             return None, f"commit {commit} lacks {path}"
-    if any(_cached_state(job, commit, path) == UNKNOWN for path in optional):
+    if any(_cached_state(job, commit, path) == UNKNOWN for path in (*optional, *beside(ir, optional_beside_ir))):
         return None, "an optional file is not known"
     return ir, ""
 

@@ -218,6 +218,24 @@ def test_the_first_ir_candidate_the_repo_has_is_chosen(hub, tmp_path):
     assert (repo_dir(tmp_path) / ".no_exist" / commit / INT8_XML).is_file()
 
 
+def test_files_beside_the_ir_are_fetched_from_its_folder_when_the_repo_has_them(hub, tmp_path):
+    def fetch_with_scores(repo_id: str, revision: str = "main") -> FetchedModel:
+        return fetch_model(repo_id, revision, IR_CANDIDATES, REQUIRED, OPTIONAL, settings(hub.endpoint, tmp_path),
+                           None, ("reference_scores.json",))
+
+    scores = b'{"format": "openvino-reranker reference scores"}'
+    hub.add_repo(REPO, {**repo_files(), "openvino/reference_scores.json": scores, "reference_scores.json": b"no"},
+                 lfs=LFS)
+    result = fetch_with_scores(REPO)
+    assert (result.snapshot / "openvino/reference_scores.json").read_bytes() == scores
+    assert not (result.snapshot / "reference_scores.json").exists()  # another folder's
+    commit = hub.add_repo("org/plain", repo_files(), lfs=LFS)  # none beside its IR: remembered as absent
+    fetch_with_scores("org/plain", commit)
+    assert (repo_dir(tmp_path, "org/plain") / ".no_exist" / commit / "openvino/reference_scores.json").is_file()
+    before = len(hub.requests)  # so that a pinned commit completely cached needs no request, its absence included
+    assert fetch_with_scores("org/plain", commit).from_cache_only and len(hub.requests) == before
+
+
 def test_a_tag_maps_to_its_commit(hub, tmp_path):
     first = hub.add_repo(REPO, repo_files(0), lfs=LFS, refs=("main", "v1"))
     second = hub.add_commit(REPO, repo_files(1))  # main moves on, v1 stays
