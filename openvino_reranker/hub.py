@@ -489,8 +489,7 @@ def _progress_lines(job: _Job, path: str, size: int | None, transfer: object) ->
             self.done, self.size = self.n, self.total or size
             if not first:
                 first.append(self)
-                job.report(f"resuming {path} at {_of(self.done, self.size)} from {host}" if self.done else
-                           f"downloading {path} ({_of(None, self.size)}) from {host}")
+                job.report(f"downloading {path} ({_of(None, self.size)}) from {host}")
 
         def update(self, n=1):
             self.done += n or 0
