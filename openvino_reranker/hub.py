@@ -199,6 +199,11 @@ def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], requi
     if endpoint.scheme not in ("http", "https") or not endpoint.hostname:
         raise StartupError(f"HF_ENDPOINT {settings.endpoint!r} is not an http(s) URL (like https://huggingface.co)",
                            EXIT_CONFIG)
+    try:
+        from huggingface_hub import constants  # noqa: F401 (read from the process's environment when imported)
+    except ValueError as exc:
+        raise StartupError(f"huggingface_hub refuses the environment ({exc}): HF_HUB_ETAG_TIMEOUT and "
+                           f"HF_HUB_DOWNLOAD_TIMEOUT must be whole seconds", EXIT_CONFIG) from None
     job = _Job(repo_id, revision, settings, on_progress or (lambda line: None))
     if settings.offline:
         return _from_cache(job, ir_candidates, required, None)

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import F32, ROOT, SCORE_TOLERANCE, RunningServer, free_port, request, server_env
+from conftest import F32, ROOT, SCORE_TOLERANCE, RunningServer, free_port, request, run_server, server_env
 from fakehub import FakeHub, Fault
 
 from openvino_reranker.config import DEFAULT_MODEL
@@ -82,6 +82,15 @@ def test_fetch_failures_stop_startup_with_one_line_and_their_exit_code(hub, tiny
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("openvino-reranker: error:"))
     assert needle in line and "Traceback" not in err
+
+
+def test_a_timeout_huggingface_hub_refuses_is_a_configuration_error(tmp_path):
+    """huggingface_hub reads HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT as whole seconds when imported, and
+    fails on anything else: one line and exit 2, not a traceback."""
+    result = run_server(["--port", "0", "--device", "CPU", "--model", "org/tiny"],
+                        {"HF_HUB_DOWNLOAD_TIMEOUT": "1.5", "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == EXIT_CONFIG and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "HF_HUB_DOWNLOAD_TIMEOUT must be whole seconds" in result.stderr
 
 
 def test_sigterm_stops_a_model_download_at_once_with_exit_0(hub, tmp_path):
