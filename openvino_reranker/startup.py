@@ -189,6 +189,14 @@ def demo_model_main(argv: Sequence[str]) -> int:
     return 0
 
 
+# the commands besides serving: `openvino-reranker NAME ARGS...` runs one and returns its exit code
+SUBCOMMANDS: dict[str, Callable[[list[str], Mapping[str, str] | None], int]] = {
+    DEMO_MODEL_COMMAND: lambda args, environ: demo_model_main(args),
+    EVAL_COMMAND: lambda args, environ: evaluate_main(args, environ),
+    QUANTIZE_COMMAND: lambda args, environ: quantize_main(args, environ),
+}
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, core=None,
          stop: threading.Event | None = None) -> int:
     """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT;
@@ -198,12 +206,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     first it runs `openvino-reranker eval` instead (evaluate.py), with `quantize` `openvino-reranker quantize`
     (quantize.py, which imports NNCF only then), and returns its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == [DEMO_MODEL_COMMAND]:
-        return demo_model_main(argv[1:])
-    if argv[:1] == [EVAL_COMMAND]:
-        return evaluate_main(argv[1:], environ)
-    if argv[:1] == [QUANTIZE_COMMAND]:
-        return quantize_main(argv[1:], environ)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:], environ)
     stop = stop or threading.Event()
     end_grace = threading.Event()  # a second SIGTERM/SIGINT
     server = None
