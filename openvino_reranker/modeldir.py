@@ -24,9 +24,11 @@ from .referencescores import ReferenceScores, parse_reference_scores
 # and the OpenVINO/* repos have the IR at the root.
 IR_CANDIDATES = ("openvino/openvino_model_qint8_quantized.xml", "openvino_model.xml", "openvino/openvino_model.xml")
 TEMPLATE_FILE = "rerank_template.json"
-# Fetched with the IR when the repo has them; only tokenizer.json is required besides the IR.
+# Fetched with the IR when the repo has them; only tokenizer.json is required besides the IR. The reference scores
+# live in the IR's folder.
 REQUIRED_FILES = ("tokenizer.json",)
 OPTIONAL_FILES = ("config.json", "tokenizer_config.json", TEMPLATE_FILE)
+OPTIONAL_BESIDE_IR = (REFERENCE_SCORES_FILE,)
 # config.json model_type values of decoder models: served by DecoderRerankerHead, which needs a prompt template
 DECODER_MODEL_TYPES = frozenset({
     "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3",
@@ -170,7 +172,8 @@ def locate_model(config: Config, environ: Mapping[str, str], on_progress: Callab
         except ValueError as exc:
             raise StartupError(f"bad value for model_file: {exc}", EXIT_CONFIG) from None
     fetched = fetch_model(repo_id, revision, (config.model_file,) if config.model_file else IR_CANDIDATES,
-                          REQUIRED_FILES, OPTIONAL_FILES, HubSettings.from_environ(environ), on_progress)
+                          REQUIRED_FILES, OPTIONAL_FILES, HubSettings.from_environ(environ), on_progress,
+                          OPTIONAL_BESIDE_IR)
     return fetched.snapshot, fetched.ir_file, {"repo": repo_id, "revision": revision, "commit": fetched.commit,
                                                "from_cache_only": fetched.from_cache_only}
 

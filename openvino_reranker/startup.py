@@ -34,6 +34,7 @@ from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
 from .evaluate import main as evaluate_main
 from .httpserver import RerankServer
+from .hub import interrupt_download
 from .modeldir import ModelFiles, load_model_files, locate_model, make_head, static_buckets_for
 from .parity import ParityCheck, compile_checked
 from .quantize import main as quantize_main
@@ -156,14 +157,16 @@ WATCH_INTERVAL_S = 0.5  # how often the main thread looks for a scoring thread t
 
 
 def install_signal_handlers(stop: threading.Event, end_grace: threading.Event) -> None:
-    """SIGTERM and SIGINT drain and exit 0 (also during startup, before READY=1); a second one ends the drain's
-    grace period at once. SIGHUP is ignored with a log line: the configuration is read only at startup, and
-    exiting on a hangup would stop a service that systemd does not restart after a clean exit."""
+    """SIGTERM and SIGINT drain and exit 0 (also during startup, before READY=1, when they stop a model download at
+    once); a second one ends the drain's grace period at once. SIGHUP is ignored with a log line: the configuration
+    is read only at startup, and exiting on a hangup would stop a service that systemd does not restart after a
+    clean exit."""
 
     def on_stop(signum, frame):
         if stop.is_set():
             end_grace.set()
         stop.set()
+        interrupt_download()  # raises into a Hub download this (the main) thread is waiting on
 
     def on_hangup(signum, frame):
         log.warning("SIGHUP ignored: the configuration is read only at startup; restart the service to change it")
@@ -186,6 +189,14 @@ def demo_model_main(argv: Sequence[str]) -> int:
     return 0
 
 
+# the commands besides serving: `openvino-reranker NAME ARGS...` runs one and returns its exit code
+SUBCOMMANDS: dict[str, Callable[[list[str], Mapping[str, str] | None], int]] = {
+    DEMO_MODEL_COMMAND: lambda args, environ: demo_model_main(args),
+    EVAL_COMMAND: lambda args, environ: evaluate_main(args, environ),
+    QUANTIZE_COMMAND: lambda args, environ: quantize_main(args, environ),
+}
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, core=None,
          stop: threading.Event | None = None) -> int:
     """config -> bind -> load + compile -> startup check (fail closed) -> ready -> serve until SIGTERM/SIGINT;
@@ -195,12 +206,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     first it runs `openvino-reranker eval` instead (evaluate.py), with `quantize` `openvino-reranker quantize`
     (quantize.py, which imports NNCF only then), and returns its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == [DEMO_MODEL_COMMAND]:
-        return demo_model_main(argv[1:])
-    if argv[:1] == [EVAL_COMMAND]:
-        return evaluate_main(argv[1:], environ)
-    if argv[:1] == [QUANTIZE_COMMAND]:
-        return quantize_main(argv[1:], environ)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:], environ)
     stop = stop or threading.Event()
     end_grace = threading.Event()  # a second SIGTERM/SIGINT
     server = None

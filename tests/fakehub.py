@@ -12,17 +12,28 @@ huggingface_hub's file_download.py and utils/_http.py, and the Hub's answers the
   `X-Repo-Commit`); an unknown token gets 401 "Invalid credentials in Authorization header" on any repo;
 - a renamed repo: `307` to the relative resolve URL of its new name.
 
+And `GET {endpoint}/api/models/{org}/{name}/revision/{revision}` (huggingface_hub's `HfApi.model_info`, which the
+service calls once to resolve the revision to a commit and list its files) as the real Hub answers it: a JSON object
+with `id`, `sha` (the commit), `gated` and `siblings` (`[{"rfilename": path}]`; with `?blobs=true` also `size`,
+`blobId` and, for an LFS file, `lfs` with its `sha256`), the same error codes as above except that a gated repo's
+metadata is public (only its files are gated), and for a renamed repo a `307` to the new name's API URL. Also
+`GET {endpoint}/api/agent-harnesses`, which huggingface_hub 2.x asks for once a day to fill its User-Agent: an empty
+registry.
+
 Faults, each consumed by the next request it applies to: `cut` (send the headers and only part of the body, then
 close the connection), `ignore_range` (answer 200 with the whole file to a Range request), `corrupt` (flip bytes,
-same length), `status` (answer that status). Every request is recorded (server, method, path, headers).
+same length), `status` (answer that status), `slow` (send the body at `value` bytes a second, to stop a download in
+the middle). Every request is recorded (server, method, path, headers).
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import socket
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -57,8 +68,8 @@ class FakeRepo:
 
 @dataclass
 class Fault:
-    kind: str  # "cut", "ignore_range", "corrupt", "status"
-    value: int = 0  # bytes sent before the cut; the status
+    kind: str  # "cut", "ignore_range", "corrupt", "status", "slow"
+    value: int = 0  # bytes sent before the cut; the status; bytes a second
 
 
 class FakeHub:
@@ -103,6 +114,10 @@ class FakeHub:
         """Queue faults for the next requests of `path` (a repo file) that send its content."""
         self._faults[path].extend(faults)
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
     def requests_to(self, server: str, method: str | None = None) -> list[Recorded]:
         with self._lock:
             return [r for r in self.requests if r.server == server and method in (None, r.method)]
@@ -144,7 +159,60 @@ class FakeHub:
             return self._content(handler, file, data, {})
         if self.down_status is not None:
             return _answer(handler, self.down_status, {})
+        parts = urllib.parse.urlsplit(handler.path).path.lstrip("/").split("/")
+        if parts == ["api", "agent-harnesses"]:
+            return _answer(handler, 200, {"Content-Type": "application/json"},
+                           body=b'{"standardEnvVars": [], "harnesses": {}}')
+        if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "revision":
+            return self._model_info(handler, "/".join(parts[2:4]), urllib.parse.unquote(parts[5]))
         self._resolve(handler)
+
+    def _refusal(self, repo_id: str, token: str | None, files_gated: bool = True) -> tuple[int, dict] | None:
+        """The Hub's refusal of a request for `repo_id`, or None when it is served."""
+        if token is not None and token not in self.known_tokens:
+            return 401, {"X-Error-Message": "Invalid credentials in Authorization header"}
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return (404 if token else 401), {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
+        if files_gated and repo.granted_tokens is not None and token not in repo.granted_tokens:
+            return (403 if token else 401), {
+                "X-Error-Code": "GatedRepo",
+                "X-Error-Message": f"Access to model {repo_id} is restricted and you are not in the authorized list. "
+                                   f"Visit its page to ask for access."}
+        return None
+
+    def _model_info(self, handler: BaseHTTPRequestHandler, repo_id: str, revision: str) -> None:
+        token = _bearer(handler)
+        if repo_id in self.renamed and (token is None or token in self.known_tokens):
+            quoted = urllib.parse.quote(revision, safe="")
+            query = urllib.parse.urlsplit(handler.path).query
+            return _answer(handler, 307, {"Location": f"/api/models/{self.renamed[repo_id]}/revision/{quoted}"
+                                                      + (f"?{query}" if query else "")})
+        refusal = self._refusal(repo_id, token, files_gated=False)
+        if refusal is not None:
+            return _answer(handler, *refusal, body=b'{"error": "%s"}' % refusal[1]["X-Error-Message"].encode())
+        repo = self.repos[repo_id]
+        commit = repo.refs.get(revision) or (revision if revision in repo.commits else None)
+        if commit is None:
+            return _answer(handler, 404, {"X-Error-Code": "RevisionNotFound",
+                                          "X-Error-Message": "Invalid rev id: " + revision})
+        blobs = "blobs=true" in urllib.parse.urlsplit(handler.path).query.lower()
+        siblings = []
+        for path, data in sorted(repo.commits[commit].items()):
+            sibling: dict = {"rfilename": path}
+            if blobs and path in repo.lfs:
+                pointer = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256(data)}\n"
+                           f"size {len(data)}\n").encode()
+                sibling.update(blobId=git_blob_sha1(pointer), size=len(data),
+                               lfs={"sha256": sha256(data), "size": len(data), "pointerSize": len(pointer)})
+            elif blobs:
+                sibling.update(blobId=git_blob_sha1(data), size=len(data))
+            siblings.append(sibling)
+        org = repo_id.split("/")[0]
+        info = {"_id": commit[:24], "id": repo_id, "modelId": repo_id, "author": org, "sha": commit,
+                "private": False, "disabled": False, "gated": "manual" if repo.granted_tokens is not None else False,
+                "tags": [], "siblings": siblings}
+        _answer(handler, 200, {"Content-Type": "application/json"}, body=json.dumps(info).encode())
 
     def _resolve(self, handler: BaseHTTPRequestHandler) -> None:
         path = urllib.parse.urlsplit(handler.path).path
@@ -157,23 +225,17 @@ class FakeHub:
         else:
             return _answer(handler, 404, {})
         revision, file = urllib.parse.unquote(revision), urllib.parse.unquote(file)
-        auth = handler.headers.get("Authorization", "")
-        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        token = _bearer(handler)
         if token is not None and token not in self.known_tokens:
-            return _answer(handler, 401, {"X-Error-Message": "Invalid credentials in Authorization header"})
+            return _answer(handler, *self._refusal(repo_id, token))
         if repo_id in self.renamed:
             new = self.renamed[repo_id]
             quoted = urllib.parse.quote(revision, safe="")
             return _answer(handler, 307, {"Location": f"/{new}/resolve/{quoted}/{urllib.parse.quote(file)}"})
-        repo = self.repos.get(repo_id)
-        if repo is None:
-            return _answer(handler, 404 if token else 401,
-                           {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
-        if repo.granted_tokens is not None and token not in repo.granted_tokens:
-            return _answer(handler, 403 if token else 401,
-                           {"X-Error-Code": "GatedRepo",
-                            "X-Error-Message": f"Access to model {repo_id} is restricted and you are not in the "
-                                               f"authorized list. Visit its page to ask for access."})
+        refusal = self._refusal(repo_id, token)
+        if refusal is not None:
+            return _answer(handler, *refusal)
+        repo = self.repos[repo_id]
         commit = repo.refs.get(revision) or (revision if revision in repo.commits else None)
         if commit is None:
             return _answer(handler, 404, {"X-Error-Code": "RevisionNotFound",
@@ -214,6 +276,17 @@ class FakeHub:
             status = 206
             headers = {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
         body = data[start:]
+        if fault is not None and fault.kind == "slow":
+            _answer(handler, status, {**headers, "Content-Length": str(len(body))}, content_length=False)
+            step = max(1, fault.value // 20)  # twenty writes a second
+            try:
+                for offset in range(0, len(body), step):
+                    handler.wfile.write(body[offset:offset + step])
+                    handler.wfile.flush()
+                    time.sleep(step / fault.value)
+            except OSError:  # the client went away
+                handler.close_connection = True
+            return
         if fault is not None and fault.kind == "cut":
             _answer(handler, status, {**headers, "Content-Length": str(len(body))}, body=body[:fault.value],
                     content_length=False)
@@ -234,6 +307,11 @@ def _answer(handler: BaseHTTPRequestHandler, status: int, headers: dict, body: b
     handler.end_headers()
     if handler.command != "HEAD":
         handler.wfile.write(body)
+
+
+def _bearer(handler: BaseHTTPRequestHandler) -> str | None:
+    auth = handler.headers.get("Authorization", "")
+    return auth[len("Bearer "):] if auth.startswith("Bearer ") else None
 
 
 def refused_endpoint() -> tuple[str, socket.socket]:

@@ -1,5 +1,6 @@
-"""The Hub fetcher (`openvino_reranker.hub`) against a local fake Hub and CDN (tests/fakehub.py): the protocol, the
-huggingface_hub cache layout, verification, resume, locking, offline use and every error's exit code. No network."""
+"""The Hub fetcher (`openvino_reranker.hub`, over huggingface_hub) against a local fake Hub and CDN
+(tests/fakehub.py): which requests are made, the huggingface_hub cache layout, verification, resume, locking,
+cancelling, offline use and every error's exit code. No network."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import errno
 import fcntl
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 
 import pytest
 from fakehub import FakeHub, Fault, git_blob_sha1, refused_endpoint, sha256, silent_endpoint
+from huggingface_hub import constants as hub_constants
 
 from openvino_reranker import hub as hubmodule
-from openvino_reranker.errors import EXIT_CONFIG, EXIT_DOWNLOAD, EXIT_MODEL, StartupError
+from openvino_reranker.errors import EXIT_CONFIG, EXIT_DOWNLOAD, EXIT_MODEL, StartupCancelled, StartupError
 from openvino_reranker.hub import FetchedModel, HubSettings, fetch_model, parse_repo_id
 
 REPO = "cross-encoder/tiny-reranker"
@@ -37,6 +41,12 @@ def repo_files(seed: int = 0) -> dict[str, bytes]:
 
 
 LFS = {INT8_BIN, FP32_BIN}
+CHUNK = hub_constants.DOWNLOAD_CHUNK_SIZE  # huggingface_hub writes a plain-HTTP download in pieces of this size
+
+
+def big_files() -> dict[str, bytes]:
+    """repo_files() with weights of two and a half download chunks (25 MB)."""
+    return {**repo_files(), INT8_BIN: hashlib.shake_256(b"big weights").digest(CHUNK * 5 // 2)}
 
 
 @pytest.fixture
@@ -52,11 +62,16 @@ def repo(hub) -> str:
     return hub.add_repo(REPO, repo_files(), lfs=LFS)
 
 
+@pytest.fixture
+def big_repo(hub) -> str:
+    """The standard repo with big_files(): its commit."""
+    return hub.add_repo(REPO, big_files(), lfs=LFS)
+
+
 def settings(endpoint: str, cache: Path, token: str | None = None, offline: bool = False,
              timeout_s: float = 5.0) -> HubSettings:
     return HubSettings(endpoint=endpoint, token=token, offline=offline, cache_dir=cache,
-                       token_source="HF_TOKEN" if token else "", metadata_timeout_s=timeout_s,
-                       download_timeout_s=timeout_s, progress_interval_s=0.0)
+                       token_source="HF_TOKEN" if token else "", metadata_timeout_s=timeout_s, progress_interval_s=0.0)
 
 
 def fetch(hub_or_endpoint, cache: Path, repo_id: str = REPO, revision: str = "main", progress=None,
@@ -110,7 +125,7 @@ def test_settings_from_the_environment(tmp_path):
                                   "HF_HUB_OFFLINE": "yes", "HF_HUB_ETAG_TIMEOUT": "3", "https_proxy": "http://p:1"})
     assert s.endpoint == "https://mirror.example" and s.offline is True
     assert s.cache_dir == home / "hub" and s.token == "hf_from_file" and s.token_source == str(home / "token")
-    assert s.metadata_timeout_s == 3 and s.download_timeout_s == 10 and dict(s.proxies) == {"https": "http://p:1"}
+    assert s.metadata_timeout_s == 3 and s.proxied_schemes == ("https",)
 
     s = HubSettings.from_environ({"HF_HOME": str(home), "HF_TOKEN": " hf_env ", "HF_HUB_CACHE": str(tmp_path / "c"),
                                   "HF_HUB_OFFLINE": "0"})
@@ -156,14 +171,18 @@ def test_fetch_fills_the_huggingface_hub_cache_layout(hub, repo, tmp_path):
 def test_requests_speak_the_hub_protocol(hub, repo, tmp_path):
     hub.known_tokens.add("hf_user")
     fetch(hub, tmp_path, token="hf_user")
-    heads = hub.requests_to("hub", "HEAD")
-    assert heads[0].path == f"/{REPO}/resolve/main/{INT8_XML}"
-    # once the commit is known every file is asked for at that commit, so that all come from one commit
-    later = [r.path for r in heads[1:] if "/resolve/" in r.path]
-    assert later and all(f"/resolve/{repo}/" in path for path in later)
+    # one listing resolves the revision to its commit and names the files; each wanted file is then asked for at
+    # that commit (huggingface_hub's HEAD, then a GET), so that all come from one commit
+    listing = [r for r in hub.requests_to("hub", "GET") if r.path.startswith("/api/models/")]
+    assert [r.path for r in listing] == [f"/api/models/{REPO}/revision/main?blobs=true"]
+    heads = [r.path for r in hub.requests_to("hub", "HEAD") if "/resolve/" in r.path]
+    assert heads and all(f"/resolve/{repo}/" in path for path in heads)
+    asked = {r.path.rsplit("/", 1)[-1] for r in hub.requests_to("hub", "HEAD")}
+    assert asked == {"openvino_model_qint8_quantized.xml", "openvino_model_qint8_quantized.bin", "tokenizer.json",
+                     "config.json"}  # only what the service serves: not the fp32 IR, not README.md
     for request in hub.requests:
-        assert request.header("User-Agent") == f"openvino-reranker/{hubmodule.__version__}"
-        assert request.header("Accept-Encoding") == "identity"
+        assert request.header("User-Agent").startswith(f"openvino-reranker/{hubmodule.__version__}; hf_hub/")
+    assert all(r.header("Accept-Encoding") == "identity" for r in hub.requests_to("hub", "HEAD"))
     assert all(r.header("Authorization") == "Bearer hf_user" for r in hub.requests_to("hub"))
     cdn = hub.requests_to("cdn")
     assert [r.method for r in cdn] == ["GET"]  # the LFS weights came from the CDN, the HEAD stopped at its redirect
@@ -175,9 +194,8 @@ def test_a_second_fetch_downloads_nothing(hub, repo, tmp_path):
     before = len(hub.requests)
     result = fetch(hub, tmp_path)
     again = hub.requests[before:]
-    # one HEAD (and the Hub's redirect) to learn the branch's commit; every file and every absence is in the cache
-    assert [r.method for r in again if r.method == "GET"] == []
-    assert [r.path for r in again if "/resolve/" in r.path] == [f"/{REPO}/resolve/main/{INT8_XML}"]
+    # one request, the listing, to learn the branch's commit; every file and every absence is in the cache
+    assert [(r.method, r.path) for r in again] == [("GET", f"/api/models/{REPO}/revision/main?blobs=true")]
     assert result.commit == repo and not result.from_cache_only
 
 
@@ -200,6 +218,24 @@ def test_the_first_ir_candidate_the_repo_has_is_chosen(hub, tmp_path):
     assert (repo_dir(tmp_path) / ".no_exist" / commit / INT8_XML).is_file()
 
 
+def test_files_beside_the_ir_are_fetched_from_its_folder_when_the_repo_has_them(hub, tmp_path):
+    def fetch_with_scores(repo_id: str, revision: str = "main") -> FetchedModel:
+        return fetch_model(repo_id, revision, IR_CANDIDATES, REQUIRED, OPTIONAL, settings(hub.endpoint, tmp_path),
+                           None, ("reference_scores.json",))
+
+    scores = b'{"format": "openvino-reranker reference scores"}'
+    hub.add_repo(REPO, {**repo_files(), "openvino/reference_scores.json": scores, "reference_scores.json": b"no"},
+                 lfs=LFS)
+    result = fetch_with_scores(REPO)
+    assert (result.snapshot / "openvino/reference_scores.json").read_bytes() == scores
+    assert not (result.snapshot / "reference_scores.json").exists()  # another folder's
+    commit = hub.add_repo("org/plain", repo_files(), lfs=LFS)  # none beside its IR: remembered as absent
+    fetch_with_scores("org/plain", commit)
+    assert (repo_dir(tmp_path, "org/plain") / ".no_exist" / commit / "openvino/reference_scores.json").is_file()
+    before = len(hub.requests)  # so that a pinned commit completely cached needs no request, its absence included
+    assert fetch_with_scores("org/plain", commit).from_cache_only and len(hub.requests) == before
+
+
 def test_a_tag_maps_to_its_commit(hub, tmp_path):
     first = hub.add_repo(REPO, repo_files(0), lfs=LFS, refs=("main", "v1"))
     second = hub.add_commit(REPO, repo_files(1))  # main moves on, v1 stays
@@ -217,8 +253,11 @@ def test_a_renamed_repo_is_followed_by_its_relative_redirect(hub, tmp_path):
     hub.renamed[REPO] = "new-org/tiny-reranker"
     result = fetch(hub, tmp_path)
     assert result.commit == commit and result.snapshot == repo_dir(tmp_path) / "snapshots" / commit
-    paths = [r.path for r in hub.requests_to("hub", "HEAD")]
-    assert paths[:2] == [f"/{REPO}/resolve/main/{INT8_XML}", f"/new-org/tiny-reranker/resolve/main/{INT8_XML}"]
+    listings = [r.path for r in hub.requests_to("hub", "GET") if r.path.startswith("/api/models/")]
+    assert listings == [f"/api/models/{REPO}/revision/main?blobs=true",
+                        "/api/models/new-org/tiny-reranker/revision/main?blobs=true"]
+    heads = [r.path for r in hub.requests_to("hub", "HEAD")]
+    assert heads[:2] == [f"/{REPO}/resolve/{commit}/{INT8_XML}", f"/new-org/tiny-reranker/resolve/{commit}/{INT8_XML}"]
 
 
 def test_a_gated_repo_needs_a_granted_token(hub, repo, tmp_path):
@@ -277,33 +316,41 @@ def test_a_corrupt_download_is_deleted_and_refetched(hub, repo, tmp_path, path):
     assert (result.snapshot / path).read_bytes() == repo_files()[path]
 
 
-def test_a_cut_download_resumes_with_a_range_request(hub, repo, tmp_path):
-    hub.fail(INT8_BIN, Fault("cut", 100_000))
-    lines = []
-    result = fetch(hub, tmp_path, progress=lines.append)
+def test_a_cut_download_resumes_with_a_range_request_from_the_last_whole_chunk(hub, big_repo, tmp_path):
+    """The library writes a download in chunks of CHUNK bytes, so a cut resumes from the last whole chunk written,
+    not from the last byte received."""
+    hub.fail(INT8_BIN, Fault("cut", CHUNK * 3 // 2))
+    result = fetch(hub, tmp_path)  # within the same start
     gets = hub.requests_to("cdn", "GET")
-    assert [g.header("Range") for g in gets] == [None, "bytes=100000-"]
+    assert [g.header("Range") for g in gets] == [None, f"bytes={CHUNK}-"]
+    assert (result.snapshot / INT8_BIN).read_bytes() == big_files()[INT8_BIN]
+    assert not list((repo_dir(tmp_path) / "blobs").glob("*.incomplete"))
+
+
+def test_a_cut_before_the_first_chunk_starts_over(hub, repo, tmp_path):
+    hub.fail(INT8_BIN, Fault("cut", 100_000))
+    result = fetch(hub, tmp_path)
+    assert [g.header("Range") for g in hub.requests_to("cdn", "GET")] == [None, None]
     assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN]
-    assert any(line.startswith(f"resuming {INT8_BIN} at 100.0 of 300.0 kB") for line in lines)
 
 
-def test_a_cut_that_makes_no_progress_keeps_the_partial_file_for_the_next_start(hub, repo, tmp_path):
-    hub.fail(INT8_BIN, Fault("cut", 100_000), Fault("cut", 0))
+def test_a_download_that_keeps_failing_stops_the_start_and_the_next_start_fetches_it(hub, repo, tmp_path):
+    hub.fail(INT8_BIN, *[Fault("cut", 0)] * 6)  # more than huggingface_hub's 5 retries without progress
     message = fails(EXIT_DOWNLOAD, hub, tmp_path)
-    assert INT8_BIN in message and "kept" in message and "resumes" in message
-    partial = repo_dir(tmp_path) / "blobs" / (sha256(repo_files()[INT8_BIN]) + ".incomplete")
-    assert partial.stat().st_size == 100_000
-    before = len(hub.requests_to("cdn"))
+    assert INT8_BIN in message and "the next start tries again" in message
+    blobs = repo_dir(tmp_path) / "blobs"
+    assert not (blobs / sha256(repo_files()[INT8_BIN])).exists() and not list(blobs.glob("*.incomplete"))
+    hub.clear_faults()
     result = fetch(hub, tmp_path)
-    assert [g.header("Range") for g in hub.requests_to("cdn")[before:]] == ["bytes=100000-"]
-    assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN] and not partial.exists()
-
-
-def test_a_server_that_ignores_range_is_read_from_the_start(hub, repo, tmp_path):
-    hub.fail(INT8_BIN, Fault("cut", 100_000), Fault("ignore_range"))
-    result = fetch(hub, tmp_path)
-    assert [g.header("Range") for g in hub.requests_to("cdn", "GET")] == [None, "bytes=100000-"]
     assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN]
+    assert not list((repo_dir(tmp_path) / "blobs").glob("*.incomplete"))
+
+
+def test_a_server_that_ignores_range_is_read_from_the_start(hub, big_repo, tmp_path):
+    hub.fail(INT8_BIN, Fault("cut", CHUNK * 3 // 2), Fault("ignore_range"))
+    result = fetch(hub, tmp_path)
+    assert [g.header("Range") for g in hub.requests_to("cdn", "GET")] == [None, f"bytes={CHUNK}-"]
+    assert (result.snapshot / INT8_BIN).read_bytes() == big_files()[INT8_BIN]
 
 
 def test_a_download_refused_by_the_cdn_or_a_hub_error_is_restartable(hub, repo, tmp_path):
@@ -313,16 +360,17 @@ def test_a_download_refused_by_the_cdn_or_a_hub_error_is_restartable(hub, repo, 
     assert "403" in fails(EXIT_DOWNLOAD, hub, tmp_path)
 
 
-def test_progress_lines(hub, repo, tmp_path):
+def test_progress_lines(hub, big_repo, tmp_path):
     lines = []
     fetch(hub, tmp_path, progress=lines.append)
-    assert f"downloading {INT8_BIN} (300.0 kB) from 127.0.0.1" in lines
+    size = f"{len(big_files()[INT8_BIN]) / 1e6:.1f}"
+    assert f"downloading {INT8_BIN} ({size} MB) from 127.0.0.1" in lines
     steps = [line for line in lines if line.startswith(f"downloading {INT8_BIN}: ")]
-    assert len(steps) >= 2 and steps[-1] == f"downloading {INT8_BIN}: 300.0 of 300.0 kB"
+    assert len(steps) == 3 and steps[-1] == f"downloading {INT8_BIN}: {size} of {size} MB"  # one a chunk
     assert any(line.startswith("downloading tokenizer.json (") for line in lines)
 
 
-def test_an_exception_from_on_progress_stops_the_fetch_and_keeps_the_partial_file(hub, repo, tmp_path):
+def test_an_exception_from_on_progress_stops_the_download_and_the_next_fetch_completes_it(hub, big_repo, tmp_path):
     class Stop(Exception):
         pass
 
@@ -332,12 +380,32 @@ def test_an_exception_from_on_progress_stops_the_fetch_and_keeps_the_partial_fil
 
     with pytest.raises(Stop):
         fetch(hub, tmp_path, progress=progress)
-    partial = repo_dir(tmp_path) / "blobs" / (sha256(repo_files()[INT8_BIN]) + ".incomplete")
-    kept = partial.stat().st_size
-    assert 0 < kept < 300_000
-    result = fetch(hub, tmp_path)  # the lock was released; the download resumes where it stopped
-    assert hub.requests_to("cdn", "GET")[-1].header("Range") == f"bytes={kept}-"
-    assert (result.snapshot / INT8_BIN).read_bytes() == repo_files()[INT8_BIN]
+    assert not (repo_dir(tmp_path) / "blobs" / sha256(big_files()[INT8_BIN])).exists()  # nothing half-done is cached
+    result = fetch(hub, tmp_path)  # the lock was released
+    assert (result.snapshot / INT8_BIN).read_bytes() == big_files()[INT8_BIN]
+
+
+def test_interrupt_download_from_a_signal_handler_stops_a_download_at_once(hub, big_repo, tmp_path):
+    """What SIGTERM does during startup (startup.install_signal_handlers): without it, a stop is seen only at the
+    next progress line, which huggingface_hub gives once a chunk (10 s apart here)."""
+    hub.fail(INT8_BIN, Fault("slow", CHUNK // 10))
+    hubmodule.interrupt_download()  # no download in progress: nothing happens
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: hubmodule.interrupt_download())
+    stopped = []
+
+    def progress(line):
+        if line.startswith(f"downloading {INT8_BIN} ("):
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            stopped.append(time.monotonic() + 0.5)
+
+    try:
+        with pytest.raises(StartupCancelled):
+            fetch(hub, tmp_path, progress=progress)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert stopped and time.monotonic() - stopped[0] < 1.0
+    assert not (repo_dir(tmp_path) / "blobs" / sha256(big_files()[INT8_BIN])).exists()
 
 
 def test_progress_lines_are_spaced_by_the_interval(hub, repo, tmp_path):
@@ -412,8 +480,8 @@ def test_an_unreachable_hub_with_a_cold_cache_says_what_a_person_can_do(tmp_path
         assert "--model DIR" in message
         assert message.endswith("under systemd the next start tries again")  # exit 8 is restarted
         # through a proxy: said, without the proxy's credentials
-        proxied = HubSettings(endpoint=endpoint, token=None, offline=False, cache_dir=tmp_path, metadata_timeout_s=5,
-                              download_timeout_s=5, proxies=(("http", f"http://user:secret@{endpoint[7:]}"),))
+        proxied = HubSettings.from_environ({"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path),
+                                            "http_proxy": f"http://user:secret@{endpoint[7:]}"})
         with pytest.raises(StartupError) as info:
             fetch_model(REPO, "main", IR_CANDIDATES, REQUIRED, OPTIONAL, proxied)
         assert info.value.exit_code == EXIT_DOWNLOAD
@@ -442,14 +510,35 @@ def test_a_hub_answering_5xx_falls_back_to_the_cache(hub, repo, tmp_path):
 # ---------------------------------------------------------------------------------------------- the cache's disk
 
 
-def test_a_full_disk_while_writing(hub, repo, tmp_path, monkeypatch):
-    def no_space(out, chunk):
+class NoSpaceLeft:
+    """A file that cannot take a byte, as on a full disk."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(hubmodule, "_append", no_space)
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_while_writing(hub, repo, tmp_path, monkeypatch):
+    real_open = Path.open
+
+    def open_full(path, *args, **kwargs):  # huggingface_hub writes a download into blobs/<etag>[.<id>].incomplete
+        file = real_open(path, *args, **kwargs)
+        return NoSpaceLeft(file) if path.name.endswith(".incomplete") else file
+
+    monkeypatch.setattr(Path, "open", open_full)
     message = fails(EXIT_DOWNLOAD, hub, tmp_path)
-    assert "no space left" in message and str(tmp_path) in message and "more bytes" in message
-    assert "HF_HUB_CACHE" in message
+    assert "no space left" in message and str(tmp_path) in message and "HF_HUB_CACHE" in message
 
 
 def test_free_space_is_checked_before_downloading(hub, repo, tmp_path, monkeypatch):
@@ -457,7 +546,7 @@ def test_free_space_is_checked_before_downloading(hub, repo, tmp_path, monkeypat
     monkeypatch.setattr(hubmodule.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     before = len(hub.requests_to("cdn"))
     message = fails(EXIT_DOWNLOAD, hub, tmp_path)
-    assert f"{300_000} more bytes" in message and len(hub.requests_to("cdn")) == before
+    assert f"{300_000} bytes (300.0 kB) are needed" in message and len(hub.requests_to("cdn")) == before
 
 
 def test_a_cache_that_cannot_be_written(hub, repo, tmp_path):
@@ -475,24 +564,23 @@ def test_a_blob_another_process_is_writing_is_waited_for_not_downloaded_twice(hu
     locks.mkdir(parents=True)
     other = os.open(locks / f"{sha256(data)}.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(other, fcntl.LOCK_EX)
-    waiting, outcome = threading.Event(), {}
-
-    def progress(line):
-        if line.startswith(f"waiting for another process that is downloading {INT8_BIN}"):
-            waiting.set()
+    outcome = {}
 
     def run():
         try:
-            outcome["result"] = fetch(hub, tmp_path, progress=progress)
+            outcome["result"] = fetch(hub, tmp_path)
         except BaseException as exc:  # reported below
             outcome["error"] = exc
-            waiting.set()
 
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        assert waiting.wait(30), "the fetch never reported waiting for the lock"
-        assert "error" not in outcome and hub.requests_to("cdn") == []
+        deadline = time.monotonic() + 30
+        while not any(r.path.endswith(INT8_BIN) for r in hub.requests_to("hub", "HEAD")) and thread.is_alive():
+            assert time.monotonic() < deadline, "the fetch never asked for the weights"
+            time.sleep(0.02)
+        thread.join(0.5)  # a fetch that did not wait would have downloaded the weights by now, and ended
+        assert thread.is_alive() and "error" not in outcome and hub.requests_to("cdn") == []
         blobs = repo_dir(tmp_path) / "blobs"
         (blobs / sha256(data)).write_bytes(data)  # what the other process leaves behind
     finally:
@@ -512,14 +600,6 @@ def test_bad_file_names_and_endpoints_are_configuration_errors(hub, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- huggingface_hub itself
-
-
-def _python_with_huggingface_hub() -> str | None:
-    """An interpreter that has huggingface_hub: HUB_INTEROP_PYTHON, or this one; None when neither does."""
-    for python in (os.environ.get("HUB_INTEROP_PYTHON"), sys.executable):
-        if python and subprocess.run([python, "-c", "import huggingface_hub"], capture_output=True).returncode == 0:
-            return python
-    return None
 
 
 INTEROP_SCRIPT = f"""
@@ -550,16 +630,15 @@ def _tree(cache: Path) -> dict[str, str]:
 
 
 def test_huggingface_hub_and_this_fetcher_share_one_cache(hub, repo, tmp_path):
-    """Runs when huggingface_hub is installed here or HUB_INTEROP_PYTHON names a Python that has it (the test
-    environment does not need it): hf_hub_download against the fake Hub fills a cache this fetcher serves offline,
-    this fetcher's cache is served by huggingface_hub offline, and both caches hold the same tree."""
-    python = _python_with_huggingface_hub()
-    if python is None:
-        pytest.skip("huggingface_hub is not installed (set HUB_INTEROP_PYTHON to a Python that has it)")
+    """hf_hub_download alone (in a process of its own, by branch, as transformers asks; HUB_INTEROP_PYTHON may name
+    a Python with another huggingface_hub) against the fake Hub fills a cache this fetcher serves offline, this
+    fetcher's cache is served by huggingface_hub offline, and both caches hold the same tree: what this fetcher
+    writes itself (the ref, and the absence markers from the listing) is what the library would write."""
+    python = os.environ.get("HUB_INTEROP_PYTHON") or sys.executable
     import json
 
     names = [INT8_XML, INT8_BIN, "tokenizer.json", "config.json"]
-    absent = "tokenizer_config.json"  # huggingface_hub remembers its absence as this fetcher does
+    absent = "tokenizer_config.json"  # remembered as absent by both
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
 
     def hf(cache: Path, offline: bool) -> dict[str, str]:

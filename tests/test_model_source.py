@@ -1,13 +1,21 @@
 """Where the model comes from, through main(): a Hub id fetched from a local stand-in for the Hub (the default
-model included, so `server.py` with no model option works on a fresh machine), the Hub cache reused offline, and
-the fetch's failures as startup exit codes."""
+model included, so `server.py` with no model option works on a fresh machine), the Hub cache reused offline, the
+fetch's failures as startup exit codes, and SIGTERM during a download."""
+
+import hashlib
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
-from fakehub import FakeHub
+from fakehub import FakeHub, Fault
+from support import ROOT
 from support.http import request
 from support.models import F32, SCORE_TOLERANCE
-from support.servers import RunningServer
+from support.servers import RunningServer, free_port, run_server, server_env
 
 from openvino_reranker.config import DEFAULT_MODEL
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DOWNLOAD, EXIT_MODEL
@@ -77,3 +85,48 @@ def test_fetch_failures_stop_startup_with_one_line_and_their_exit_code(hub, tiny
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("openvino-reranker: error:"))
     assert needle in line and "Traceback" not in err
+
+
+def test_a_timeout_huggingface_hub_refuses_is_a_configuration_error(tmp_path):
+    """huggingface_hub reads HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT as whole seconds when imported, and
+    fails on anything else: one line and exit 2, not a traceback."""
+    result = run_server(["--port", "0", "--device", "CPU", "--model", "org/tiny"],
+                        {"HF_HUB_DOWNLOAD_TIMEOUT": "1.5", "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == EXIT_CONFIG and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "HF_HUB_DOWNLOAD_TIMEOUT must be whole seconds" in result.stderr
+
+
+def test_sigterm_stops_a_model_download_at_once_with_exit_0(hub, tmp_path):
+    """server.py fetching 25 MB of weights at 1 MB/s: SIGTERM ends the download at once, not at huggingface_hub's
+    next 10 MB chunk (when the stop would otherwise be seen), and exits 0 without caching anything half-done."""
+    weights = hashlib.shake_256(b"slow weights").digest(25 * 1024 * 1024)
+    hub.add_repo("org/slow", {"openvino_model.xml": b"<net/>", "openvino_model.bin": weights,
+                              "tokenizer.json": b"{}"}, lfs=("openvino_model.bin",))
+    hub.fail("openvino_model.bin", Fault("slow", 1_000_000))
+    env = server_env({"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf"), "HOME": str(tmp_path)})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(free_port()), "--device", "CPU",
+                             "--model", "org/slow", "--cache-dir", ""], stderr=subprocess.PIPE, text=True, env=env)
+    lines, downloading = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "downloading openvino_model.bin (" in line:
+                downloading.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert downloading.wait(60), "".join(lines)[-2000:]
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, "".join(lines)[-2000:]
+        elapsed = time.monotonic() - sent
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(10)
+    assert elapsed < 3.0, f"{elapsed:.1f} s from SIGTERM to exit"
+    assert any("stopped by a signal before fetching the model" in line for line in lines), "".join(lines)[-2000:]
+    assert not list((tmp_path / "hf").rglob("blobs/" + hashlib.sha256(weights).hexdigest()))

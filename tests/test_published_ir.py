@@ -103,6 +103,9 @@ def test_the_default_models_int8_ir_is_fetched_and_served_as_openvino_scores_it(
         assert ready["model"] == DEFAULT_MODEL and ready["model_file"] == f"{IR}.xml"
         assert ready["source"]["commit"] == commit and ready["max_length"] == length
         assert ready["head"]["kind"] == "cross-encoder" and not ready["parity"]["fallback"]
+        # the model's reference scores, beside its IR in the repo, were fetched and checked at startup
+        assert ready["reference_scores"]["passed"] is True
+        assert ready["reference_scores"]["file"].endswith("openvino/reference_scores.json")
         alone = np.array([scores_of(srv.port, [case])[0] for case in cases])  # one pair a batch, no padding
         together = scores_of(srv.port, cases)  # pairs of many lengths padded together
     assert any(r.path.startswith("/blobs/") for r in hub.requests_to("cdn", "GET")), "the IR's .bin came from LFS"

@@ -531,7 +531,10 @@ def test_files_beside_an_ir_in_openvino_come_to_the_root(tmp_path):
 
     model = tmp_path / "model"
     shutil.copytree(BERT_QINT8, model)
-    (model / "openvino" / "reference_scores.json").write_text("{}")
+    from openvino_reranker.referencescores import reference_scores_json
+
+    (model / "openvino" / "reference_scores.json").write_text(
+        reference_scores_json([("q", "d", None, 0.5)], 0.5, None, {"by": "this test"}))
     (model / "reference_scores.json").write_text('{"stale": true}')
     (model / "model.safetensors").write_bytes(b"weights")
     (model / "onnx").mkdir()
