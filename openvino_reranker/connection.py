@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -294,7 +295,7 @@ class SlowReadReaper:
 # ---------------------------------------------------------------------------------------------- server, connection
 
 
-class HttpServer(ThreadingHTTPServer):
+class HttpServer(ThreadingHTTPServer, ABC):
     """A thread per connection (`handler_class`, an HttpConnection), within the guards: `slots` bounds the open
     connections (beyond the bound, `refuse_connection` answers at once, with no thread) and `reaper` ends requests
     that arrive too slowly. Bound and activated by the caller."""
@@ -325,9 +326,9 @@ class HttpServer(ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    @abstractmethod
     def refuse_connection(self, sock: socket.socket, client_address) -> None:
         """A connection over max_connections: a subclass answers it (answer_overloaded), and logs and counts it."""
-        raise NotImplementedError
 
     def server_close(self):
         self.reaper.stop()
@@ -341,7 +342,7 @@ class HttpServer(ThreadingHTTPServer):
         log.exception("connection error from %s", peer)
 
 
-class HttpConnection(socketserver.StreamRequestHandler):
+class HttpConnection(socketserver.StreamRequestHandler, ABC):
     """One client connection: its requests one after another (HTTP/1.1 keep-alive), each one's head read within
     read_timeout_s and parsed once by `framing`, refused here when it cannot be served, else given to `respond`.
     Every answer has an exact Content-Length and the request's X-Request-ID.
@@ -523,13 +524,13 @@ class HttpConnection(socketserver.StreamRequestHandler):
 
     # ---- what a subclass provides
 
+    @abstractmethod
     def respond(self, head: RequestHead) -> None:
         """Answer a request whose head was read whole and accepted."""
-        raise NotImplementedError
 
+    @abstractmethod
     def error_body(self, error: ServiceError, path: str) -> bytes:
         """The JSON body of a refusal of a request to `path`."""
-        raise NotImplementedError
 
     def refused(self, error: ServiceError, path: str, elapsed_s: float) -> None:
         """A refusal has been answered: log and count it."""
