@@ -272,9 +272,23 @@ HELP_GROUPS = (
 HELP_WIDTH = 100  # the examples' and exit codes' lines
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """The server's and its subcommands' parser: a bad command line is one line and exit 2, not argparse's usage
+    block."""
+
+    def error(self, message: str):
         raise StartupError(f"bad command line: {message}", EXIT_CONFIG)
+
+
+def int_argument(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse `type` for an integer in lo..hi, parsed as IntRange parses every integer here."""
+    def parse(text: str) -> int:
+        try:
+            return IntRange(lo, hi).parse_text(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def invoked_as(argv0: str) -> str:
@@ -291,7 +305,7 @@ QUANTIZE_COMMAND = "quantize"  # quantize.py: a calibrated full-INT8 copy of a m
 
 def parse_demo_model_args(argv: Sequence[str]) -> str:
     """`demo-model DIR`'s arguments: the directory, as typed."""
-    parser = _ArgumentParser(prog=f"{os.path.basename(sys.argv[0])} {DEMO_MODEL_COMMAND}",
+    parser = OneLineArgumentParser(prog=f"{os.path.basename(sys.argv[0])} {DEMO_MODEL_COMMAND}",
                              description="Write the demo model, a tiny cross-encoder with random weights built in "
                                          "code, to DIR (no network needed); then serve it with --model DIR. Its "
                                          "scores are meaningless: it shows the service working, not ranking.")
@@ -339,7 +353,7 @@ def build_parser(argv0: str | None = None) -> argparse.ArgumentParser:
     """The command line: every option in its --help group, named as the program was invoked (`openvino-reranker`,
     `server.py`)."""
     argv0 = sys.argv[0] if argv0 is None else argv0
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=os.path.basename(argv0) or "openvino-reranker", formatter_class=_HelpFormatter,
         usage="%(prog)s [OPTION ...]\n       %(prog)s demo-model DIR\n"
               "       %(prog)s eval --url URL --dataset DIR --run RUN [--compare URL2] [...]\n"

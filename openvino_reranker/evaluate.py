@@ -28,7 +28,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from . import __version__
-from .config import ENV_PREFIX, EVAL_COMMAND, IntRange, client_api_key
+from .config import ENV_PREFIX, EVAL_COMMAND, OneLineArgumentParser, client_api_key, int_argument
 from .errors import EXIT_CONFIG, StartupError
 
 EXIT_INCOMPLETE = 1  # the run finished, but some queries' requests failed twice: they kept their first-stage order
@@ -696,21 +696,6 @@ def render_text(report: dict[str, Any], evalset: EvalSet, runs: Sequence[Service
 # ---------------------------------------------------------------------------------------------- the command
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise bad_input(f"bad command line: {message}")
-
-
-def _bounded(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            return IntRange(lo, hi).parse_text(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
 def _service(text: str) -> Service:
     try:
         return parse_service_url(text.strip())
@@ -725,7 +710,7 @@ def _split(text: str) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=f"{os.path.basename(sys.argv[0]) or 'openvino-reranker'} {EVAL_COMMAND}",
         description="Measure a running service's ranking on your data: a BEIR dataset and a TREC run from your first "
                     "stage; the top --depth candidates of each judged query are reranked by the service. Sends "
@@ -738,11 +723,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--run", required=True, type=Path, help="TREC run file: qid Q0 docid rank score tag")
     parser.add_argument("--split", default="test", type=_split, metavar="SPLIT",
                         help="the qrels file qrels/SPLIT.tsv (default test)")
-    parser.add_argument("--depth", default=100, type=_bounded(1, 1000), metavar="N",
+    parser.add_argument("--depth", default=100, type=int_argument(1, 1000), metavar="N",
                         help="candidates per query sent to the service (default 100)")
-    parser.add_argument("--concurrency", default=4, type=_bounded(1, 64), metavar="N",
+    parser.add_argument("--concurrency", default=4, type=int_argument(1, 64), metavar="N",
                         help="requests in flight (default 4)")
-    parser.add_argument("--timeout-s", default=120, type=_bounded(1, 3600), metavar="S",
+    parser.add_argument("--timeout-s", default=120, type=int_argument(1, 3600), metavar="S",
                         help="seconds to wait for one answer (default 120)")
     parser.add_argument("--compare", type=_service, default=None, metavar="URL2",
                         help="a second service: scores the same candidates and reports rank agreement")

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import __version__, referencescores
-from .config import QUANTIZE_COMMAND, IntRange, ShapeBucket, invoked_as, load_config
+from .config import QUANTIZE_COMMAND, OneLineArgumentParser, ShapeBucket, int_argument, invoked_as, load_config
 from .encoding import ModelHead, load_tokenizer
 from .engine import Engine, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_MODEL, ServiceError, StartupError, error_reason
@@ -611,23 +611,8 @@ def eval_report(evalset, original: ServiceRun, quantized: ServiceRun) -> dict[st
 # ---------------------------------------------------------------------------------------------- the command
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        raise bad_input(f"bad command line: {message}")
-
-
-def _bounded(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            return IntRange(lo, hi).parse_text(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=f"{os.path.basename(sys.argv[0]) or 'openvino-reranker'} {QUANTIZE_COMMAND}",
         description="Write a fully quantized INT8 copy of a model (weights and activations, NNCF post-training "
                     "quantization calibrated on query/document pairs through the model's own head) that the server "
@@ -641,19 +626,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="a new or empty directory (an earlier quantize output is replaced)")
     parser.add_argument("--calibration", type=Path, default=None, metavar="FILE.jsonl",
                         help='{"query": ..., "document": ...} lines, your own traffic (default: the built-in set)')
-    parser.add_argument("--samples", type=_bounded(1, 100_000), default=300, metavar="N",
+    parser.add_argument("--samples", type=int_argument(1, 100_000), default=300, metavar="N",
                         help="calibration pairs NNCF sees (default 300)")
     parser.add_argument("--model-file", default="", help="the IR inside the model, as the server's --model-file")
     parser.add_argument("--prompt-template", default="", metavar="FILE",
                         help="a decoder's prompt template, as the server's (copied into the output)")
     parser.add_argument("--instruction", default="", help="a decoder's instruction for calibration, as the server's")
-    parser.add_argument("--max-length", type=_bounded(0, 8192), default=0, metavar="N",
+    parser.add_argument("--max-length", type=int_argument(0, 8192), default=0, metavar="N",
                         help="tokens per pair, as the server's (default 0: the model's limit, at most 512)")
     parser.add_argument("--eval-dataset", type=Path, default=None, metavar="DIR",
                         help="a BEIR dataset: report the metric changes of eval (with --eval-run)")
     parser.add_argument("--eval-run", type=Path, default=None, metavar="RUN", help="a TREC run of the first stage")
     parser.add_argument("--eval-split", default="test", metavar="SPLIT", help="qrels/SPLIT.tsv (default test)")
-    parser.add_argument("--eval-depth", type=_bounded(1, 1000), default=100, metavar="N",
+    parser.add_argument("--eval-depth", type=int_argument(1, 1000), default=100, metavar="N",
                         help="candidates per query reranked (default 100)")
     args = parser.parse_args(argv)
     if (args.eval_dataset is None) != (args.eval_run is None):
