@@ -44,12 +44,8 @@ RETRY_DELAY_S = 1.0  # before the one retry of a failed request (an overloaded s
 PROGRESS_INTERVAL_S = {True: 0.5, False: 10.0}  # how often the progress line is written: a terminal, a log
 
 
-class EvalError(Exception):
-    """Stops the command: one line on stderr and this exit code."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+class EvalError(StartupError):
+    """Stops the command: one line on stderr and its exit code, as a StartupError stops the server."""
 
 
 class RequestFailed(Exception):
@@ -776,7 +772,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, stdout: 
         stdout.write(json.dumps(report) + "\n" if args.json else render_text(report, evalset, runs))
         stdout.flush()
         return EXIT_INCOMPLETE if any(run.failed_queries for run in runs) else 0
-    except (EvalError, StartupError) as exc:
+    except StartupError as exc:  # EvalError too
         stderr.write(f"openvino-reranker eval: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:

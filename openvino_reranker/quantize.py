@@ -37,7 +37,7 @@ from .config import QUANTIZE_COMMAND, OneLineArgumentParser, ShapeBucket, int_ar
 from .encoding import ModelHead, load_tokenizer
 from .engine import Engine, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_MODEL, ServiceError, StartupError, error_reason
-from .evaluate import EvalError, ServiceRun, agreement, build_report, load_evalset
+from .evaluate import ServiceRun, agreement, build_report, load_evalset
 from .modeldir import TEMPLATE_FILE, ModelFiles, load_model_files, locate_model, make_head
 from .parity import REFERENCE_PROPERTIES
 from .reranker import Reranker
@@ -77,12 +77,8 @@ QUANTIZED_OPS = ("FakeQuantize", "FakeConvert")
 LOW_PRECISION_TYPES = ("i8", "u8", "i4", "u4", "f8e4m3", "f8e5m2", "nf4")
 
 
-class QuantizeError(Exception):
-    """Stops the command: one line on stderr and this exit code."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+class QuantizeError(StartupError):
+    """Stops the command: one line on stderr and its exit code, as a StartupError stops the server."""
 
 
 def bad_input(message: str) -> QuantizeError:
@@ -825,7 +821,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, stdout: 
         stdout.write("\n".join(summary_lines(report, output)) + "\n")
         stdout.flush()
         return 0
-    except (QuantizeError, EvalError, StartupError) as exc:
+    except StartupError as exc:  # QuantizeError and EvalError too
         stderr.write(f"openvino-reranker quantize: error: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
