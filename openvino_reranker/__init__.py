@@ -10,5 +10,5 @@ __version__ = "0.1.0"
 MODULES = (
     "errors", "config", "scoring", "batching", "textcut", "encoding", "cache", "compilecache", "engine", "batcher",
     "reranker", "hub", "referencescores", "modeldir", "demomodel", "checks", "parity", "api", "metrics", "service",
-    "framing", "connection", "httpserver", "evaluate", "quantize", "systemd", "startup",
+    "framing", "connection", "httpserver", "ranking", "evaluate", "quantize", "systemd", "startup",
 )

@@ -37,9 +37,9 @@ from .config import QUANTIZE_COMMAND, OneLineArgumentParser, ShapeBucket, int_ar
 from .encoding import ModelHead, load_tokenizer
 from .engine import Engine, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_MODEL, ServiceError, StartupError, error_reason
-from .evaluate import ServiceRun, agreement, build_report, load_evalset
 from .modeldir import TEMPLATE_FILE, ModelFiles, load_model_files, locate_model, make_head
 from .parity import REFERENCE_PROPERTIES
+from .ranking import ServiceRun, agreement, build_report, load_evalset
 from .reranker import Reranker
 
 EXIT_BAD_INPUT = EXIT_CONFIG  # 2: a bad argument, calibration file, eval file or output directory

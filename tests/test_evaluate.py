@@ -20,15 +20,14 @@ from support.engines import FakeEngine
 from support.http import request
 from support.servers import free_port, server_env
 
-from openvino_reranker import evaluate
-from openvino_reranker.evaluate import (
+from openvino_reranker import evaluate, ranking
+from openvino_reranker.evaluate import Progress, plan_requests
+from openvino_reranker.ranking import (
     METRICS,
     EvalSet,
-    Progress,
     agreement,
     load_evalset,
     mean_metrics,
-    plan_requests,
     reranked_order,
     trec_order,
 )
@@ -512,7 +511,7 @@ def test_the_server_help_points_at_eval():
 
 
 def test_metrics_table_in_metrics_order():
-    assert list(METRICS) == [key for key, _ in evaluate.CUTOFF_METRICS]
+    assert list(METRICS) == [key for key, _ in ranking.CUTOFF_METRICS]
     assert trec_order({"b": 1.0, "a": 1.0}) == ["b", "a"]
 
 

@@ -24,7 +24,6 @@ from support.servers import RunningServer, server_env
 from openvino_reranker import quantize
 from openvino_reranker.config import ShapeBucket
 from openvino_reranker.encoding import DecoderRerankerHead, load_tokenizer
-from openvino_reranker.evaluate import load_evalset, mean_metrics, reranked_order
 from openvino_reranker.modeldir import load_model_files, make_head
 from openvino_reranker.quantize import (
     MAX_HELD_OUT_PAIRS,
@@ -36,6 +35,7 @@ from openvino_reranker.quantize import (
     split_pairs,
     spread,
 )
+from openvino_reranker.ranking import load_evalset, mean_metrics, reranked_order
 
 QWEN3 = ROOT / "tests" / "fixtures" / "models" / "tiny-qwen3"
 BERT_QINT8 = ROOT / "tests" / "fixtures" / "models" / "tiny-bert-qint8"

@@ -1,5 +1,5 @@
-"""The metrics of `openvino-reranker eval` (openvino_reranker/evaluate.py): hand-computed cases, then agreement with
-trec_eval itself (pytrec_eval, from the test extras) on random datasets full of ties, per query and averaged, for
+"""The metrics of `openvino-reranker eval` and `quantize` (openvino_reranker/ranking.py): hand-computed cases, then
+agreement with trec_eval itself (pytrec_eval, from the test extras) on random datasets full of ties, per query and averaged, for
 the first stage and for the reranked order (scored candidates first, the rest of the run after them)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import random
 import pytest
 from evaldata import write_dataset
 
-from openvino_reranker.evaluate import (
+from openvino_reranker.ranking import (
     METRICS,
     ServiceRun,
     agreement,
