@@ -1,6 +1,6 @@
 """The metrics of `openvino-reranker eval` and `quantize` (openvino_reranker/ranking.py): hand-computed cases, then
-agreement with trec_eval itself (pytrec_eval, from the test extras) on random datasets full of ties, per query and averaged, for
-the first stage and for the reranked order (scored candidates first, the rest of the run after them)."""
+agreement with trec_eval itself (pytrec_eval, from the test extras) on random datasets full of ties, per query and
+averaged, for the first stage and for the reranked order (scored candidates first, the rest of the run after them)."""
 
 from __future__ import annotations
 
