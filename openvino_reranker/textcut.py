@@ -50,10 +50,9 @@ _FIRST_WINDOW_CHARS_PER_TOKEN = 4  # English averages about 4.5; denser scripts 
 _MIN_MARGIN = 16
 
 
-def _longest_token_chars(tokenizer) -> int:
+def _longest_token_chars(tokenizer, model: dict) -> int:
     """The most characters one vocabulary entry spells (WordPiece's continuation prefix not counted; a byte-level
-    entry counts its bytes, never fewer than its characters)."""
-    model = json.loads(tokenizer.to_str()).get("model", {})
+    entry counts its bytes, never fewer than its characters). `model` is the tokenizer's JSON "model" object."""
     prefix = model.get("continuing_subword_prefix") or ""
     vocab = tokenizer.get_vocab(with_added_tokens=False)
     return max((len(t) - (len(prefix) if prefix and t.startswith(prefix) else 0) for t in vocab), default=1)
@@ -64,18 +63,19 @@ class TextCutter:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        config = json.loads(tokenizer.to_str())  # read once: a real vocabulary's JSON is megabytes
+        model = config.get("model") or {}
         # WordPiece makes a word longer than max_input_chars_per_word one unknown token, so the tokens of a word's
         # start depend on its length: only BPE and Unigram words are taken in part
-        config = json.loads(tokenizer.to_str())
-        local = (config.get("model") or {}).get("type") in ("BPE", "Unigram")
+        local = model.get("type") in ("BPE", "Unigram")
+        self.margin = max(_MIN_MARGIN, 2 * _longest_token_chars(tokenizer, model)) if local else None
         # BERT's pre-tokenizer splits at every space and around every punctuation character whatever came before:
         # in a suffix, every word but the first is the whole text's (other pre-tokenizers: after a space, below)
         self.words_are_local = (config.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
-        self.margin = max(_MIN_MARGIN, 2 * _longest_token_chars(tokenizer)) if local else None
         normalizer = tokenizer.normalizer
         # NFC/NFD/NFKC/NFKD put U+0323 (class 220) before U+0301 (class 230); BERT's accent stripping removes both
         self.reorders_marks = normalizer is not None and normalizer.normalize_str("\u0301\u0323") == "\u0323\u0301"
-        self.runs = BertRuns.for_tokenizer(tokenizer) or UnigramRuns.for_tokenizer(tokenizer)
+        self.runs = BertRuns.for_tokenizer(tokenizer, config) or UnigramRuns.for_tokenizer(tokenizer, config)
         self.digit_group = _digit_group(config.get("pre_tokenizer"))
 
     def cut(self, text: str, keep: int, side: str = "right") -> str:
@@ -149,8 +149,8 @@ class BertRuns:
         self.added = added  # added tokens are matched before normalization: deleting must not make one
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> BertRuns | None:
-        config = json.loads(tokenizer.to_str())
+    def for_tokenizer(cls, tokenizer, config: dict) -> BertRuns | None:
+        """The rules for `tokenizer` (`config`: its JSON), or None when it is not of the BERT family."""
         model, normalizer, pre = config.get("model") or {}, config.get("normalizer"), config.get("pre_tokenizer")
         if model.get("type") != "WordPiece" or (pre or {}).get("type") != "BertPreTokenizer" or \
                 (normalizer is not None and normalizer.get("type") != "BertNormalizer"):
@@ -203,8 +203,8 @@ class UnigramRuns:
         self._unknown: dict[int, bool] = {}
 
     @classmethod
-    def for_tokenizer(cls, tokenizer) -> UnigramRuns | None:
-        config = json.loads(tokenizer.to_str())
+    def for_tokenizer(cls, tokenizer, config: dict) -> UnigramRuns | None:
+        """The rules for `tokenizer` (`config`: its JSON), or None when it is not a Unigram one."""
         model = config.get("model") or {}
         if model.get("type") != "Unigram" or model.get("byte_fallback"):
             return None

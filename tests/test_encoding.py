@@ -1,6 +1,8 @@
 """The model head: pairs to inputs (the tokenizer's pair template, longest-first truncation, padding) and its
 contract check."""
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -219,7 +221,7 @@ def test_bert_runs_shorten_without_changing_a_token(tiny_model, source):
 
     path = tiny_model.path if source == "tiny" else ROOT / "tests" / "fixtures" / "models" / "tiny-bert-qint8"
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    runs = BertRuns.for_tokenizer(tok)
+    runs = BertRuns.for_tokenizer(tok, json.loads(tok.to_str()))
     assert runs is not None and runs.max_word_chars == 100
     cases = ["a" * 5000 + " b", "x" + " \t\n" * 300 + "y", "[SE\x00P] a", "e" + "\u0301" * 900 + "f",
              "\U0001f600" * 3000, "abc\x00" * 400, "中" * 300 + "a" * 300, "\u00e9" * 500 + "!"]
@@ -229,7 +231,8 @@ def test_bert_runs_shorten_without_changing_a_token(tiny_model, source):
     assert len(runs.shorten("a" * 5000)) == 101 and runs.shorten("x   y") == "x y"
     if source == "exported":  # sentence-transformers' export lists [SEP] as an added token, matched before cleaning
         assert runs.shorten("[SE\x00P]") == "[SE\x00P]"  # deleting the NUL would spell it
-    assert BertRuns.for_tokenizer(bpe_tokenizer()) is None
+    bpe = bpe_tokenizer()
+    assert BertRuns.for_tokenizer(bpe, json.loads(bpe.to_str())) is None
 
 
 @pytest.mark.parametrize("text, keep, side, expected", [
@@ -307,7 +310,7 @@ def test_unigram_runs_shorten_without_changing_a_token():
     from openvino_reranker.textcut import UnigramRuns
 
     tok = Tokenizer.from_file(str(ROOT / "tests" / "fixtures" / "models" / "tiny-xlmr" / "tokenizer.json"))
-    runs = UnigramRuns.for_tokenizer(tok)
+    runs = UnigramRuns.for_tokenizer(tok, json.loads(tok.to_str()))
     assert runs is not None and runs.collapse_spaces
     cases = ["a" + " " * 500 + "b", "\U0001f600" * 300 + "a", "x\U0001f600\U0001f680\U0001f600y", "a\u1100\u1161b",
              "e" + "\u0301" * 50, "\u4e2d" * 40]
@@ -318,7 +321,8 @@ def test_unigram_runs_shorten_without_changing_a_token():
         assert tok.encode(runs.shorten(normalized, normalized=True), add_special_tokens=False).ids == ids, text
     assert runs.shorten("a" + " " * 500 + "b") == "a b" and len(runs.shorten("\U0001f600" * 300)) == 1
     assert runs.shorten("e\u0301\u0301") == "e\u0301\u0301"  # a mark composes: left alone unless normalized
-    assert UnigramRuns.for_tokenizer(bpe_tokenizer()) is None
+    bpe = bpe_tokenizer()
+    assert UnigramRuns.for_tokenizer(bpe, json.loads(bpe.to_str())) is None
 
 
 @pytest.mark.parametrize("digits", [999, 1000, 1001, 5000])
