@@ -104,7 +104,7 @@ class TextCutter:
         of groups into the run for its groups to be the whole text's."""
         if self.digit_group is None or start <= 0 or not (_is_number(text[start - 1]) and _is_number(text[start])):
             return start
-        codes = np.frombuffer(text[:start].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        codes = _codes(text[:start])
         others = np.flatnonzero(~_number_table()[codes])
         run_start = int(others[-1]) + 1 if len(others) else 0
         return start - (start - run_start) % self.digit_group
@@ -167,7 +167,7 @@ class BertRuns:
         spell an added token), runs of spaces as one, runs of word characters longer than max_word_chars + 1 cut
         to that. Works on the code points as a numpy array: linear, a few bytes per character."""
         kinds_of = _bert_table()
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        codes = _codes(text)
         kinds = kinds_of[codes]
         deleted = (kinds == _CONTROL) if self.clean_text else np.zeros(len(codes), dtype=bool)
         if self.strip_marks:
@@ -224,7 +224,7 @@ class UnigramRuns:
         normalization."""
         if self.collapse_spaces:
             text = _SPACES.sub(" ", text)
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        codes = _codes(text)
         distinct = np.unique(codes)
         inert = [int(c) for c in distinct if self._inert_unknown(int(c))]
         unknown = np.isin(codes, inert)
@@ -268,6 +268,11 @@ def _composition_seconds() -> frozenset[int]:
         if len(parts) == 2 and not parts[0].startswith("<"):
             seconds.add(int(parts[1], 16))
     return frozenset(seconds)
+
+
+def _codes(text: str) -> np.ndarray:
+    """The text's code points as a numpy array (lone surrogates kept: a JSON body may hold them); `_text` undoes it."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
 
 
 def _text(codes: np.ndarray) -> str:
