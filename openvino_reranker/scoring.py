@@ -1,10 +1,12 @@
 """The scoring call's terms, shared by the wire and the model heads: how a request wants its pairs cut
-(`Truncation`), what scoring returns (`ScoredPairs`), logits to float64 scores, and the result order."""
+(`Truncation`), what a document is (text, or an `ImageDocument`), what scoring returns (`ScoredPairs`), logits to
+float64 scores, and the result order."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +27,33 @@ class Truncation:
 
 
 TRUNCATE_RIGHT = Truncation()
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDocument:
+    """A document that holds a page image (a PDF page, a chart, a scanned table), with or without text: the image
+    file's bytes as the client sent them (PNG or JPEG, not yet decoded) and its text ("" for none). `digest`, the
+    SHA-256 of the bytes, stands for the image wherever a document is compared, hashed, cached or logged: two
+    documents are equal when their digests and texts are, and an image's content never reaches a log."""
+
+    image: bytes
+    text: str = ""
+    digest: str = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "digest", hashlib.sha256(self.image).hexdigest())
+
+    def __eq__(self, other):
+        return isinstance(other, ImageDocument) and (self.digest, self.text) == (other.digest, other.text)
+
+    def __hash__(self):
+        return hash((self.digest, self.text))
+
+    def __repr__(self):
+        return f"ImageDocument(image=<{len(self.image)} bytes sha256:{self.digest[:12]}>, text={self.text!r})"
+
+
+Document = str | ImageDocument  # what a request's documents are, from the wire to the model head
 
 
 def logits_to_scores(logits: np.ndarray) -> np.ndarray:
