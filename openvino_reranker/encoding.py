@@ -160,6 +160,7 @@ class ModelHead(ABC):
     kind: str = ""  # "cross-encoder", "decoder": named in /readyz and in errors
     padding_side: str = "right"  # where `feed` pads: "right" (after the tokens) or "left"
     takes_instruction: bool = False  # whether a request's `instruction` means anything to this head
+    takes_images: bool = False  # whether `encode` takes ImageDocuments (a vision-language model); else text only
     max_length: int  # tokens per pair, special tokens and template included
     min_pair_tokens: int  # the shortest pair it can make (one query and one document token): buckets must hold it
     pad_id: int
