@@ -11,6 +11,7 @@ from .errors import EXIT_CONFIG, StartupError
 
 VISION_EXTRA = "pip install 'openvino-reranker[vision]' (in a checkout: pip install '.[vision]')"
 FORMATS = ("PNG", "JPEG")  # what decode_image opens; any other file is refused before a decoder sees it
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # an A4 page scanned at 600 dpi is 35 million (the option max_image_pixels)
 MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 
