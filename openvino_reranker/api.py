@@ -123,6 +123,7 @@ COHERE_UNSUPPORTED = {  # fields that would change results if they were ignored
     "relevant_spans": "relevant_spans is not supported: only scores are returned",
 }
 TEI_TEXTS = DocumentNames("texts", "texts")
+NIM_PASSAGES = DocumentNames("passages", "passages")
 BARE_PAIRS = DocumentNames("pairs", "")  # a bare array: its entries are [0], [1], ...
 MAX_TOKENS = IntRange(1, 1_000_000)
 MAX_CHUNKS = IntRange(1, 1000)
@@ -553,6 +554,43 @@ def parse_pairs(body: Any, limits: RequestLimits) -> RerankRequest:
     return RerankRequest(pairs[0].query, pairs, None, False, names=BARE_PAIRS)
 
 
+def parse_nim(body: Any, limits: RequestLimits) -> RerankRequest:
+    """POST /v1/ranking: NVIDIA NIM's ranking API, which langchain-nvidia-ai-endpoints' NVIDIARerank sends (with
+    page images for nvidia/llama-nemotron-rerank-vl-1b-v2): `query` as {"text"}, `passages` as {"text", "image"?}
+    (an image passage's text may be ""), `truncate` "END" (the default here, as on every route) or "NONE" (a pair
+    longer than max_length is a 413). Every passage is ranked; other fields are ignored."""
+    body = _without_nulls(_require_object(body))
+    model = _parse_model(body)
+    query = body.get("query")
+    if isinstance(query, dict):
+        if "text" not in query:
+            raise BadRequestError("query.text is required", "query.text")
+        query = _parse_string(query["text"], "query.text", limits.max_query_chars, "max_query_chars")
+    elif "query" in body:
+        raise BadRequestError(f"query must be an object with text, not {_type_name(query)}", "query")
+    else:
+        raise BadRequestError("query is required", "query")
+    images = _ImageDocuments(limits, NIM_PASSAGES.array)
+
+    def parse_one(i: int, passage: Any) -> Document:
+        path = NIM_PASSAGES.entry(i)
+        if not isinstance(passage, dict):
+            raise BadRequestError(f"{path} must be an object with text, not {_type_name(passage)}", path)
+        if passage.get("image") is not None:
+            return images.parse(i, {"image": passage["image"], "text": passage.get("text")}, path)
+        if "text" not in passage:
+            raise BadRequestError(f"{path}.text is required", f"{path}.text")
+        return Document(i, _parse_text(passage["text"], f"{path}.text", limits))
+
+    passages = _parse_documents(body, limits, parse_one, NIM_PASSAGES.array)
+    truncate = body.get("truncate", "END")
+    if truncate not in ("END", "NONE"):
+        raise BadRequestError('truncate must be "END" (cut the passage) or "NONE" (refuse a pair that does not fit)',
+                              "truncate")
+    return RerankRequest(query, passages, None, False, model,
+                         truncation=Truncation(allowed=truncate == "END"), names=NIM_PASSAGES)
+
+
 def _without_nulls(body: dict) -> dict:
     """Clients send null for optional fields they were not given (langchain-cohere: "max_tokens_per_doc": null)."""
     return {key: value for key, value in body.items() if value is not None}
@@ -685,6 +723,17 @@ def render_infinity(request: RerankRequest, scored: ScoredPairs, ctx: ResponseCo
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
 
 
+def render_nim(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
+    """NIM's rankings, best first: `logit` is the model's logit (the score is its sigmoid), which NVIDIARerank
+    reports as the relevance score."""
+    return {"rankings": [{"index": i, "logit": float(scored.raw_scores[i])} for i in rank(scored.scores)],
+            "model": ctx.model_name, "usage": {"total_tokens": int(scored.lengths.sum())}}
+
+
+def render_nim_error(error: ServiceError) -> dict:
+    return {"detail": error.message, "type": error.error_type, "field": error.field}  # NVIDIARerank shows detail
+
+
 def render_pairs(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
     return {"scores": [float(s) for s in scored.scores]}
 
@@ -714,7 +763,8 @@ INFINITY = Dialect("infinity", ("/rerank",), parse_infinity, render_infinity, re
 NATIVE = Dialect("native", ("/rerank",), parse_native, render_native, render_native_error)
 COHERE = Dialect("cohere", ("/v1/rerank", "/api/v1/rerank"), parse_cohere, render_cohere, render_cohere_error)
 COHERE_V2 = Dialect("cohere_v2", ("/v2/rerank",), parse_cohere, render_cohere_v2, render_cohere_error)
-DIALECTS = (TEI, PAIRS, INFINITY, NATIVE, COHERE, COHERE_V2)
+NIM = Dialect("nim", ("/v1/ranking",), parse_nim, render_nim, render_nim_error)
+DIALECTS = (TEI, PAIRS, INFINITY, NATIVE, COHERE, COHERE_V2, NIM)
 
 
 def dialect_for(dialects: tuple[Dialect, ...], body: Any) -> Dialect:

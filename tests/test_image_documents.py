@@ -5,10 +5,9 @@ the score cache's key. Parsing only: the fetcher is tests/test_remoteimages.py's
 tests/test_image_requests.py's."""
 
 import base64
-import io
 
 import pytest
-from PIL import Image
+from support.imagefiles import GIF, JPEG, PNG, data_url, part
 
 from openvino_reranker.api import (
     RequestLimits,
@@ -28,28 +27,11 @@ from openvino_reranker.errors import BadRequestError, PayloadTooLargeError, Star
 from openvino_reranker.images import DEFAULT_MAX_IMAGE_PIXELS
 from openvino_reranker.scoring import ImageDocument, ScoredPairs, Truncation
 
-
-def image_file(fmt: str = "PNG", size=(6, 4), color=(200, 10, 10)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, fmt)
-    return out.getvalue()
-
-
-PNG, JPEG = image_file("PNG"), image_file("JPEG")
-PNG64, JPEG64 = base64.b64encode(PNG).decode(), base64.b64encode(JPEG).decode()
-GIF = b"GIF89a" + bytes(40)
+PNG64 = base64.b64encode(PNG).decode()
 LIMITS = RequestLimits.from_config(load_config(["--max-documents", "10", "--max-images-per-request", "3",
                                                 "--max-image-bytes", "4096", "--image-url-hosts",
                                                 "127.0.0.1,images.example"], {}))
 NO_URLS = RequestLimits.from_config(load_config([], {}))
-
-
-def data_url(data: bytes, media="image/png") -> str:
-    return f"data:{media};base64,{base64.b64encode(data).decode()}"
-
-
-def part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -123,7 +105,8 @@ def test_text_only_dialects_are_unchanged():
     ({"image": "====="}, 400, "documents[0].image", "not valid base64"),
     ({"image": base64.b64encode(GIF).decode()}, 400, "documents[0].image", "not a PNG or JPEG file"),
     ({"image": data_url(GIF, "image/gif")}, 400, "documents[0].image", "data: URL of image/gif; only image/png"),
-    ({"image": data_url(JPEG, "image/png")}, 400, "documents[0].image", "declared PNG by its data: URL but holds a JPEG"),
+    ({"image": data_url(JPEG, "image/png")}, 400, "documents[0].image",
+     "declared PNG by its data: URL but holds a JPEG"),
     ({"image": "data:image/png," + PNG64}, 400, "documents[0].image", "base64 data: URL"),
     ({"image": "file:///etc/passwd"}, 400, "documents[0].image", "'file' URLs are not fetched"),
     ({"image": "ftp://127.0.0.1/p.png"}, 400, "documents[0].image", "'ftp' URLs are not fetched"),
