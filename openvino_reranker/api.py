@@ -1,6 +1,7 @@
 """The wire: request parsing and response rendering per API dialect, error bodies and the /healthz body (the /readyz
 body, which reports what serves, is service.py's). The field names of scoring requests and answers appear only
-here. It depends on errors, config and scoring alone.
+here. It depends on errors, config and scoring alone, and on images for the magic bytes of PNG and JPEG (an image
+document is sniffed here, never decoded: Pillow is not imported on the wire).
 
 `DIALECTS` is the table the HTTP layer routes from: each entry names its paths, its parser, its renderer, its
 error shape and whether it needs the API key. Adding an API is one entry plus its parse and render functions
@@ -9,15 +10,19 @@ error shape and whether it needs the API key. Adding an API is one entry plus it
 
 from __future__ import annotations
 
+import binascii
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import TIMEOUT_MS, Config, IntRange
 from .errors import DOCUMENTS, BadRequestError, DocumentNames, PayloadTooLargeError, ServiceError
-from .scoring import TRUNCATE_RIGHT, ScoredPairs, Truncation, rank
+from .images import image_format
+from .scoring import TRUNCATE_RIGHT, ImageDocument, ScoredPairs, Truncation, rank
 
 # ---- JSON
 
@@ -59,10 +64,24 @@ def encode_json(payload: Any) -> bytes:
 @dataclass(frozen=True)
 class Document:
     index: int
-    text: str
+    text: str  # an image document's text ("" for none)
     id: str | int | None = None
     original: Any = None  # the object as sent (echoed on the Cohere route with return_documents)
     query: str | None = None  # its own query (the pairs dialect), else the request's
+    image: ImageDocument | None = None  # an image document's image (with `text`), once its bytes are here
+    image_url: str | None = None  # an image sent as an http(s) URL, fetched after the whole body was parsed
+    image_field: str | None = None  # where the body holds the image (`documents[3].image`), for errors
+
+    @property
+    def is_image(self) -> bool:
+        return self.image is not None or self.image_url is not None
+
+    @property
+    def content(self) -> str | ImageDocument:
+        """What is scored: the text, or the ImageDocument (an image URL must have been fetched first)."""
+        if self.image_url is not None and self.image is None:
+            raise ValueError(f"{self.image_field} has not been fetched")
+        return self.image if self.image is not None else self.text
 
 
 @dataclass(frozen=True)
@@ -86,19 +105,25 @@ class RequestLimits:
     max_documents: int
     max_query_chars: int
     max_document_chars: int
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_images_per_request: int = 64
+    image_url_hosts: tuple[str, ...] = ()  # hosts whose image URLs may be fetched; none: image URLs are refused
 
     @classmethod
     def from_config(cls, config: Config) -> RequestLimits:
-        return cls(config.max_documents, config.max_query_chars, config.max_document_chars)
+        return cls(config.max_documents, config.max_query_chars, config.max_document_chars, config.max_image_bytes,
+                   config.max_images_per_request, config.image_url_hosts)
 
 
 NATIVE_FIELDS = {"query", "documents", "top_k", "return_documents", "timeout_ms", "truncation_direction",
                  "max_chunks_per_doc", "instruction"}
+NATIVE_DOCUMENT_FIELDS = {"id", "text", "image", "content"}
 COHERE_UNSUPPORTED = {  # fields that would change results if they were ignored
     "rank_fields": "rank_fields is not supported: send each document as a string or as {\"text\": ...}",
     "relevant_spans": "relevant_spans is not supported: only scores are returned",
 }
 TEI_TEXTS = DocumentNames("texts", "texts")
+NIM_PASSAGES = DocumentNames("passages", "passages")
 BARE_PAIRS = DocumentNames("pairs", "")  # a bare array: its entries are [0], [1], ...
 MAX_TOKENS = IntRange(1, 1_000_000)
 MAX_CHUNKS = IntRange(1, 1000)
@@ -202,6 +227,170 @@ def _parse_list(docs: list, limits: RequestLimits, parse_one: Callable[[int, Any
     return tuple(parse_one(i, d) for i, d in enumerate(docs))
 
 
+# ---- image documents
+
+IMAGE_MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG"}
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}:")
+_SPACE = re.compile(r"\s")
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def image_url_refusal(url: str, hosts: tuple[str, ...]) -> str | None:
+    """Why an http(s) image URL may not be fetched, or None: another scheme, userinfo, no host or a bad port, or a
+    host not in image_url_hosts (none set: no URL is fetched). The remote fetcher asks again at each redirect."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a malformed port raises here)
+    except ValueError:
+        return "a malformed URL"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "not an http or https URL"
+    host = (parts.hostname or "")[:100]
+    if not host or "@" in parts.netloc:
+        return "an http(s) URL without a host, or with a user name"
+    where = f"{parts.scheme.lower()}://{host}"
+    if not hosts:
+        return (f"a remote image URL ({where}); fetching image URLs is off: send the image inline as base64 or a "
+                f"data: URL, or allow its host with image_url_hosts (--image-url-hosts)")
+    if host.rstrip(".") not in hosts:
+        return f"a remote image URL ({where}) whose host is not in image_url_hosts"
+    return None
+
+
+def _decode_base64(text: str, field: str, max_bytes: int) -> bytes:
+    """Standard or URL-safe base64, padding optional, ASCII whitespace (MIME line breaks) ignored. The decoded size
+    is checked from the length first, so an oversized image is refused before it is decoded."""
+    if _SPACE.search(text):
+        text = _SPACE.sub("", text)
+    body = text.rstrip("=")
+    size = len(body) * 3 // 4
+    if size > max_bytes:
+        raise PayloadTooLargeError(f"{field} holds an image of about {size} bytes; the limit (max_image_bytes) is "
+                                   f"{max_bytes}", field)
+    if len(text) - len(body) > 2 or len(body) % 4 == 1:
+        raise BadRequestError(f"{field} is not valid base64 (its length or padding is wrong)", field)
+    if ("-" in body or "_" in body) and ("+" in body or "/" in body):
+        raise BadRequestError(f"{field} is not valid base64 (it mixes the standard and URL-safe alphabets)", field)
+    try:
+        data = binascii.a2b_base64((body.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(body) % 4)).encode("ascii"),
+                                   strict_mode=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise BadRequestError(f"{field} is not valid base64 (standard or URL-safe alphabet)", field) from None
+    if not data:
+        raise BadRequestError(f"{field} must not be empty", field)
+    return data
+
+
+def _parse_image(value: Any, field: str, limits: RequestLimits, bare_base64: bool) -> tuple[bytes | None, str | None]:
+    """An image as sent: (its file's bytes, None), or (None, an http(s) URL to fetch once the body is parsed). A
+    data: URL's media type must be image/png or image/jpeg and agree with the file's magic bytes; bare base64
+    (Jina's `image`) is sniffed. Messages never hold the data."""
+    kinds = "base64, a data: URL or an http(s) URL" if bare_base64 else "a data: URL or an http(s) URL"
+    if not isinstance(value, str):
+        raise BadRequestError(f"{field} must be a string ({kinds}), not {_type_name(value)}", field)
+    if not value.strip():
+        raise BadRequestError(f"{field} must not be empty", field)
+    value = value.strip()
+    scheme = _URL_SCHEME.match(value)
+    declared = None
+    if scheme and scheme.group(0).lower() in ("http:", "https:"):
+        refusal = image_url_refusal(value, limits.image_url_hosts)
+        if refusal is not None:
+            raise BadRequestError(f"{field} is {refusal}", field)
+        return None, value
+    if scheme and scheme.group(0).lower() == "data:":
+        header, comma, payload = value.partition(",")
+        params = [p.strip().lower() for p in header[5:].split(";")]
+        if not comma or "base64" not in params[1:]:
+            raise BadRequestError(f"{field} must be a base64 data: URL (data:image/png;base64,...)", field)
+        declared = IMAGE_MEDIA_TYPES.get(params[0])
+        if declared is None:
+            shown = params[0] if len(params[0]) <= 40 and params[0].isprintable() else "another type"
+            raise BadRequestError(f"{field} is a data: URL of {shown or 'no type'}; only image/png and image/jpeg "
+                                  f"are served", field)
+        value = payload
+    elif scheme:
+        raise BadRequestError(f"{field} must be {kinds}; {scheme.group(0)[:-1][:20]!r} URLs are not fetched", field)
+    elif not bare_base64:
+        raise BadRequestError(f"{field} must be {kinds}", field)
+    data = _decode_base64(value, field, limits.max_image_bytes)
+    found = image_format(data)
+    if found is None:
+        raise BadRequestError(f"{field} is not a PNG or JPEG file (from its first bytes)", field)
+    if declared is not None and found != declared:
+        raise BadRequestError(f"{field} is declared {declared} by its data: URL but holds a {found} file", field)
+    return data, None
+
+
+class _ImageDocuments:
+    """A request's image documents as they are parsed, counted against max_images_per_request before each image is
+    decoded."""
+
+    def __init__(self, limits: RequestLimits, array: str = DOCUMENTS.array):
+        self.limits, self.array, self.count = limits, array, 0
+
+    def parse(self, i: int, doc: dict, path: str, **kwargs) -> Document:
+        """Jina's {"image", "text"?} or vLLM's {"content": [parts]} (an object with either key); other keys are
+        the caller's."""
+        if "content" in doc:
+            if "image" in doc or "text" in doc:
+                raise BadRequestError(f"{path} has content and also image or text; send one form",
+                                      f"{path}.content")
+            text, image, field = self._content(doc["content"], f"{path}.content")
+            if image is None:  # text parts only: a text document
+                return Document(i, text, **kwargs)
+        else:
+            text = self._text(doc.get("text"), f"{path}.text")
+            image, field = doc["image"], f"{path}.image"
+        self.count += 1
+        if self.count > self.limits.max_images_per_request:
+            raise PayloadTooLargeError(f"{self.array} has more than {self.limits.max_images_per_request} image "
+                                       f"documents; the limit (max_images_per_request) is "
+                                       f"{self.limits.max_images_per_request}", self.array)
+        data, url = _parse_image(image, field, self.limits, bare_base64=field.endswith(".image"))
+        return Document(i, text, image=ImageDocument(data, text) if data is not None else None, image_url=url,
+                        image_field=field, **kwargs)
+
+    def _text(self, value: Any, field: str) -> str:
+        """An image document's text: absent, null or "" for none."""
+        return "" if value is None or value == "" else _parse_text(value, field, self.limits)
+
+    def _content(self, parts: Any, path: str) -> tuple[str, Any, str | None]:
+        """vLLM's (and OpenAI's) content parts: text parts joined by a line break, at most one image_url part."""
+        if not isinstance(parts, list) or not parts:
+            raise BadRequestError(f"{path} must be a non-empty array of content parts, not {_type_name(parts)}", path)
+        texts, image, field = [], None, None
+        for j, part in enumerate(parts):
+            where = f"{path}[{j}]"
+            if not isinstance(part, dict):
+                raise BadRequestError(f"{where} must be an object with type, not {_type_name(part)}", where)
+            kind = part.get("type")
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise BadRequestError(f"{where}.text must be a string", f"{where}.text")
+                texts.append(part["text"])
+            elif kind == "image_url":
+                if image is not None:
+                    raise BadRequestError(f"{where} is a second image; a document holds one image", where)
+                url = part.get("image_url")
+                image, field = (url.get("url"), f"{where}.image_url.url") if isinstance(url, dict) else \
+                    (url, f"{where}.image_url")
+                if image is None:
+                    raise BadRequestError(f"{where}.image_url.url is required", f"{where}.image_url.url")
+            else:
+                shown = repr(kind)[:40] if isinstance(kind, str) else _type_name(kind)
+                raise BadRequestError(f"{where}.type {shown} is not supported (text, image_url)", f"{where}.type")
+        text = "\n".join(t for t in texts if t)
+        if image is None:
+            return _parse_text(text, path, self.limits), None, None
+        return self._text(text, path), image, field
+
+
+def _is_image_object(doc: Any) -> bool:
+    return isinstance(doc, dict) and ("image" in doc or "content" in doc)
+
+
+
 def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
     """POST /rerank: strict; an unknown field is a 400 so that typos such as `topk` do not pass unnoticed (even
     when null). A known optional field sent as null counts as not sent, as on every route."""
@@ -210,23 +399,28 @@ def parse_native(body: Any, limits: RequestLimits) -> RerankRequest:
         raise BadRequestError(f"unknown field {name!r} (allowed: {', '.join(sorted(NATIVE_FIELDS))})", name)
     body = _without_nulls(body)
     query = _parse_query(body, limits)
+    images = _ImageDocuments(limits)
 
     def parse_one(i: int, doc: Any) -> Document:
         path = DOCUMENTS.entry(i)
         if isinstance(doc, str):
             return Document(i, _parse_text(doc, path, limits))
         if not isinstance(doc, dict):
-            raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
-        for name in sorted(doc.keys() - {"id", "text"}):
-            raise BadRequestError(f"unknown field {name!r} in {path} (allowed: id, text)", f"{path}.{name}")
-        if "text" not in doc:
-            raise BadRequestError(f"{path}.text is required", f"{path}.text")
+            raise BadRequestError(f"{path} must be a string or an object with text, image or content, not "
+                                  f"{_type_name(doc)}", path)
+        for name in sorted(doc.keys() - NATIVE_DOCUMENT_FIELDS):
+            allowed = ", ".join(sorted(NATIVE_DOCUMENT_FIELDS))
+            raise BadRequestError(f"unknown field {name!r} in {path} (allowed: {allowed})", f"{path}.{name}")
         doc_id = doc.get("id")
         if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
             raise BadRequestError(f"{path}.id must be a string or an integer, not {_type_name(doc_id)}",
                                   f"{path}.id")
         if isinstance(doc_id, str):
             _check_encodable(doc_id, f"{path}.id")
+        if _is_image_object(doc):
+            return images.parse(i, doc, path, id=doc_id)
+        if "text" not in doc:
+            raise BadRequestError(f"{path}.text is required", f"{path}.text")
         return Document(i, _parse_text(doc["text"], f"{path}.text", limits), doc_id)
 
     documents = _parse_documents(body, limits, parse_one)
@@ -271,13 +465,17 @@ def parse_cohere(body: Any, limits: RequestLimits) -> RerankRequest:
             raise BadRequestError(message, name)
     model = _parse_model(body)
     query = _parse_query(body, limits)
+    images = _ImageDocuments(limits)
 
     def parse_one(i: int, doc: Any) -> Document:
         path = DOCUMENTS.entry(i)
         if isinstance(doc, str):
             return Document(i, _parse_text(doc, path, limits), original={"text": doc})
         if not isinstance(doc, dict):
-            raise BadRequestError(f"{path} must be a string or an object with text, not {_type_name(doc)}", path)
+            raise BadRequestError(f"{path} must be a string or an object with text, image or content, not "
+                                  f"{_type_name(doc)}", path)
+        if _is_image_object(doc):
+            return images.parse(i, doc, path, original=doc)
         if "text" not in doc:
             raise BadRequestError(f"{path}.text is required", f"{path}.text")
         return Document(i, _parse_text(doc["text"], f"{path}.text", limits), original=doc)
@@ -320,9 +518,12 @@ def parse_infinity(body: Any, limits: RequestLimits) -> RerankRequest:
     body = _without_nulls(_require_object(body))
     model = _parse_model(body)
     query = _parse_query(body, limits)
+    images = _ImageDocuments(limits)
 
     def parse_one(i: int, doc: Any) -> Document:
         path = DOCUMENTS.entry(i)
+        if _is_image_object(doc):
+            return images.parse(i, doc, path)
         if isinstance(doc, dict) and "text" in doc:
             return Document(i, _parse_text(doc["text"], f"{path}.text", limits), original=doc["text"])
         return Document(i, _parse_text(doc, path, limits), original=doc)
@@ -353,6 +554,43 @@ def parse_pairs(body: Any, limits: RequestLimits) -> RerankRequest:
     return RerankRequest(pairs[0].query, pairs, None, False, names=BARE_PAIRS)
 
 
+def parse_nim(body: Any, limits: RequestLimits) -> RerankRequest:
+    """POST /v1/ranking: NVIDIA NIM's ranking API, which langchain-nvidia-ai-endpoints' NVIDIARerank sends (with
+    page images for nvidia/llama-nemotron-rerank-vl-1b-v2): `query` as {"text"}, `passages` as {"text", "image"?}
+    (an image passage's text may be ""), `truncate` "END" (the default here, as on every route) or "NONE" (a pair
+    longer than max_length is a 413). Every passage is ranked; other fields are ignored."""
+    body = _without_nulls(_require_object(body))
+    model = _parse_model(body)
+    query = body.get("query")
+    if isinstance(query, dict):
+        if "text" not in query:
+            raise BadRequestError("query.text is required", "query.text")
+        query = _parse_string(query["text"], "query.text", limits.max_query_chars, "max_query_chars")
+    elif "query" in body:
+        raise BadRequestError(f"query must be an object with text, not {_type_name(query)}", "query")
+    else:
+        raise BadRequestError("query is required", "query")
+    images = _ImageDocuments(limits, NIM_PASSAGES.array)
+
+    def parse_one(i: int, passage: Any) -> Document:
+        path = NIM_PASSAGES.entry(i)
+        if not isinstance(passage, dict):
+            raise BadRequestError(f"{path} must be an object with text, not {_type_name(passage)}", path)
+        if passage.get("image") is not None:
+            return images.parse(i, {"image": passage["image"], "text": passage.get("text")}, path)
+        if "text" not in passage:
+            raise BadRequestError(f"{path}.text is required", f"{path}.text")
+        return Document(i, _parse_text(passage["text"], f"{path}.text", limits))
+
+    passages = _parse_documents(body, limits, parse_one, NIM_PASSAGES.array)
+    truncate = body.get("truncate", "END")
+    if truncate not in ("END", "NONE"):
+        raise BadRequestError('truncate must be "END" (cut the passage) or "NONE" (refuse a pair that does not fit)',
+                              "truncate")
+    return RerankRequest(query, passages, None, False, model,
+                         truncation=Truncation(allowed=truncate == "END"), names=NIM_PASSAGES)
+
+
 def _without_nulls(body: dict) -> dict:
     """Clients send null for optional fields they were not given (langchain-cohere: "max_tokens_per_doc": null)."""
     return {key: value for key, value in body.items() if value is not None}
@@ -380,7 +618,10 @@ def render_native(request: RerankRequest, scored: ScoredPairs, ctx: ResponseCont
         if scored.chunks is not None:
             item["chunks"] = int(scored.chunks[i])
         if request.return_documents:
-            item["text"] = doc.text
+            if doc.is_image:  # never the image itself: its digest, and its text when it has one
+                item["image_sha256"] = doc.image.digest if doc.image is not None else None
+            if doc.text or not doc.is_image:
+                item["text"] = doc.text
         results.append(item)
     return {
         "ok": True,
@@ -398,15 +639,30 @@ def render_native_error(error: ServiceError) -> dict:
     return {"ok": False, "error": {"type": error.error_type, "message": error.message, "field": error.field}}
 
 
+def echo(doc: Document) -> Any:
+    """What `return_documents` gives back of a document: the object (or infinity's string) as sent, but never an
+    image's data: an image document is echoed as the object sent without its `image` or `content`, plus its `text`
+    (when it has one) and `image_sha256`, the SHA-256 of the image file (infinity's string form: its text)."""
+    if not doc.is_image:
+        return doc.original
+    if not isinstance(doc.original, dict):
+        return doc.text
+    echoed = {key: value for key, value in doc.original.items() if key not in ("image", "content", "text")}
+    if doc.text:
+        echoed["text"] = doc.text
+    echoed["image_sha256"] = doc.image.digest if doc.image is not None else None
+    return echoed
+
+
 def _cohere_results(request: RerankRequest, scored: ScoredPairs, values=None) -> list[dict]:
     """Cohere-shaped results, best first: `relevance_score` is `values` (the scores unless given, e.g. the logits
-    infinity's raw_scores asks for), `document` the object as sent."""
+    infinity's raw_scores asks for), `document` the object as sent (`echo`)."""
     values = scored.scores if values is None else values
     results = []
     for i in rank(scored.scores, request.top_k):
         item: dict[str, Any] = {"index": i, "relevance_score": float(values[i])}
         if request.return_documents:
-            item["document"] = request.documents[i].original
+            item["document"] = echo(request.documents[i])
         results.append(item)
     return results
 
@@ -467,6 +723,17 @@ def render_infinity(request: RerankRequest, scored: ScoredPairs, ctx: ResponseCo
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
 
 
+def render_nim(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
+    """NIM's rankings, best first: `logit` is the model's logit (the score is its sigmoid), which NVIDIARerank
+    reports as the relevance score."""
+    return {"rankings": [{"index": i, "logit": float(scored.raw_scores[i])} for i in rank(scored.scores)],
+            "model": ctx.model_name, "usage": {"total_tokens": int(scored.lengths.sum())}}
+
+
+def render_nim_error(error: ServiceError) -> dict:
+    return {"detail": error.message, "type": error.error_type, "field": error.field}  # NVIDIARerank shows detail
+
+
 def render_pairs(request: RerankRequest, scored: ScoredPairs, ctx: ResponseContext) -> dict:
     return {"scores": [float(s) for s in scored.scores]}
 
@@ -496,7 +763,8 @@ INFINITY = Dialect("infinity", ("/rerank",), parse_infinity, render_infinity, re
 NATIVE = Dialect("native", ("/rerank",), parse_native, render_native, render_native_error)
 COHERE = Dialect("cohere", ("/v1/rerank", "/api/v1/rerank"), parse_cohere, render_cohere, render_cohere_error)
 COHERE_V2 = Dialect("cohere_v2", ("/v2/rerank",), parse_cohere, render_cohere_v2, render_cohere_error)
-DIALECTS = (TEI, PAIRS, INFINITY, NATIVE, COHERE, COHERE_V2)
+NIM = Dialect("nim", ("/v1/ranking",), parse_nim, render_nim, render_nim_error)
+DIALECTS = (TEI, PAIRS, INFINITY, NATIVE, COHERE, COHERE_V2, NIM)
 
 
 def dialect_for(dialects: tuple[Dialect, ...], body: Any) -> Dialect:

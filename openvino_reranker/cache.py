@@ -4,9 +4,10 @@ batched again.
 
 One cache belongs to one compiled model in one process, so the model, its revision, the head and max_length are
 fixed for its whole life; the key adds what a request can change: the truncation side, the per-document token cap,
-the instruction (decoder rerankers), the query and the document. Keys are 16-byte BLAKE2b digests, never the texts,
-so an entry costs about the same whatever the texts' length (ENTRY_BYTES); the cache is bounded by `max_entries` and
-evicts the least recently used.
+the instruction (decoder rerankers), the query and the document (an image document: its image's SHA-256 digest and
+its text, never the image's bytes). Keys are 16-byte BLAKE2b digests, never the texts, so an entry costs about the
+same whatever the texts' length (ENTRY_BYTES); the cache is bounded by `max_entries` and evicts the least recently
+used.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import threading
 from collections import OrderedDict
 
-from .scoring import Truncation
+from .scoring import Document, ImageDocument, Truncation
 
 ENTRY_BYTES = 300  # key object, value tuple and OrderedDict links: 294 bytes measured with tracemalloc (50,000 entries)
 
@@ -30,9 +31,12 @@ class ScoreCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(truncation: Truncation, query: str, text: str, instruction: str | None = None) -> bytes:
-        # JSON of the parts: unambiguous whatever the texts hold (a NUL, a quote, a lone surrogate)
-        material = json.dumps([truncation.side, truncation.max_document_tokens, instruction, query, text])
+    def key(truncation: Truncation, query: str, document: Document, instruction: str | None = None) -> bytes:
+        # JSON of the parts: unambiguous whatever the texts hold (a NUL, a quote, a lone surrogate); an image
+        # document is an object, a text a string, so the two never share a key
+        doc = {"image_sha256": document.digest, "text": document.text} if isinstance(document, ImageDocument) \
+            else document
+        material = json.dumps([truncation.side, truncation.max_document_tokens, instruction, query, doc])
         return hashlib.blake2b(material.encode("ascii"), digest_size=16).digest()
 
     def get(self, key: bytes) -> tuple[float, float, int, bool] | None:

@@ -118,6 +118,27 @@ def _parse_bool_option(text: str) -> bool:
     return value in ("true", "1", "yes")
 
 
+def _parse_hosts(text: str) -> tuple[str, ...]:
+    """Host names or IP addresses, comma-separated (no scheme, port or path): compared with a URL's host in lower
+    case; an IPv6 address with or without brackets."""
+    hosts = []
+    for part in text.split(","):
+        host = part.strip().lower()
+        if not host:
+            continue
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ipaddress.ip_address(bare)
+            hosts.append(bare)
+            continue
+        except ValueError:
+            pass
+        if not re.fullmatch(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*\.?", host):
+            raise ValueError(f"{part.strip()[:60]!r} is not a host name or IP address (no scheme, port or path)")
+        hosts.append(host.rstrip("."))
+    return tuple(dict.fromkeys(hosts))
+
+
 def _parse_fraction(text: str) -> float:
     try:
         value = float(text.strip())
@@ -206,6 +227,11 @@ class Config:
         "longest document text, in characters (only what truncation or chunking keeps is tokenized)")
     max_total_tokens: int = option(_int(1, 100_000_000), "131072",
         "most tokens per request after truncation, every document counted (as usage counts them)")
+    max_image_bytes: int = option(_int(1024, 1 << 30), str(10 * 1024 * 1024),
+        "largest image file, base64-decoded or fetched")
+    max_image_pixels: int = option(_int(1, 1 << 31), "40000000",
+        "most pixels an image header may declare")
+    max_images_per_request: int = option(_int(1, 100_000), "64", "most image documents in a request")
     score_cache_size: int = option(_int(0, 10_000_000), "10000",
         "pairs whose scores are kept for repeats (about 300 bytes each; 0 disables)")
     max_queued_requests: int = option(_int(1, 100_000), "32",
@@ -219,6 +245,9 @@ class Config:
     max_header_bytes: int = option(_int(1024, 1 << 20), "65536",
         "largest request line plus headers, read before the API key is checked; beyond it 414 or 431")
     max_connections: int = option(_int(1, 100_000), "128", "open client connections; beyond it 503 at once")
+    image_url_hosts: tuple[str, ...] = option(_parse_hosts, "",
+        "hosts whose http(s) image URLs are fetched, comma-separated; '' = refuse image URLs", metavar="LIST")
+    image_fetch_timeout_s: int = option(_int(1, 600), "10", "seconds to fetch one image URL, all of it")
     drain_grace_s: int = option(_int(0, 3600), "0",
         "on SIGTERM, seconds to keep serving with /readyz at 503 before the drain, so that a load balancer "
         "stops sending requests first (0 = drain at once)")
@@ -264,9 +293,11 @@ HELP_GROUPS = (
                           "inference_threads", "infer_requests", "inference_precision", "parity_tolerance",
                           "on_parity_failure", "cache_dir", "score_cache_size", "npu_busy_path")),
     ("HTTP and access", ("host", "port", "api_key", "api_key_file", "allow_remote_without_key", "max_connections",
-                         "max_header_bytes", "first_byte_timeout_s", "read_timeout_s", "idle_timeout_s")),
+                         "max_header_bytes", "first_byte_timeout_s", "read_timeout_s", "idle_timeout_s",
+                         "image_url_hosts", "image_fetch_timeout_s")),
     ("limits", ("max_body_bytes", "max_documents", "max_query_chars", "max_document_chars", "max_total_tokens",
-                "max_queued_requests", "request_timeout_ms")),
+                "max_image_bytes", "max_image_pixels", "max_images_per_request", "max_queued_requests",
+                "request_timeout_ms")),
     ("operations", ("drain_grace_s", "drain_timeout_s", "failures_before_unready", "log_level", "strict_env")),
 )
 HELP_WIDTH = 100  # the examples' and exit codes' lines

@@ -196,8 +196,12 @@ class RerankHandler(HttpConnection):
         request = dialect.parse(body, service.limits)
         deadline = service.deadline(self._arrived, request.timeout_ms, self._header_timeout_ms())
         self._log["documents"] = len(request.documents)
+        images = sum(d.is_image for d in request.documents)
+        if images:
+            self._log["images"] = images  # counted, never shown: no image data or URL reaches the log
         cache_control = (self.headers.get("Cache-Control") or "").lower()
         use_cache = "no-cache" not in cache_control and "no-store" not in cache_control
+        request = service.fetch_images(request, deadline, self.client_gone)
         scored = service.score(request, deadline, self.client_gone, use_cache)
         self._log.update(tokens=int(scored.lengths.sum()), queue_ms=f"{scored.queue_ms:.1f}",
                          tokenize_ms=f"{scored.tokenize_ms:.1f}", infer_ms=f"{scored.infer_ms:.1f}")

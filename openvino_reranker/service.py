@@ -9,7 +9,7 @@ import gc
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,9 @@ from .errors import BadRequestError, InferenceError, NotReadyError, OverloadedEr
 from .metrics import Metrics
 from .modeldir import ModelFiles
 from .parity import REFERENCE_PROPERTIES, ParityCheck, ReferenceScoresCheck
+from .remoteimages import ImageFetcher
 from .reranker import Reranker
-from .scoring import ScoredPairs
+from .scoring import ImageDocument, ScoredPairs
 
 # ---- readiness and /readyz
 
@@ -178,6 +179,7 @@ class RerankService:
         self.api_key = api_key
         self.busy_counter = busy_counter
         self.limits = RequestLimits.from_config(config)
+        self.fetcher = ImageFetcher(config.image_url_hosts, config.image_fetch_timeout_s, config.max_image_bytes)
         self.readiness = Readiness(config.failures_before_unready)
         self.admission = Admission(config.max_queued_requests)
         self.in_flight = InFlight()
@@ -228,19 +230,50 @@ class RerankService:
         timeout_ms = body_timeout_ms or header_timeout_ms or self.config.request_timeout_ms
         return arrived + timeout_ms / 1000
 
-    def score(self, request: RerankRequest, deadline: float, client_gone: Callable[[], bool],
-              use_cache: bool = True) -> ScoredPairs:
+    def _require_ready(self) -> Reranker:
         if not self.readiness.started.is_set() or self.reranker is None:
             raise NotReadyError(f"not ready: {self.readiness.current_reason()}", headers={"Retry-After": "1"})
-        if request.instruction is not None and not self.reranker.head.takes_instruction:
+        return self.reranker
+
+    def _check_images(self, request: RerankRequest, reranker: Reranker) -> None:
+        """Image documents only for a model whose head takes them: else a 400 naming the model (the first image
+        document named as the field)."""
+        first = next((d for d in request.documents if d.is_image), None)
+        if first is not None and not reranker.head.takes_images:
+            raise BadRequestError(f"{first.image_field} is an image, but the model ({self.model_name}, a "
+                                  f"{reranker.head.kind}) takes text only: image documents need a "
+                                  f"vision-language model", request.names.entry(first.index))
+
+    def fetch_images(self, request: RerankRequest, deadline: float,
+                     client_gone: Callable[[], bool] | None = None) -> RerankRequest:
+        """The request with its image URLs fetched (remoteimages: allowed hosts only, within limits), after the
+        checks that would refuse it anyway (readiness, a text-only model) and within an admission slot. A request
+        without image URLs is returned as it is."""
+        if not any(d.image_url is not None and d.image is None for d in request.documents):
+            return request
+        self._check_images(request, self._require_ready())
+        urls = [(d.image_url, d.image_field) for d in request.documents if d.image_url is not None and d.image is None]
+        with self.admission.slot():
+            fetched = self.fetcher.fetch_all(urls, deadline, client_gone)
+        return replace(request, documents=tuple(
+            replace(d, image=ImageDocument(fetched[d.image_url], d.text)) if d.image_url is not None and
+            d.image is None else d for d in request.documents))
+
+    def score(self, request: RerankRequest, deadline: float, client_gone: Callable[[], bool],
+              use_cache: bool = True) -> ScoredPairs:
+        """Scores of a request whose image URLs were fetched (`fetch_images`)."""
+        reranker = self._require_ready()
+        if request.instruction is not None and not reranker.head.takes_instruction:
             raise BadRequestError(f"instruction is not supported: the model ({self.model_name}, a "
-                                  f"{self.reranker.head.kind}) takes no instruction", "instruction")
+                                  f"{reranker.head.kind}) takes no instruction", "instruction")
+        self._check_images(request, reranker)
         limits = WorkLimits(deadline, self.config.max_total_tokens, client_gone, request.names)
+        documents = [d.content for d in request.documents]
         with self.admission.slot():
             try:
                 queries = [d.query or request.query for d in request.documents]
-                scored = self.reranker.score_pairs(queries, [d.text for d in request.documents], limits,
-                                                   request.truncation, use_cache, request.instruction)
+                scored = reranker.score_pairs(queries, documents, limits, request.truncation, use_cache,
+                                              request.instruction)
             except InferenceError as exc:
                 self.readiness.record_inference(False, exc.message)
                 self.metrics.observe_failure()
