@@ -287,7 +287,7 @@ class VisionLanguageEngine:
             cached = False
         return EngineInfo(info.device, tuple(devices), info.buckets, (*info.loaded_from_cache, cached),
                           info.cache_dir, round(self.compile_ms, 1), info.input_names, info.num_labels,
-                          info.properties, info.num_requests)
+                          info.properties, info.infer_requests)
 
     def image_embeddings(self, pictures, deadline: float | None = None) -> dict[str, np.ndarray]:
         """[tokens, hidden] per distinct image digest: from the cache, or all missing ones in one vision run."""

@@ -96,7 +96,8 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
     vision = None
     if model_files.vision is not None:  # its own IR, compiled beside the language model's, keyed to its own bytes
         vision = VisionIR(read_model(core, model_files.vision.xml),
-                          open_compile_cache(config.cache_dir, model_files.vision.xml), model_files.vision.tiling.max_tiles)
+                          open_compile_cache(config.cache_dir, model_files.vision.xml),
+                          model_files.vision.tiling.max_tiles)
     buckets = static_buckets_for(config, model_files.max_length, head.min_pair_tokens, log.warning)
     log.info("compiling %s on %s (%s)", model_files.xml, config.device,
              f"buckets {','.join(map(str, buckets))}" if buckets else "dynamic shapes")
