@@ -108,7 +108,9 @@ def micro_batches(taken: list[tuple[Job, list[int]]], head: ModelHead, buckets: 
     merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
                           type_ids=[job.encoded.type_ids[i] for job, i in owners],
                           lengths=np.array([job.encoded.lengths[i] for job, i in owners]),
-                          truncated=np.zeros(len(owners), bool))
+                          truncated=np.zeros(len(owners), bool),
+                          images=[job.encoded.images[i] if job.encoded.images is not None else None
+                                  for job, i in owners])
     return [(head.feed(merged, batch.indices, batch.shape), batch.shape, [owners[k] for k in batch.indices])
             for batch in plan_batches(merged.lengths, buckets, batch_size, head.max_length)]
 

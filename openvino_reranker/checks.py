@@ -9,6 +9,7 @@ from .config import ENV_PREFIX, Config
 from .engine import EngineInfo, NpuBusyCounter
 from .errors import EXIT_STARTUP_CHECK, ServiceError, StartupError
 from .reranker import Reranker
+from .scoring import ImageDocument
 
 SMOKE_QUERY = "what is the capital of france"
 SMOKE_DOCUMENTS = (
@@ -18,6 +19,7 @@ SMOKE_DOCUMENTS = (
     "the world; it stands on the Champ de Mars beside the river Seine.",
 )
 BUCKET_PAIR = ("capital of france", ["Paris"])  # run once in every compiled bucket
+SMOKE_IMAGE = (80, 56, 5)  # a vision-language model also scores a made-up page of this size (vision.synthetic_page)
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,13 @@ def check_startup(reranker: Reranker, engine_info: EngineInfo, config: Config,
     before = counter.read() if counter else None
     t0 = time.perf_counter()
     try:
-        scored = reranker.score_pairs(SMOKE_QUERY, SMOKE_DOCUMENTS)
         head = reranker.head
+        documents = SMOKE_DOCUMENTS
+        if head.takes_images:  # the vision encoder runs too (on the NPU: its static tiles-per-call shape)
+            from .vision import synthetic_page
+
+            documents += (ImageDocument(synthetic_page(*SMOKE_IMAGE), SMOKE_DOCUMENTS[0]),)
+        scored = reranker.score_pairs(SMOKE_QUERY, documents)
         encoded = head.encode(*BUCKET_PAIR)  # short: it must fit the shortest bucket
         for shape in engine_info.buckets or ():
             head.scores(reranker.engine.infer(head.feed(encoded, [0], shape), shape)[:1])

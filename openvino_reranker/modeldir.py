@@ -12,11 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, MAX_SUPPORTED_LENGTH, OPTIONS, Config, ShapeBucket
-from .encoding import BUILTIN_TEMPLATES, CrossEncoderHead, DecoderRerankerHead, ModelHead, PromptTemplate
+from .encoding import (
+    BUILTIN_TEMPLATES,
+    IMAGE_EMBEDS,
+    CrossEncoderHead,
+    DecoderRerankerHead,
+    ModelHead,
+    PromptTemplate,
+    VisionLanguageHead,
+)
 from .errors import EXIT_CONFIG, EXIT_MODEL, StartupError
 from .hub import HubSettings, check_repo_file, fetch_model, parse_repo_id
+from .images import DEFAULT_MAX_IMAGE_PIXELS, require_pillow
 from .referencescores import FILE_NAME as REFERENCE_SCORES_FILE
 from .referencescores import ReferenceScores, parse_reference_scores
+from .vision import TilingSettings
 
 # The IR served when --model-file is not given: the first of these the model has. INT8 first, as the service is
 # meant to serve INT8: sentence-transformers publishes a fully quantized static INT8 IR (NNCF post-training
@@ -33,7 +43,12 @@ OPTIONAL_BESIDE_IR = (REFERENCE_SCORES_FILE,)
 DECODER_MODEL_TYPES = frozenset({
     "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3",
     "gemma3_text", "phi", "phi3", "olmo", "olmo2", "granite", "stablelm", "starcoder2", "gpt2", "gpt_neox",
-    "llama_bidirec", "llama_nemoretriever_cross_encoder"})
+    "llama_bidirec", "llama_nemoretriever_cross_encoder", "llama_nemotron_vl_rerank"})
+# config.json model_type values of vision-language rerankers (tools/export_nemotron_vl.py): the language-model IR is
+# the one served (openvino_model.xml), the vision encoder's IR lies beside it
+VISION_LANGUAGE_MODEL_TYPES = frozenset({"llama_nemotron_vl_rerank"})
+VISION_IR = "openvino_vision.xml"
+IMG_CONTEXT_TOKEN_ID = 128258  # the checkpoint config's default img_context_token_id
 # RoBERTa-style position ids start after the pad id: max_position_embeddings 514 means 512 tokens
 ROBERTA_MODEL_TYPES = frozenset({"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl", "longformer"})
 # What to do about a model directory that is missing or holds no model: a Hub id first (the default repo and the
@@ -66,10 +81,40 @@ class ModelFiles:
     template: PromptTemplate | None = None  # set for decoder rerankers
     source: Mapping[str, Any] = field(default_factory=dict)  # a Hub model's repo, revision and commit
     reference_scores: ReferenceScores | None = None  # reference_scores.json beside the IR, when there is one
+    vision: VisionFiles | None = None  # a vision-language model's vision IR and image settings
 
     @property
     def head_kind(self) -> str:
+        if self.vision is not None:
+            return VisionLanguageHead.kind
         return DecoderRerankerHead.kind if self.template is not None else CrossEncoderHead.kind
+
+
+@dataclass(frozen=True)
+class VisionFiles:
+    """A vision-language model's vision encoder IR (beside the language model's) and, from config.json, how its
+    images are tiled and which token id the image's embeddings replace."""
+
+    xml: Path
+    tiling: TilingSettings
+    image_context_id: int
+
+
+def vision_files(root: Path, xml: Path, config: Mapping[str, Any]) -> VisionFiles:
+    """The vision IR beside `xml` and the image settings of a vision-language model's config.json."""
+    vision_xml = xml.parent / VISION_IR
+    for path in (vision_xml, vision_xml.with_suffix(".bin")):
+        if not path.is_file():
+            raise StartupError(f"model dir {root} holds a vision-language reranker but has no "
+                               f"{path.relative_to(root)} (export it with tools/export_nemotron_vl.py)", EXIT_MODEL)
+    try:
+        tiling = TilingSettings.from_config(config)
+    except ValueError as exc:
+        raise StartupError(f"{root / 'config.json'}: {exc}", EXIT_MODEL) from None
+    context = config.get("img_context_token_id", IMG_CONTEXT_TOKEN_ID)
+    if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+        raise StartupError(f"{root / 'config.json'}: img_context_token_id must be a token id", EXIT_MODEL)
+    return VisionFiles(vision_xml, tiling, context)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -208,6 +253,10 @@ def load_model_files(model_dir: str | Path, requested_max_length: int, model_fil
     if _positive_int(tokenizer_config.get("model_max_length")) is not None:
         limits.append(tokenizer_config["model_max_length"])
     model_limit = min(limits + [MAX_SUPPORTED_LENGTH])
+    vision = vision_files(root, xml, config) if model_type in VISION_LANGUAGE_MODEL_TYPES else None
+    default_length = DEFAULT_MAX_LENGTH
+    if vision is not None:  # room for the largest image besides the default's text
+        default_length += vision.tiling.max_tiles * vision.tiling.tokens_per_tile
     if requested_max_length > model_limit:
         raise StartupError(f"max_length {requested_max_length} exceeds the model's limit of {model_limit} tokens",
                            EXIT_CONFIG)
@@ -222,9 +271,9 @@ def load_model_files(model_dir: str | Path, requested_max_length: int, model_fil
         token = token.get("content") if isinstance(token, dict) else token
         if isinstance(token, str) and token:
             pad_tokens.append(token)
-    return ModelFiles(root, name, xml, tok, requested_max_length or min(model_limit, DEFAULT_MAX_LENGTH),
+    return ModelFiles(root, name, xml, tok, requested_max_length or min(model_limit, default_length),
                       model_type, pad_token_id, tuple(pad_tokens), pick_template(root, template_path, model_type),
-                      dict(source or {}), load_reference_scores(xml.parent / REFERENCE_SCORES_FILE))
+                      dict(source or {}), load_reference_scores(xml.parent / REFERENCE_SCORES_FILE), vision)
 
 
 def decoder_pad_id(files: ModelFiles, tokenizer) -> int:
@@ -238,8 +287,10 @@ def decoder_pad_id(files: ModelFiles, tokenizer) -> int:
     return 0
 
 
-def make_head(files: ModelFiles, tokenizer, model, instruction: str = "") -> ModelHead:
-    """The head the model's files call for, its contract checked against the IR."""
+def make_head(files: ModelFiles, tokenizer, model, instruction: str = "",
+              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ModelHead:
+    """The head the model's files call for, its contract checked against the IR. A vision-language model needs
+    Pillow (the `vision` extra): without it, a StartupError (exit 2) names the extra."""
     template = files.template
     if instruction and (template is None or not template.takes_instruction):
         takes_none = "the model is a cross-encoder" if template is None else \
@@ -250,6 +301,12 @@ def make_head(files: ModelFiles, tokenizer, model, instruction: str = "") -> Mod
     if instruction:
         template = PromptTemplate(template.template, instruction, template.add_special_tokens,
                                   f"{template.source}, instruction from the configuration")
+    if files.vision is not None:
+        require_pillow(f"the model {files.name}, a vision-language reranker,")
+        contract = VisionLanguageHead.check_contract(model)
+        hidden = model.input(IMAGE_EMBEDS).get_partial_shape()[2].get_length()
+        return VisionLanguageHead(tokenizer, files.max_length, contract, template, decoder_pad_id(files, tokenizer),
+                                  files.vision.tiling, files.vision.image_context_id, max_image_pixels, hidden)
     return DecoderRerankerHead(tokenizer, files.max_length, DecoderRerankerHead.check_contract(model), template,
                                decoder_pad_id(files, tokenizer))
 

@@ -22,10 +22,11 @@ import numpy as np
 from .compilecache import CompileCache
 from .config import Config, ShapeBucket
 from .encoding import ModelHead
-from .engine import Engine, NpuBusyCounter
+from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
 from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
-from .referencescores import ReferenceScores
+from .referencescores import ReferencePair, ReferenceScores
 from .reranker import Reranker
+from .scoring import Document, ImageDocument
 
 log = logging.getLogger("openvino_reranker")
 
@@ -45,6 +46,26 @@ PARITY_DOCUMENTS = (
     "Electricity",
     "The capital of France is Paris.",
 )
+# A vision-language model's parity documents add made-up page images (vision.synthetic_page: wide, tall and small,
+# with and without text), so that the vision encoder's compile is compared with the f32 reference too.
+PARITY_IMAGES = ((96, 64, 1, ""), (40, 90, 2, "Photovoltaic cells on a roof."), (30, 30, 3, ""))
+
+
+def parity_documents(head: ModelHead) -> tuple[Document, ...]:
+    """PARITY_DOCUMENTS, and for a head that takes images PARITY_IMAGES as image documents."""
+    if not head.takes_images:
+        return PARITY_DOCUMENTS
+    from .vision import synthetic_page
+
+    return PARITY_DOCUMENTS + tuple(ImageDocument(synthetic_page(w, h, seed), text)
+                                    for w, h, seed, text in PARITY_IMAGES)
+
+
+def reference_document(pair: ReferencePair) -> Document:
+    """A reference pair's document: its text, or its image with that text."""
+    return pair.document if pair.image is None else ImageDocument(pair.image, pair.document)
+
+
 # f32 everywhere: on CPUs with AVX-512 or AMX the plugin otherwise quantizes the activations of INT8-weight
 # MatMuls to int8 in groups of 32 (DYNAMIC_QUANTIZATION_GROUP_SIZE), which moved a tiny test model's scores by 1e-2.
 EXACT_F32_CPU = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
@@ -167,7 +188,7 @@ def parity_diff(reranker: Reranker, reference: np.ndarray) -> float:
 
     def run():
         try:
-            results.append(reranker.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores)
+            results.append(reranker.score_pairs(PARITY_QUERY, parity_documents(reranker.head)).scores)
         except ServiceError as exc:
             errors.append(exc.message)
         except Exception as exc:  # the batcher hands engine surprises to the request; here they stop startup
@@ -195,13 +216,16 @@ def score_reference_pairs(reranker: Reranker, reference: ReferenceScores) -> tup
     """The reference pairs' scores through the model head (template, truncation, padding) and this compile, one
     call per instruction, and which of them can be compared with the file's."""
     pairs = reference.pairs
+    if not reranker.head.takes_images and any(pair.image is not None for pair in pairs):
+        raise StartupError(f"the model's reference scores {reference.source} hold image documents but the model "
+                           f"takes text only", EXIT_REFERENCE_SCORES)
     scores, comparable = np.empty(len(pairs)), np.zeros(len(pairs), dtype=bool)
     rows_by_instruction: dict[str | None, list[int]] = {}
     for n, pair in enumerate(pairs):
         rows_by_instruction.setdefault(pair.instruction, []).append(n)
     for instruction, rows in rows_by_instruction.items():
         try:
-            scored = reranker.score_pairs([pairs[n].query for n in rows], [pairs[n].document for n in rows],
+            scored = reranker.score_pairs([pairs[n].query for n in rows], [reference_document(pairs[n]) for n in rows],
                                           instruction=instruction)
         except ServiceError as exc:
             raise StartupError(f"scoring the reference pairs of {reference.source} failed: {exc.message}",
@@ -250,7 +274,8 @@ def describe_step(result: StepResult) -> str:
 def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
                     counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
                     before_reference: Callable[[], None] = lambda: None, cache: CompileCache | None = None,
-                    reference_scores: ReferenceScores | None = None) -> tuple[Reranker, Engine, ParityCheck]:
+                    reference_scores: ReferenceScores | None = None, vision: VisionIR | None = None
+                    ) -> tuple[Reranker, Engine, ParityCheck]:
     """Compile for serving (through `cache`, each configuration in its own keyed directory), compare with the f32
     single-stream CPU reference on the parity pairs and, with `reference_scores`, with the model's own scores, and
     apply `on_parity_failure`: go down `fallback_ladder` until a step passes both (each compiled and checked), or
@@ -263,13 +288,13 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
 
     def serve(step: LadderStep) -> tuple[Reranker, Engine, StepResult]:
         nonlocal reference, exact_diff
-        engine = Engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
-                        step.infer_requests, cache)
+        engine = make_engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
+                             step.infer_requests, cache, vision)
         reranker = Reranker(head, engine, config.batch_size, counter)
         try:
             if reference is None:
                 before_reference()
-                reference = _reference_scores(core, model, head, config.batch_size, reference_scores)
+                reference = _reference_scores(core, model, head, config.batch_size, reference_scores, vision)
                 if reference_scores is not None:
                     exact_diff = check_exact(reference, reference_scores, head)
             diff = parity_diff(reranker, reference.parity_scores)
@@ -316,14 +341,15 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
 
 
 def _reference_scores(core, model, head: ModelHead, batch_size: int,
-                      reference_scores: ReferenceScores | None = None) -> Reference:
+                      reference_scores: ReferenceScores | None = None, vision: VisionIR | None = None) -> Reference:
     """The parity pairs' scores (and the model's reference pairs', when it has them) from a fresh compile of the
     reference configuration. It never reads or writes the compile cache (`cache=None` compiles with CACHE_DIR ""):
     a reference loaded from a blob could be the very blob that is wrong, and then agree with it."""
-    reference = Reranker(head, Engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract,
-                                      infer_requests=1, cache=None), batch_size)
+    vision = None if vision is None else VisionIR(vision.model, None, vision.tiles)
+    reference = Reranker(head, make_engine(core, model, "CPU", None, REFERENCE_PROPERTIES, head.contract,
+                                           infer_requests=1, cache=None, vision=vision), batch_size)
     try:
-        parity_scores = reference.score_pairs(PARITY_QUERY, PARITY_DOCUMENTS).scores
+        parity_scores = reference.score_pairs(PARITY_QUERY, parity_documents(head)).scores
         if reference_scores is None:
             return Reference(parity_scores)
         return Reference(parity_scores, *score_reference_pairs(reference, reference_scores))

@@ -7,10 +7,15 @@ is what catches a wrong prompt template, pad id or tokenizer, which comparing tw
 export tools write the file with `reference_scores_json`; docs/models.md, "Reference scores", has the format and
 SPEC.md, "Reference scores", the check. This module only reads and writes the format: standard library only, so
 that export tools can import it.
+
+A vision-language model's pairs may hold a page image: `image` is the image file (PNG or JPEG) in standard base64,
+and the document is then that image with `document` as its text (which may be empty).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -23,7 +28,8 @@ VERSION = 1
 SCORE_KIND = "sigmoid"  # the service's score: sigmoid(logit), or sigmoid(l1 - l0) = softmax(l)[1] for two logits
 MAX_PAIRS = 1000  # each is scored at every start: a few dozen is plenty
 FIELDS = ("format", "version", "score", "max_length", "tolerance", "produced_by", "pairs")
-PAIR_FIELDS = ("query", "document", "instruction", "score")
+PAIR_FIELDS = ("query", "document", "instruction", "score", "image")
+MAX_IMAGE_BYTES = 4 << 20  # an image of a reference pair: a small page is plenty
 
 # Pairs for an export tool that has no cases of its own: short (no truncation at 128 tokens), some relevant and some
 # not, so that scores spread.
@@ -45,6 +51,7 @@ class ReferencePair:
     document: str
     instruction: str | None  # None: the template takes no instruction (a template that takes one names it)
     score: float
+    image: bytes | None = None  # a vision-language pair's image file; `document` is then its text ("" for none)
 
 
 @dataclass(frozen=True)
@@ -75,16 +82,27 @@ def _pair(data: Any, n: int) -> ReferencePair:
     if not isinstance(data, dict):
         raise ValueError(f"{where} is not an object")
     _unknown(data, PAIR_FIELDS, where)
-    query, document, instruction, score = (data.get(k) for k in PAIR_FIELDS)
+    query, document, instruction, score, image = (data.get(k) for k in PAIR_FIELDS)
     if not isinstance(query, str) or not query.strip():
         raise ValueError(f"{where}.query must be a non-empty string")
-    if not isinstance(document, str) or not document.strip():
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{where}.image must be a non-empty base64 string or absent")
+        try:
+            image = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{where}.image is not valid base64") from None
+        if len(image) > MAX_IMAGE_BYTES:
+            raise ValueError(f"{where}.image is larger than {MAX_IMAGE_BYTES} bytes")
+        if not isinstance(document, str):
+            raise ValueError(f"{where}.document must be a string (the image's text, may be empty)")
+    elif not isinstance(document, str) or not document.strip():
         raise ValueError(f"{where}.document must be a non-empty string")
     if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
         raise ValueError(f"{where}.instruction must be a non-empty string or absent")
     if not _number(score) or not 0.0 <= score <= 1.0:
         raise ValueError(f"{where}.score must be a number from 0 to 1")
-    return ReferencePair(query, document, instruction, float(score))
+    return ReferencePair(query, document, instruction, float(score), image)
 
 
 def parse_reference_scores(text: str, source: str = "") -> ReferenceScores:
@@ -116,13 +134,17 @@ def parse_reference_scores(text: str, source: str = "") -> ReferenceScores:
                            data["produced_by"], source)
 
 
-def reference_scores_json(pairs: Iterable[tuple[str, str, str | None, float]], tolerance: float,
+def reference_scores_json(pairs: Iterable[tuple], tolerance: float,
                           max_length: int | None, produced_by: Mapping[str, Any]) -> str:
-    """The file's text for (query, document, instruction or None, score) pairs; checked by reading it back."""
+    """The file's text for (query, document, instruction or None, score) pairs, or (query, document, instruction,
+    score, image file bytes or None) for a vision-language model's; checked by reading it back."""
+
+    def pair(q, d, i, s, image=None) -> dict:
+        return {"query": q, "document": d, **({"instruction": i} if i is not None else {}), "score": s,
+                **({"image": base64.b64encode(image).decode("ascii")} if image is not None else {})}
+
     body = {"format": FORMAT, "version": VERSION, "score": SCORE_KIND, "max_length": max_length,
-            "tolerance": tolerance, "produced_by": dict(produced_by),
-            "pairs": [{"query": q, "document": d, **({"instruction": i} if i is not None else {}), "score": s}
-                      for q, d, i, s in pairs]}
+            "tolerance": tolerance, "produced_by": dict(produced_by), "pairs": [pair(*p) for p in pairs]}
     text = json.dumps(body, indent=1, ensure_ascii=False) + "\n"
     parse_reference_scores(text)
     return text

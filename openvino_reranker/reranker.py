@@ -13,10 +13,10 @@ import numpy as np
 
 from .batcher import Batcher, WorkLimits
 from .cache import ScoreCache
-from .encoding import EncodedPairs, ModelHead
+from .encoding import DocumentError, EncodedPairs, ModelHead
 from .engine import InferenceEngine, NpuBusyCounter
-from .errors import DeadlineExceededError, DocumentNames, PayloadTooLargeError
-from .scoring import TRUNCATE_RIGHT, ScoredPairs, Truncation
+from .errors import BadRequestError, DeadlineExceededError, DocumentNames, PayloadTooLargeError
+from .scoring import TRUNCATE_RIGHT, Document, ScoredPairs, Truncation
 
 ENCODE_SLICE = 64  # documents tokenized at a time between deadline and token-budget checks
 NO_LIMITS = WorkLimits()  # no deadline and no token budget (the startup checks' calls)
@@ -64,7 +64,7 @@ class Reranker:
         """Why scoring has stopped for good (a batcher thread ended), or None."""
         return self.batcher.stopped_reason
 
-    def score_pairs(self, query: str | Sequence[str], texts: Sequence[str], limits: WorkLimits = NO_LIMITS,
+    def score_pairs(self, query: str | Sequence[str], texts: Sequence[Document], limits: WorkLimits = NO_LIMITS,
                     truncation: Truncation = TRUNCATE_RIGHT, use_cache: bool = True,
                     instruction: str | None = None) -> ScoredPairs:
         """Scores of (query, text) pairs in request order; `query` is one query for all texts or one per text.
@@ -148,7 +148,7 @@ class Reranker:
         `copies` how often each stands in it (for the token budget); `known` what the cache hits already hold."""
         t0 = time.perf_counter()
         encoded = self._encode([q for q, _ in pairs], [t for _, t in pairs], copies, limits, budget, truncation,
-                               instruction)
+                               instruction, origins)
         self._refuse_truncated(truncation, [*origins[encoded.truncated].tolist(),
                                             *(known.truncated_origins if known else [])], limits)
         t1 = time.perf_counter()
@@ -173,16 +173,24 @@ class Reranker:
         return ScoredPairs(scores, raw_scores, encoded.lengths, encoded.truncated, (t1 - t0) * 1000,
                            (t2 - t1 - queued) * 1000, job.batches, delta, queued * 1000)
 
-    def _encode(self, queries: list[str], texts: list[str], copies: np.ndarray, limits: WorkLimits,
-                budget: TokenBudget, truncation: Truncation, instruction: str | None = None) -> EncodedPairs:
+    def _encode(self, queries: list[str], texts: list[Document], copies: np.ndarray, limits: WorkLimits,
+                budget: TokenBudget, truncation: Truncation, instruction: str | None = None,
+                origins: np.ndarray | None = None) -> EncodedPairs:
         """Tokenize in slices, checking the deadline and the client before each and the token budget after each
         (each pair counted as often as it stands in the request), so that a request over max_total_tokens costs
-        about the budget, not its whole body."""
+        about the budget, not its whole body. A document the head cannot encode (a broken image: DocumentError) is
+        a 400, or a 413 when it is over a limit, naming the document as the request named it (`documents[3]`)."""
         parts = []
         for start in range(0, len(texts), ENCODE_SLICE):
             limits.check()
             end = start + ENCODE_SLICE
-            part = self.head.encode(queries[start:end], texts[start:end], truncation, instruction)
+            try:
+                part = self.head.encode(queries[start:end], texts[start:end], truncation, instruction)
+            except DocumentError as exc:
+                origin = int(origins[start + exc.index]) if origins is not None else start + exc.index
+                name = limits.names.entry(origin)
+                error = PayloadTooLargeError if exc.too_large else BadRequestError
+                raise error(f"{name}: {exc.reason}", name) from None
             budget.add(int((part.lengths * copies[start:end]).sum()))
             parts.append(part)
         return EncodedPairs.concat(parts)

@@ -30,7 +30,7 @@ from .config import (
 )
 from .demomodel import DEMO_MODEL_NAME, DEMO_NOTE, write_demo_model
 from .encoding import load_tokenizer
-from .engine import EngineInfo, NpuBusyCounter, open_core, read_model
+from .engine import EngineInfo, NpuBusyCounter, VisionIR, open_core, read_model
 from .errors import EXIT_CONFIG, EXIT_PORT, EXIT_SCORING_STOPPED, StartupCancelled, StartupError
 from .evaluate import main as evaluate_main
 from .httpserver import RerankServer
@@ -93,6 +93,11 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
     model = read_model(core, model_files.xml)
     compile_cache = open_compile_cache(config.cache_dir, model_files.xml)
     head = make_head(model_files, tokenizer, model, config.instruction)
+    vision = None
+    if model_files.vision is not None:  # its own IR, compiled beside the language model's, keyed to its own bytes
+        vision = VisionIR(read_model(core, model_files.vision.xml),
+                          open_compile_cache(config.cache_dir, model_files.vision.xml),
+                          model_files.vision.tiling.max_tiles)
     buckets = static_buckets_for(config, model_files.max_length, head.min_pair_tokens, log.warning)
     log.info("compiling %s on %s (%s)", model_files.xml, config.device,
              f"buckets {','.join(map(str, buckets))}" if buckets else "dynamic shapes")
@@ -109,7 +114,7 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
         sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=checking scores against the f32 CPU reference")
 
     reranker, engine, parity = compile_checked(core, model, config, head, buckets, counter, before_compile,
-                                               before_reference, compile_cache, model_files.reference_scores)
+                                               before_reference, compile_cache, model_files.reference_scores, vision)
     reranker.cache = ScoreCache(config.score_cache_size) if config.score_cache_size else None
     log.info("serving with %s (compile cache %s); parity with the f32 reference: max score difference %.3g%s",
              engine.properties, engine.cache_dir or "off", parity.max_abs_diff,

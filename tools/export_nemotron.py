@@ -47,21 +47,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository's openvino_reranker, when run here
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/exportlib.py
+
+from exportlib import (  # noqa: E402
+    OV_F32,
+    ExportError,
+    bidirectional_llama,
+    copy_tokenizer,
+    read_config_json,
+    read_weights,
+    require,
+    resolve_checkpoint,
+    run_bidirectional,
+    versions,
+)
+from exportlib import sigmoid as _sigmoid  # noqa: E402
 
 from openvino_reranker.referencescores import EXPORT_PAIRS, reference_scores_json, tolerance_for  # noqa: E402
 from openvino_reranker.referencescores import FILE_NAME as REFERENCE_SCORES_FILE  # noqa: E402
 
 TEMPLATE = {"template": "question:{query} \n \n passage:{document}", "add_special_tokens": True}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# config.json keys that are the remote code's own, not LlamaConfig's
-NOT_LLAMA_KEYS = ("auto_map", "architectures", "model_type", "pooling", "temperature", "transformers_version",
-                  "torch_dtype", "dtype", "_name_or_path")
 FP32_TOLERANCE = 1e-3  # IR (f32 CPU) vs torch on the check batch; a real 1B model is far inside this
 try:  # optional until used: the module's class needs torch.nn.Module as its base
     import torch
@@ -71,53 +80,8 @@ except ImportError:
     torch = None
     _TorchModule = object
 
-INSTALL_HINT = ("install it first: pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu "
-                "&& pip install '.[export]'")
-
-
-class ExportError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
-
-
-def require(module: str):
-    try:
-        return __import__(module)
-    except ImportError as exc:
-        raise ExportError(f"this needs the Python package '{module}' ({exc}); {INSTALL_HINT}") from None
-
-
-# ------------------------------------------------------------------------------------------------ the checkpoint
-
-
-def resolve_checkpoint(model: str, revision: str | None) -> Path:
-    """A local directory as is; anything else that looks like `org/name` is fetched from the Hub (only the
-    JSON and safetensors files)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or model.count("/") != 1 or model.startswith((".", "/", "~")):
-        raise ExportError(f"--model {model}: no such directory (a Hub id looks like org/name)")
-    require("huggingface_hub")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(model, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
-    except RepositoryNotFoundError:
-        raise ExportError(f"--model {model}: no such repository on the Hub, or it is gated (set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise ExportError(f"--model {model}: not in the local cache and the Hub cannot be reached") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise ExportError(f"--model {model}: download failed: {str(exc).splitlines()[0]}") from None
-
-
 def read_config(checkpoint: Path) -> dict:
-    try:
-        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{checkpoint}: no config.json") from None
-    except (ValueError, OSError) as exc:
-        raise ExportError(f"{checkpoint / 'config.json'}: not readable JSON ({exc})") from None
+    config = read_config_json(checkpoint)
     if config.get("model_type") not in ("llama_bidirec", "llama"):
         raise ExportError(f"{checkpoint}: model_type is {config.get('model_type')!r}; this script exports "
                           "bidirectional Llama rerankers (model_type llama_bidirec)")
@@ -126,48 +90,16 @@ def read_config(checkpoint: Path) -> dict:
     return config
 
 
-def read_weights(checkpoint: Path) -> dict:
-    """All tensors of the checkpoint's safetensors file(s), as float32."""
-    require("safetensors")
-    from safetensors.torch import load_file
-
-    index = checkpoint / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in checkpoint.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{checkpoint}: no *.safetensors weights")
-    tensors = {}
-    for name in files:
-        try:
-            tensors.update(load_file(str(checkpoint / name)))
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"{checkpoint / name}: cannot read the weights ({exc})") from None
-    return {key: value.float() for key, value in tensors.items()}
-
-
 # ------------------------------------------------------------------------------------------------ the module
 
 
 def build_reranker(config: dict, weights: dict):
     """The torch module to convert: LlamaModel's weights and layers, a bidirectional padding mask, mean pooling,
     the score head and the temperature."""
-    require("torch")
-    require("transformers")
-    from transformers import LlamaConfig, LlamaModel
-
-    llama_config = LlamaConfig(**{k: v for k, v in config.items() if k not in NOT_LLAMA_KEYS})
-    llama_config._attn_implementation = "sdpa"
-    decoder = LlamaModel(llama_config)
-    body = {key.removeprefix("model."): value for key, value in weights.items() if key != "score.weight"}
     if "score.weight" not in weights:
         raise ExportError("the checkpoint has no score.weight (the classification head): is it the reranker?")
-    missing, unexpected = decoder.load_state_dict(body, strict=False)
-    missing = [m for m in missing if "rotary_emb" not in m]
-    if missing or unexpected:
-        raise ExportError(f"the weights do not fit a Llama decoder: missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}")
+    body = {key.removeprefix("model."): value for key, value in weights.items() if key != "score.weight"}
+    decoder = bidirectional_llama(config, body)
     score = weights["score.weight"]
     head = torch.nn.Linear(score.shape[1], score.shape[0], bias=False)
     head.weight.data.copy_(score)
@@ -185,20 +117,9 @@ class BidirectionalMeanPoolReranker(_TorchModule):
             layer.self_attn.is_causal = False
 
     def forward(self, input_ids, attention_mask):
-        decoder = self.decoder
-        hidden = decoder.embed_tokens(input_ids)
+        hidden = self.decoder.embed_tokens(input_ids)
         keep = attention_mask.to(hidden.dtype)
-        # positions as transformers' LlamaModel numbers them by default (0..n-1 whatever the padding), so that an
-        # unpadded pair scores exactly as the reference implementation scores it
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        rotary = decoder.rotary_emb(hidden, position_ids)
-        # bidirectional: every position may attend to every real (unpadded) position, and to nothing else
-        blocked = (1.0 - keep)[:, None, None, :] * torch.finfo(hidden.dtype).min
-        mask = blocked.expand(-1, 1, input_ids.shape[1], -1)
-        for layer in decoder.layers:
-            out = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
-            hidden = out[0] if isinstance(out, tuple) else out
-        hidden = decoder.norm(hidden)
+        hidden = run_bidirectional(self.decoder, hidden, keep)
         pooled = (hidden * keep[..., None]).sum(dim=1) / keep.sum(dim=1, keepdim=True)
         return self.head(pooled) / self.temperature
 
@@ -238,8 +159,7 @@ def compare(module, xml: Path, vocab_size: int) -> float:
     ids, mask = check_batch(vocab_size)
     with torch.no_grad():
         expected = module(ids, mask).numpy()
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                         "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    compiled = ov.Core().compile_model(str(xml), "CPU", OV_F32)
     got = compiled({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["logits"]
     return float(abs(got - expected).max())
 
@@ -251,8 +171,7 @@ def reference_scores(module, checkpoint: Path, xml: Path) -> tuple[list[tuple[st
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(checkpoint))
-    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                         "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"})
+    compiled = ov.Core().compile_model(str(xml), "CPU", OV_F32)
     pairs, measured = [], 0.0
     for query, document in EXPORT_PAIRS:
         text = TEMPLATE["template"].format(query=query, document=document)
@@ -266,17 +185,11 @@ def reference_scores(module, checkpoint: Path, xml: Path) -> tuple[list[tuple[st
     return pairs, measured
 
 
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
-
-
 def write_reference_scores(output: Path, model: str, weight_format: str, pairs, measured: float) -> None:
-    from importlib.metadata import version
-
-    versions = {name: version(name) for name in ("torch", "transformers", "openvino")}
     produced_by = {"tool": "tools/export_nemotron.py", "model": model, "weight_format": weight_format,
                    "scores": "torch fp32 (the module converted), one pair at a time, unpadded",
-                   "versions": versions, "ir": "openvino_model.xml", "ir_f32_max_abs_diff": measured}
+                   "versions": versions("torch", "transformers", "openvino"), "ir": "openvino_model.xml",
+                   "ir_f32_max_abs_diff": measured}
     (output / REFERENCE_SCORES_FILE).write_text(reference_scores_json(pairs, tolerance_for(measured), None,
                                                                       produced_by), encoding="utf-8")
 
@@ -301,9 +214,7 @@ def export(model: str, output: Path, weight_format: str, revision: str | None) -
             xml.unlink()
             xml.with_suffix(".bin").unlink()
             raise ExportError(f"the converted IR differs from torch by {diff:.2e} (over {FP32_TOLERANCE}): removed")
-        for name in TOKENIZER_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copyfile(checkpoint / name, output / name)
+        copy_tokenizer(checkpoint, output)
         shutil.copyfile(checkpoint / "config.json", output / "config.json")
         (output / "rerank_template.json").write_text(json.dumps(TEMPLATE, indent=2) + "\n", encoding="utf-8")
         write_reference_scores(output, model, weight_format, *reference_scores(module, checkpoint, xml))
