@@ -92,7 +92,7 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
     core = open_core(config.device, core)
     model = read_model(core, model_files.xml)
     compile_cache = open_compile_cache(config.cache_dir, model_files.xml)
-    head = make_head(model_files, tokenizer, model, config.instruction)
+    head = make_head(model_files, tokenizer, model, config.instruction, config.max_image_pixels)
     vision = None
     if model_files.vision is not None:  # its own IR, compiled beside the language model's, keyed to its own bytes
         vision = VisionIR(read_model(core, model_files.vision.xml),
