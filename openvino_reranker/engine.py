@@ -23,6 +23,7 @@ from .errors import (
     StartupError,
     error_reason,
 )
+from .vision import pixel_values
 
 
 def check_device_available(device: str, available: Sequence[str]) -> None:
@@ -291,8 +292,6 @@ class VisionLanguageEngine:
 
     def image_embeddings(self, pictures, deadline: float | None = None) -> dict[str, np.ndarray]:
         """[tokens, hidden] per distinct image digest: from the cache, or all missing ones in one vision run."""
-        from .vision import pixel_values
-
         found, missing = {}, {}
         for picture in pictures:
             if picture.digest in found or picture.digest in missing:
