@@ -278,6 +278,11 @@ class VisionLanguageEngine:
         self.device, self.properties, self.cache_dir = lm.device, lm.properties, lm.cache_dir
         self.compile_ms = lm.compile_ms + vision.compile_ms
 
+    @property
+    def images_encoded(self) -> int:
+        """Images run through the vision encoder so far (GET /metrics: `images_encoded_total`)."""
+        return self.cache.encoded
+
     def info(self) -> EngineInfo:
         info = self.lm.info()
         devices = list(info.execution_devices)

@@ -176,11 +176,14 @@ class _Unreachable(Exception):
 
 def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], required: Sequence[str],
                 optional: Sequence[str], settings: HubSettings,
-                on_progress: Callable[[str], None] | None = None, optional_beside_ir: Sequence[str] = ()
-                ) -> FetchedModel:
+                on_progress: Callable[[str], None] | None = None, optional_beside_ir: Sequence[str] = (),
+                called_for_beside_ir: Callable[[Path], Sequence[str]] = lambda snapshot: ()) -> FetchedModel:
     """Pick the first of `ir_candidates` (.xml paths) that the repo has and fetch it, its .bin, every `required` file
     (one missing is an error) and every `optional` file that exists (and those of `optional_beside_ir` in the IR's
-    folder), all at the one commit the revision points to (one request lists them). Files already cached are not
+    folder), all at the one commit the revision points to (one request lists them). Then the files in the IR's folder
+    that those call for, `called_for_beside_ir(snapshot directory)` (a vision-language model's config.json calls
+    for its vision IR), each required: asked of the snapshot once the others are in it, so that no other model
+    fetches, or remembers as absent, a file only one kind of model has. Files already cached are not
     downloaded again; absent ones are remembered in `.no_exist/<commit>/` as huggingface_hub remembers them.
     `on_progress(line)` gets one line per download started, then at most one per `settings.progress_interval_s`,
     and a line saying why when the cache is used without asking the Hub; this function prints nothing. Every
@@ -206,9 +209,10 @@ def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], requi
                            f"HF_HUB_DOWNLOAD_TIMEOUT must be whole seconds", EXIT_CONFIG) from None
     job = _Job(repo_id, revision, settings, on_progress or (lambda line: None))
     if settings.offline:
-        return _from_cache(job, ir_candidates, required, None)
+        return _from_cache(job, ir_candidates, required, None, called_for_beside_ir)
     if _COMMIT.fullmatch(revision):  # a pinned commit never changes: a complete snapshot needs no request
-        ir, _ = _cached_ir(job, revision, ir_candidates, required, optional, optional_beside_ir, strict=True)
+        ir, _ = _cached_ir(job, revision, ir_candidates, required, optional, optional_beside_ir, strict=True,
+                           called_for_beside_ir=called_for_beside_ir)
         if ir is not None:
             return _cached_result(job, revision, ir, f"commit {revision} is pinned and completely cached: the Hub "
                                                      f"was not contacted")
@@ -216,12 +220,16 @@ def fetch_model(repo_id: str, revision: str, ir_candidates: Sequence[str], requi
         try:
             commit, files = _list_files(job)
         except _Unreachable as exc:
-            return _from_cache(job, ir_candidates, required, str(exc))
+            return _from_cache(job, ir_candidates, required, str(exc), called_for_beside_ir)
         ir = _choose_ir(job, commit, files, ir_candidates, required)
         optional = (*optional, *beside(ir, optional_beside_ir))
         earlier = ir_candidates[:list(ir_candidates).index(ir)]
         _remember_absent(job, commit, [path for path in (*earlier, *optional) if path not in files])
         for path in (ir, weights_file(ir), *required, *(path for path in optional if path in files)):
+            _fetch_file(job, commit, path, files[path])
+        for path in _called_for(job, commit, ir, called_for_beside_ir):
+            if path not in files:
+                raise StartupError(f"{_described(job, commit)} has no {path}, which the model needs", EXIT_MODEL)
             _fetch_file(job, commit, path, files[path])
     except DownloadInterrupted:
         raise StartupCancelled("fetching the model") from None
@@ -249,9 +257,25 @@ def _list_files(job: _Job) -> tuple[str, dict[str, int | None]]:
     return info.sha, {sibling.rfilename: sibling.size for sibling in info.siblings}
 
 
+def _described(job: _Job, commit: str) -> str:
+    return job.name if commit == job.revision else f"{job.name} (commit {commit[:12]})"
+
+
+def _called_for(job: _Job, commit: str, ir: str, called_for_beside_ir: Callable[[Path], Sequence[str]]
+                ) -> tuple[str, ...]:
+    """The files in the IR's folder that the snapshot's files call for (`fetch_model`), checked as repo paths."""
+    paths = beside(ir, called_for_beside_ir(job.repo_dir / "snapshots" / commit))
+    for path in paths:
+        try:
+            check_repo_file(path)
+        except ValueError as exc:
+            raise StartupError(f"bad file name for {job.repo_id}: {exc}", EXIT_CONFIG) from None
+    return paths
+
+
 def _choose_ir(job: _Job, commit: str, files: Mapping[str, int | None], ir_candidates: Sequence[str],
                required: Sequence[str]) -> str:
-    described = job.name if commit == job.revision else f"{job.name} (commit {commit[:12]})"
+    described = _described(job, commit)
     ir = next((path for path in ir_candidates if path in files), None)
     if ir is None:
         raise StartupError(f"{described} has none of the IR files tried ({', '.join(ir_candidates)}): export one "
@@ -295,10 +319,12 @@ def _fetch_file(job: _Job, commit: str, path: str, size: int | None) -> None:
 PRESENT, ABSENT, UNKNOWN = "present", "absent", "unknown"
 
 
-def _from_cache(job: _Job, ir_candidates, required, unreachable: str | None) -> FetchedModel:
+def _from_cache(job: _Job, ir_candidates, required, unreachable: str | None,
+                called_for_beside_ir: Callable[[Path], Sequence[str]] = lambda snapshot: ()) -> FetchedModel:
     commit = _cached_commit(job)
     ir, missing = (None, "no snapshot of it") if commit is None else \
-        _cached_ir(job, commit, ir_candidates, required, (), (), strict=False)
+        _cached_ir(job, commit, ir_candidates, required, (), (), strict=False,
+                   called_for_beside_ir=called_for_beside_ir)
     where = job.settings.cache_dir
     if ir is None and unreachable is None:
         raise StartupError(f"HF_HUB_OFFLINE is set and {job.name} is not in the Hub cache {where} ({missing}). To "
@@ -358,7 +384,8 @@ def _cached_state(job: _Job, commit: str, path: str) -> str:
 
 
 def _cached_ir(job: _Job, commit: str, ir_candidates, required, optional, optional_beside_ir,
-               strict: bool) -> tuple[str | None, str]:
+               strict: bool, called_for_beside_ir: Callable[[Path], Sequence[str]] = lambda snapshot: ()
+               ) -> tuple[str | None, str]:
     """The IR to serve from snapshot `commit` and '', or None and what is missing. Strict (no request at all
     for a pinned commit): the IR is the one the Hub would give, so every candidate before it must be known to be
     absent, and every optional file known one way or the other. Otherwise the first cached candidate serves."""
@@ -377,6 +404,9 @@ def _cached_ir(job: _Job, commit: str, ir_candidates, required, optional, option
             return None, f"commit {commit} lacks {path}"
     if any(_cached_state(job, commit, path) == UNKNOWN for path in (*optional, *beside(ir, optional_beside_ir))):
         return None, "an optional file is not known"
+    for path in _called_for(job, commit, ir, called_for_beside_ir):  # read from the cached files, as fetched
+        if _cached_state(job, commit, path) != PRESENT:
+            return None, f"commit {commit} lacks {path}"
     return ir, ""
 
 

@@ -58,7 +58,9 @@ def decode_image(data: bytes, max_pixels: int):
     except ImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS, fires in open()
-        raise ImageError(f"the image declares more than {Image.MAX_IMAGE_PIXELS * 2} pixels, more than "
-                         f"max_image_pixels ({max_pixels})", too_large=True) from None
+        guard = Image.MAX_IMAGE_PIXELS * 2
+        over = f"more than max_image_pixels ({max_pixels})" if max_pixels < guard else \
+            f"more than Pillow's own limit, whatever max_image_pixels ({max_pixels}) allows"
+        raise ImageError(f"the image declares more than {guard} pixels, {over}", too_large=True) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"the {image_format(data)} file is corrupt or truncated ({type(e).__name__})") from None

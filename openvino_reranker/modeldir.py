@@ -117,6 +117,16 @@ def vision_files(root: Path, xml: Path, config: Mapping[str, Any]) -> VisionFile
     return VisionFiles(vision_xml, tiling, context)
 
 
+def files_called_for(snapshot: Path) -> tuple[str, ...]:
+    """What a Hub model's fetched files call for beside its IR: a vision-language model's config.json (its
+    `model_type`) its vision IR. Asked of the snapshot after the IR, tokenizer and config.json are in it, so that no
+    other model asks the Hub for these files or remembers them as absent."""
+    config = _read_json(snapshot / "config.json") or {}
+    if config.get("model_type") in VISION_LANGUAGE_MODEL_TYPES:
+        return VISION_IR, VISION_IR[:-len(".xml")] + ".bin"
+    return ()
+
+
 def _read_json(path: Path) -> dict | None:
     """An optional JSON object file: None when absent; a present one that cannot be read is a broken model."""
     if not path.exists():
@@ -218,7 +228,7 @@ def locate_model(config: Config, environ: Mapping[str, str], on_progress: Callab
             raise StartupError(f"bad value for model_file: {exc}", EXIT_CONFIG) from None
     fetched = fetch_model(repo_id, revision, (config.model_file,) if config.model_file else IR_CANDIDATES,
                           REQUIRED_FILES, OPTIONAL_FILES, HubSettings.from_environ(environ), on_progress,
-                          OPTIONAL_BESIDE_IR)
+                          OPTIONAL_BESIDE_IR, files_called_for)
     return fetched.snapshot, fetched.ir_file, {"repo": repo_id, "revision": revision, "commit": fetched.commit,
                                                "from_cache_only": fetched.from_cache_only}
 

@@ -315,4 +315,7 @@ class RerankService:
             "score_cache_misses_total": ("Pairs looked up in the score cache and scored by the model.", cache.misses)}
         if cache is not None:
             gauges["score_cache_entries"] = ("Pairs held in the score cache.", len(cache))
+        images = getattr(self.reranker.engine, "images_encoded", None) if self.reranker is not None else None
+        if images is not None:  # a vision-language model: how often its vision encoder ran, image by image
+            counters["images_encoded_total"] = ("Images run through the vision encoder (not found by digest).", images)
         return self.metrics.render(gauges, info, busy, counters)

@@ -19,8 +19,13 @@ from pathlib import Path
 import pytest
 from fakehub import FakeHub, Fault, git_blob_sha1, refused_endpoint, sha256, silent_endpoint
 from huggingface_hub import constants as hub_constants
+from support import ROOT
+from support.http import request as http_request
+from support.models import F32, SCORE_TOLERANCE
+from support.servers import RunningServer
 
 from openvino_reranker import hub as hubmodule
+from openvino_reranker import modeldir
 from openvino_reranker.errors import EXIT_CONFIG, EXIT_DOWNLOAD, EXIT_MODEL, StartupCancelled, StartupError
 from openvino_reranker.hub import FetchedModel, HubSettings, fetch_model, parse_repo_id
 
@@ -670,3 +675,85 @@ def test_huggingface_hub_and_this_fetcher_share_one_cache(hub, repo, tmp_path):
     # the same tree: blobs, links, refs, absence markers, lock files
     assert _tree(by_us) == _tree(by_hf)
     assert any("/.no_exist/" in k for k in _tree(by_hf)) and any(k.startswith(".locks/") for k in _tree(by_hf))
+
+
+# ---------------------------------------------------------------------------------------------- a vision-language model
+
+
+VL_FIXTURE = ROOT / "tests" / "fixtures" / "models" / "tiny-nemotron-vl"
+VISION = ("openvino_vision.xml", "openvino_vision.bin")
+
+
+def vl_files() -> dict[str, bytes]:
+    """The VL fixture as a Hub repo: its files at the repo's root, its IRs' weights in LFS."""
+    return {path.name: path.read_bytes() for path in sorted(VL_FIXTURE.iterdir())
+            if path.is_file() and path.name != "reference.json"}
+
+
+def fetch_as_served(hub_or_endpoint, cache: Path, repo_id: str, revision: str = "main", **kwargs) -> FetchedModel:
+    """fetch_model with the files, and what they call for, that modeldir.locate_model asks for."""
+    endpoint = hub_or_endpoint if isinstance(hub_or_endpoint, str) else hub_or_endpoint.endpoint
+    return fetch_model(repo_id, revision, modeldir.IR_CANDIDATES, modeldir.REQUIRED_FILES, modeldir.OPTIONAL_FILES,
+                       settings(endpoint, cache, **kwargs), None, modeldir.OPTIONAL_BESIDE_IR,
+                       modeldir.files_called_for)
+
+
+def test_a_vision_language_model_gets_its_vision_ir_and_no_other_model_asks_for_it(hub, tmp_path):
+    commit = hub.add_repo("org/vl", vl_files(), lfs=("openvino_model.bin", "openvino_vision.bin"))
+    fetched = fetch_as_served(hub, tmp_path, "org/vl")
+    for name in VISION:
+        assert (fetched.snapshot / name).read_bytes() == (VL_FIXTURE / name).read_bytes()
+    # a text model's repo: the vision IR is neither asked for nor remembered as absent
+    plain = hub.add_repo("org/plain", repo_files(), lfs=LFS)
+    before = len(hub.requests)
+    fetch_as_served(hub, tmp_path, "org/plain")
+    asked = [r.path for r in hub.requests[before:]]
+    assert not any("openvino_vision" in path for path in asked), asked
+    no_exist = repo_dir(tmp_path, "org/plain") / ".no_exist" / plain
+    assert not any("openvino_vision" in p.name for p in no_exist.rglob("*")), sorted(no_exist.rglob("*"))
+    # and a pinned commit of either, completely cached, needs no request
+    before = len(hub.requests)
+    assert fetch_as_served(hub, tmp_path, "org/vl", commit).from_cache_only
+    assert fetch_as_served(hub, tmp_path, "org/plain", plain).from_cache_only
+    assert len(hub.requests) == before
+
+
+def test_a_vision_language_snapshot_without_its_vision_ir_is_not_complete(hub, tmp_path):
+    commit = hub.add_repo("org/vl", vl_files(), lfs=("openvino_model.bin", "openvino_vision.bin"))
+    fetched = fetch_as_served(hub, tmp_path, "org/vl")
+    link = fetched.snapshot / "openvino_vision.bin"
+    link.unlink()  # as if the start stopped before the vision IR's weights came
+    with pytest.raises(StartupError, match="lacks openvino_vision.bin") as caught:
+        fetch_as_served(hub, tmp_path, "org/vl", offline=True)
+    assert caught.value.exit_code == 4
+    before = len(hub.requests)
+    fetched = fetch_as_served(hub, tmp_path, "org/vl", commit)  # pinned, but not complete: the Hub is asked
+    assert not fetched.from_cache_only and len(hub.requests) > before and link.is_file()
+
+
+def test_a_vision_language_repo_without_its_vision_ir(hub, tmp_path):
+    files = {name: data for name, data in vl_files().items() if name != "openvino_vision.bin"}
+    hub.add_repo("org/vl", files, lfs=("openvino_model.bin",))
+    with pytest.raises(StartupError, match="has no openvino_vision.bin, which the model needs") as caught:
+        fetch_as_served(hub, tmp_path, "org/vl")
+    assert caught.value.exit_code == 4 and "\n" not in str(caught.value)
+
+
+def test_the_vl_fixture_is_served_from_the_fake_hub(hub, tmp_path):
+    """main() with --model org/tiny-nemotron-vl: fetched with its vision IR, ready, an image document scored as
+    torch scored it."""
+    import json
+
+    hub.add_repo("org/tiny-nemotron-vl", vl_files(), lfs=("openvino_model.bin", "openvino_vision.bin"))
+    reference = json.loads((VL_FIXTURE / "reference.json").read_text())
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    args = ["--device", "CPU", *F32, "--model", "org/tiny-nemotron-vl", "--cache-dir", "",
+            "--max-length", str(reference["max_length"])]
+    case = next(c for c in reference["cases"] if "image" in c and c["document"])
+    with RunningServer(args, env=env).wait_ready() as srv:
+        ready = http_request(srv.port, "GET", "/readyz")[1]
+        assert ready["head"]["kind"] == "vision-language" and ready["model"] == "org/tiny-nemotron-vl"
+        status, body, _ = http_request(srv.port, "POST", "/rerank", {"query": case["query"], "documents": [
+            {"image": case["image"], "text": case["document"]}]})
+        assert status == 200, body
+        assert abs(body["results"][0]["score"] - case["score"]) < SCORE_TOLERANCE

@@ -57,7 +57,10 @@ def test_pillows_own_bomb_guard_is_too_large_too():
     bomb = encoded("1", (20000, 20000), "PNG")  # 400 megapixels: over twice Pillow's MAX_IMAGE_PIXELS
     with pytest.raises(ImageError) as e:
         decode_image(bomb, max_pixels=10**12)
-    assert e.value.too_large
+    assert e.value.too_large and "Pillow's own limit" in e.value.reason  # not "more than max_image_pixels"
+    with pytest.raises(ImageError) as e:
+        decode_image(bomb, max_pixels=50_000_000)
+    assert e.value.too_large and "more than max_image_pixels (50000000)" in e.value.reason
 
 
 @pytest.mark.parametrize("data,reason", [
