@@ -1,5 +1,6 @@
 """Smoke-test a running openvino-reranker: liveness, readiness, ranking fixtures, both routes, documented errors,
-and, on the NPU, proof that the NPU did the work. Standard library only.
+image documents (scored by a vision-language model, refused by a text-only one) and, on the NPU, proof that the NPU
+did the work. Standard library only.
 
     python smoke.py --url http://127.0.0.1:18818 --expect-device CPU [--json]
     python smoke.py --url http://127.0.0.1:18818 --expect-device NPU --require-npu [--json]
@@ -12,13 +13,16 @@ Exit status 0 only when every required check passed; each failure is one line.
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import ipaddress
 import json
 import math
 import socket
+import struct
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -104,6 +108,18 @@ class Client:
             return ipaddress.ip_address(socket.gethostbyname(self.host)).is_loopback
         except (OSError, ValueError):
             return False
+
+
+def png_page(width: int = 96, height: int = 128) -> bytes:
+    """A small RGB PNG (a made-up page: stripes and a gradient), written with zlib alone."""
+    rows = b"".join(b"\x00" + bytes(((x * 5 + y) % 256 if (y // 8) % 2 else 255, (y * 2) % 256, (x * 3) % 256)[c]
+                                     for x in range(width) for c in range(3)) for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def read_counter(path: str) -> int | None:
@@ -239,6 +255,7 @@ def run(url: str, fixtures: list[dict] | None, expect_device: str | None, requir
 
         if native_scores:
             check_cohere(report, client, *native_scores)
+        check_images(report, client, ready, on_npu, npu_busy_path)
         check_errors(report, client)
     except (OSError, http.client.HTTPException) as exc:
         report.add("connection", False, f"{type(exc).__name__}: {exc}")
@@ -262,6 +279,44 @@ def check_cohere(report: Report, client: Client, fixture: dict, native: dict) ->
                f"expected {top_n} sorted results with index and relevance_score only, got {results!r:.200}")
     same = all(abs(r["relevance_score"] - native.get(r["index"], math.inf)) < 1e-6 for r in results)
     report.add("cohere: same scores as /rerank", same, "relevance_score differs from the native score")
+
+
+def check_images(report: Report, client: Client, ready: dict, on_npu: bool, npu_busy_path: str) -> None:
+    """A page image as Jina sends it and as vLLM's content parts, the image with text, and a text document: a
+    vision-language model (/readyz head kind) scores all four, the image the same in both shapes, and on the NPU
+    moves its busy counter; a text-only model refuses the image with a 400 naming the document."""
+    image = "data:image/png;base64," + base64.b64encode(png_page()).decode("ascii")
+    documents = [{"image": image}, {"content": [{"type": "image_url", "image_url": {"url": image}}]},
+                 {"image": image, "text": "Quarterly revenue by region, page 7"}, "Revenue grew in every region."]
+    head = ready.get("head") if isinstance(ready.get("head"), dict) else {}
+    before = read_counter(npu_busy_path) if on_npu and client.is_local else None
+    status, payload, raw = client.call("POST", "/rerank", {"query": "quarterly revenue by region",
+                                                           "documents": documents})
+    after = read_counter(npu_busy_path) if before is not None else None
+    if head.get("kind") != "vision-language":
+        error = payload.get("error") if isinstance(payload, dict) else None
+        report.add("images: a text-only model refuses them",
+                   status == 400 and isinstance(error, dict) and error.get("field") == "documents[0]"
+                   and "text only" in str(error.get("message")),
+                   f"expected 400 naming documents[0] and the model's text-only input, got {status}: {raw[:200]}")
+        return
+    results = payload.get("results") if status == 200 and isinstance(payload, dict) else None
+    scores = {r.get("index"): r.get("score") for r in results} if isinstance(results, list) else {}
+    in_range = sorted(scores) == [0, 1, 2, 3] and all(isinstance(v, float) and 0.0 <= v <= 1.0
+                                                      for v in scores.values())
+    if not report.add("images: scored", in_range, f"expected 4 scores in [0, 1], got {status}: {raw[:200]}"):
+        return
+    report.add("images: the same image in both shapes", abs(scores[0] - scores[1]) < 1e-6,
+               f"Jina's shape scored {scores[0]}, vLLM's content parts {scores[1]}")
+    if on_npu:
+        delta = payload.get("npu_busy_delta_us")
+        report.add("images: npu_busy_delta_us", isinstance(delta, int) and delta > 0,
+                   f"the response's npu_busy_delta_us is {delta!r}")
+        if client.is_local:
+            local = after - before if before is not None and after is not None else None
+            report.add("images: sysfs counter", local is not None and local > 0,
+                       f"{npu_busy_path} moved by {local!r} us" if local is not None
+                       else f"{npu_busy_path} is not readable")
 
 
 ERROR_PROBES = (

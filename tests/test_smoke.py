@@ -1,5 +1,6 @@
 """smoke.py against the real server, and against servers that break the contract on purpose."""
 
+import io
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from PIL import Image
 from support import ROOT
 from support.models import TinyModel
 
@@ -63,6 +65,35 @@ def test_a_passed_check_carries_no_failure_message(cpu_server):
     assert len(passed) > 20 and [c for c in passed if c["detail"]] == []
     skipped = [c for c in summary["checks"] if c["status"] == "skip"]
     assert [c["detail"] for c in skipped] == ["skipped: device is CPU"]  # a skip says why
+
+
+def test_a_text_only_model_refusing_images_passes(cpu_server):
+    report = smoke.run(cpu_server.base, smoke.load_fixtures(TINY_FIXTURES), "CPU", False, "", 30)
+    assert {c.name: c.status for c in report.checks}["images: a text-only model refuses them"] == "pass"
+
+
+def test_smoke_scores_images_on_a_vision_language_model():
+    """Against server.py serving the tiny vision-language fixture: the image is scored in both shapes alike."""
+    from support.models import F32
+    from support.servers import spawn_server
+
+    fixture = ROOT / "tests" / "fixtures" / "models" / "tiny-nemotron-vl"
+    proc, port = spawn_server(["--device", "CPU", *F32, "--model-dir", str(fixture), "--cache-dir", ""])
+    try:
+        result, summary = run_smoke_json(f"http://127.0.0.1:{port}", "--expect-device", "CPU")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    statuses = {c["name"]: c["status"] for c in summary["checks"]}
+    assert statuses["images: scored"] == "pass" and statuses["images: the same image in both shapes"] == "pass"
+    assert "images: a text-only model refuses them" not in statuses
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_smoke_page_is_a_png_pillow_reads():
+    image = Image.open(io.BytesIO(smoke.png_page(40, 24)))
+    image.load()
+    assert image.size == (40, 24) and image.mode == "RGB" and len({image.getpixel((x, y)) for x in range(40) for y in range(24)}) > 10
 
 
 def test_wrong_device_and_require_npu_fail(cpu_server):
@@ -146,6 +177,7 @@ def test_smoke_catches_a_server_that_breaks_the_contract(lying_server):
     assert "top result" in text  # input order is not the expected ranking
     assert "FAIL error: empty documents" in text and "FAIL error: wrong method" in text  # it accepts everything
     assert "cohere: shape" in text
+    assert "FAIL images: a text-only model refuses them" in text  # no vision head in /readyz, yet it scored images
     assert all(len(line) < 400 for line in fails)
 
 
