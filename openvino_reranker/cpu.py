@@ -140,6 +140,12 @@ class Tuning:
 
 # The values before this table (measured on an AVX2 EPYC, 2026-11): every device and CPU class not in TUNED.
 UNTUNED = Tuning(batch_size=8, pad_multiple=8, performance_hint="latency")
+# AMX: lengths padded to a multiple of 16 (AMX tiles have 16 rows) were 1.07x (middle half 1.03-1.15) the old
+# defaults at 100 documents and 1.14x (1.04-1.27) at 20, in process, fp32 IR at bf16, interleaved over 10 blocks
+# (docs/performance.md). Two streams with x16 measured a little more (1.12x, 1.15x) but stay off: INT8 weight-only
+# IRs score garbage on two streams there (the guard falls back, at a second compile per start) and a multi-stream
+# compile of the Qwen3 fixture kills the process (SIGFPE), which no guard can catch. Batches of 4, 16, 32 and 64,
+# and multiples of 1, 32 and 64, were no faster.
 TUNED: Mapping[str, Tuning] = {
     "amx": Tuning(batch_size=8, pad_multiple=16, performance_hint="latency"),
 }
