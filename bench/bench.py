@@ -2,6 +2,7 @@
 
     python bench/bench.py [--model-dir DIR] [--documents 20,100] [--concurrency 1,4,8] [--blocks 8] [--int8-dir DIR]
     python bench/bench.py --sweep [--int8-dir DIR]   # in-process: sub-batch size, padding, streams, INT8 IR
+    python bench/bench.py --build-only --model-dir DIR && openvino-reranker quantize --model DIR --output DIR-INT8
 
 Installing, in an environment of its own (the service never imports torch). torch comes FIRST and from the CPU
 index, because sentence-transformers requires it and an unpinned one is a multi-GB CUDA build:
@@ -24,8 +25,8 @@ systems in the same block, with its quartiles and range. Systems:
 - `ceiling-old`: the same with the defaults before that table (sub-batches of 8, padded to a multiple of 8, one
   stream);
 - `service` and `service-old`: server.py with its defaults and with the old ones (`--batch-size 8 --pad-multiple 8
-  --performance-hint latency`), both with `--score-cache-size 0` (the workload never repeats a pair, and the cache
-  must not answer for the engine), keep-alive clients at each concurrency;
+  --performance-hint latency`), both with `--score-cache-size 0` (later blocks reuse the workload's requests, and the
+  cache must not answer for the engine), keep-alive clients at each concurrency;
 - `genai`: OpenVINO GenAI's `TextRerankPipeline` on the same IR (its tokenizer converted with openvino_tokenizers;
   `top_n` = every document, its default is 3), plugin defaults;
 - `st-openvino`: sentence-transformers' `CrossEncoder(backend="openvino")` on the same IR, plugin defaults.
@@ -288,7 +289,7 @@ class Service:
                     errors.append(f"HTTP {resp.status}: {body[:200]!r}")
                 elif n == 0:
                     results = json.loads(body)["results"]
-                    first.extend(r["relevance_score"] for r in sorted(results, key=lambda r: r["index"]))
+                    first.extend(r["score"] for r in sorted(results, key=lambda r: r["index"]))
             conn.close()
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -515,11 +516,16 @@ def main() -> int:
                         "throughput), each against the old defaults")
     parser.add_argument("--server-args", default="", help="extra server.py flags for both services")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--build-only", action="store_true", help="build the stand-in model in --model-dir and stop "
+                        "(then `openvino-reranker quantize` can make the --int8-dir copy)")
     args = parser.parse_args()
     args.documents = [int(d) for d in args.documents.split(",")]
     concurrency = [int(c) for c in args.concurrency.split(",")]
 
     model_dir = build_minilm_model(args.model_dir, int8=args.weights == "int8")
+    if args.build_only:
+        print(f"built {model_dir}")
+        return 0
     cpu = cpuinfo.read_cpu()
     import openvino
 
