@@ -101,7 +101,8 @@ def take_round(waiting: deque[Job], max_pairs: int, max_tokens: int) -> list[tup
 
 
 def micro_batches(taken: list[tuple[Job, list[int]]], head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
-                  batch_size: int) -> list[tuple[dict[str, np.ndarray], ShapeBucket, list[tuple[Job, int]]]]:
+                  batch_size: int, pad_multiple: int = 8
+                  ) -> list[tuple[dict[str, np.ndarray], ShapeBucket, list[tuple[Job, int]]]]:
     """A round's pairs (`taken`: each job with the indices of its slice) merged across requests and planned into
     micro-batches (`plan_batches`), each as (the head's feed, its shape, the (job, index) of each of its rows)."""
     owners = [(job, i) for job, part in taken for i in part]
@@ -112,7 +113,7 @@ def micro_batches(taken: list[tuple[Job, list[int]]], head: ModelHead, buckets: 
                           images=[job.encoded.images[i] if job.encoded.images is not None else None
                                   for job, i in owners])
     return [(head.feed(merged, batch.indices, batch.shape), batch.shape, [owners[k] for k in batch.indices])
-            for batch in plan_batches(merged.lengths, buckets, batch_size, head.max_length)]
+            for batch in plan_batches(merged.lengths, buckets, batch_size, head.max_length, pad_multiple)]
 
 
 class Batcher:
@@ -128,9 +129,10 @@ class Batcher:
     and the process exits so that systemd restarts it)."""
 
     def __init__(self, engine: InferenceEngine, head: ModelHead, batch_size: int, round_pairs: int = 64,
-                 round_tokens: int | None = None):
+                 round_tokens: int | None = None, pad_multiple: int = 8):
         self.engine, self.head = engine, head
         self.batch_size, self.round_pairs = batch_size, max(round_pairs, batch_size)
+        self.pad_multiple = pad_multiple
         # long pairs cost more device time: a round also stops at about round_pairs pairs of 128 tokens, so that a
         # small request waits behind a round of 512-token pairs no longer than behind one of short pairs
         self.round_tokens = round_tokens or self.round_pairs * 128
@@ -247,7 +249,7 @@ class Batcher:
         if not taken:
             return []
         try:
-            return micro_batches(taken, self.head, self.engine.buckets, self.batch_size)
+            return micro_batches(taken, self.head, self.engine.buckets, self.batch_size, self.pad_multiple)
         except Exception as exc:  # fail the requests whose pairs were taken; the others stay queued
             log.exception("planning micro-batches failed")
             self._fail([job for job, _ in taken], exc)

@@ -202,10 +202,15 @@ class Config:
         "static shape buckets or dynamic shapes; auto = static on NPU, dynamic elsewhere")
     buckets: tuple[ShapeBucket, ...] = option(_parse_buckets, "8x64,8x128,8x256,8x512",
         "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)", metavar="LIST")
-    batch_size: int = option(_int(1, 256), "8", "pairs per micro-batch with dynamic shapes")
-    performance_hint: str = option(Choice(("latency", "throughput")), "latency",
-        "OpenVINO PERFORMANCE_HINT; throughput was faster on the CPU but has scored wrongly now and then (see "
-        "docs/performance.md). Every compile is checked against an f32 single-stream reference")
+    batch_size: int = option(_int(0, 256), "0",
+        "pairs per micro-batch with dynamic shapes; 0 = the CPU class's measured default (cpu.py's TUNED), else 8")
+    pad_multiple: int = option(_int(0, 512), "0",
+        "a dynamic micro-batch's length is rounded up to a multiple of this; 0 = the CPU class's measured "
+        "default, else 8")
+    performance_hint: str = option(Choice(("auto", "latency", "throughput")), "auto",
+        "OpenVINO PERFORMANCE_HINT; auto = the CPU class's measured default, else latency. Multi-stream compiles "
+        "have scored wrongly (see docs/performance.md): every compile is checked against an f32 single-stream "
+        "reference")
     num_streams: int = option(_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides")
     inference_threads: int = option(_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default")
     infer_requests: int = option(_int(0, 64), "0",
@@ -289,9 +294,9 @@ OPTIONS = tuple(replace(f.metadata["option"], name=f.name) for f in fields(Confi
 # --help's sections, in order, and the options in each
 HELP_GROUPS = (
     ("model", ("model", "model_dir", "model_file", "prompt_template", "instruction", "max_length")),
-    ("device and speed", ("device", "shape_mode", "buckets", "batch_size", "performance_hint", "num_streams",
-                          "inference_threads", "infer_requests", "inference_precision", "parity_tolerance",
-                          "on_parity_failure", "cache_dir", "score_cache_size", "npu_busy_path")),
+    ("device and speed", ("device", "shape_mode", "buckets", "batch_size", "pad_multiple", "performance_hint",
+                          "num_streams", "inference_threads", "infer_requests", "inference_precision",
+                          "parity_tolerance", "on_parity_failure", "cache_dir", "score_cache_size", "npu_busy_path")),
     ("HTTP and access", ("host", "port", "api_key", "api_key_file", "allow_remote_without_key", "max_connections",
                          "max_header_bytes", "first_byte_timeout_s", "read_timeout_s", "idle_timeout_s",
                          "image_url_hosts", "image_fetch_timeout_s")),

@@ -93,8 +93,9 @@ def quantize_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------- OpenVINO graph
 
 
-def build_ir(weights: dict[str, np.ndarray], shape: BertShape, with_token_types: bool = True):
-    """An `ov.Model` computing BERT-for-sequence-classification logits from int8 weights."""
+def build_ir(weights: dict[str, np.ndarray], shape: BertShape, with_token_types: bool = True, int8: bool = True):
+    """An `ov.Model` computing BERT-for-sequence-classification logits from int8 weights (`int8=False`: the float32
+    weights as given, an fp32 IR like `optimum-cli export openvino --weight-format fp32` writes)."""
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -102,6 +103,8 @@ def build_ir(weights: dict[str, np.ndarray], shape: BertShape, with_token_types:
         return ops.constant(np.array(a, order="C"))
 
     def int8_weight(name):
+        if not int8:
+            return const(weights[name].astype(np.float32))
         q, s = quantize_int8(weights[name])
         return ops.multiply(ops.convert(const(q), ov.Type.f32), const(s))
 
@@ -196,13 +199,16 @@ def build_tokenizer(words=WORDS):
     return tok
 
 
-def write_model_dir(out_dir, weights, shape: BertShape, tokenizer, with_token_types=True, name="tiny-cross-encoder"):
-    """Write an optimum-style model directory: openvino_model.xml/.bin, tokenizer.json, config.json."""
+def write_model_dir(out_dir, weights, shape: BertShape, tokenizer, with_token_types=True, name="tiny-cross-encoder",
+                    int8: bool = True):
+    """Write an optimum-style model directory: openvino_model.xml/.bin, tokenizer.json, config.json (`int8`: see
+    `build_ir`)."""
     import openvino as ov
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ov.save_model(build_ir(weights, shape, with_token_types), str(out / "openvino_model.xml"), compress_to_fp16=False)
+    ov.save_model(build_ir(weights, shape, with_token_types, int8), str(out / "openvino_model.xml"),
+                  compress_to_fp16=False)
     tokenizer.save(str(out / "tokenizer.json"))
     config = {
         "_name_or_path": name, "architectures": ["BertForSequenceClassification"], "model_type": "bert",

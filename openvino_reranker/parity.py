@@ -21,6 +21,7 @@ import numpy as np
 
 from .compilecache import CompileCache
 from .config import Config, ShapeBucket
+from .cpu import UNTUNED, apply_tuning, needs_tuning, read_cpu
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
 from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
@@ -75,7 +76,8 @@ REFERENCE_PROPERTIES = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", **EXA
 def serving_properties(config: Config) -> dict[str, str]:
     """Compile properties from the configuration. `f32` on the CPU means f32 arithmetic throughout, so it also turns
     off the dynamic quantization of activations."""
-    props = {"PERFORMANCE_HINT": config.performance_hint.upper()}
+    hint = config.performance_hint if config.performance_hint != "auto" else UNTUNED.performance_hint
+    props = {"PERFORMANCE_HINT": hint.upper()}
     if config.num_streams:
         props["NUM_STREAMS"] = str(config.num_streams)
     if config.inference_threads:
@@ -281,6 +283,8 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
     apply `on_parity_failure`: go down `fallback_ladder` until a step passes both (each compiled and checked), or
     refuse. Reference scores that the f32 reference compile itself misses stop startup (exit 9) whatever the policy.
     Returns what serves; on any failure (including a cancelled startup) nothing is left running."""
+    if needs_tuning(config):  # main() has applied the CPU's row; a caller that has not gets it here
+        config = apply_tuning(config, read_cpu() if config.device == "CPU" else None)[0]
     reference: Reference | None = None
     exact_diff = None
     tolerance = config.parity_tolerance
@@ -290,7 +294,7 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
         nonlocal reference, exact_diff
         engine = make_engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
                              step.infer_requests, cache, vision)
-        reranker = Reranker(head, engine, config.batch_size, counter)
+        reranker = Reranker(head, engine, config.batch_size, counter, pad_multiple=config.pad_multiple)
         try:
             if reference is None:
                 before_reference()

@@ -52,12 +52,13 @@ class Reranker:
     scoring API the service calls."""
 
     def __init__(self, head: ModelHead, engine: InferenceEngine, batch_size: int,
-                 busy_counter: NpuBusyCounter | None = None, round_pairs: int = 64, cache: ScoreCache | None = None):
+                 busy_counter: NpuBusyCounter | None = None, round_pairs: int = 64, cache: ScoreCache | None = None,
+                 pad_multiple: int = 8):
         self.head = head
         self.engine = engine
         self.busy_counter = busy_counter
         self.cache = cache
-        self.batcher = Batcher(engine, head, batch_size, round_pairs)
+        self.batcher = Batcher(engine, head, batch_size, round_pairs, pad_multiple=pad_multiple)
 
     @property
     def stopped_reason(self) -> str | None:

@@ -42,6 +42,7 @@ class ServedModel:
     parity: ParityCheck
     config: Config
     versions: Mapping[str, str]
+    tuning: Mapping[str, Any] | None = None  # cpu.Tuned.describe(): where the micro-batch defaults came from
 
 
 def render_reference_scores(checked: ReferenceScoresCheck | None) -> dict | None:
@@ -73,6 +74,8 @@ def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
         "shape_mode": "static" if engine.buckets is not None else "dynamic",
         "buckets": [str(b) for b in engine.buckets] if engine.buckets is not None else None,
         "batch_size": config.batch_size,
+        "pad_multiple": config.pad_multiple,
+        "tuning": dict(served.tuning) if served.tuning is not None else None,
         "compile": {"ms": engine.compile_ms, "cache_dir": engine.cache_dir,
                     "loaded_from_cache": list(engine.loaded_from_cache),
                     "properties": dict(engine.properties), "infer_requests": engine.infer_requests},
@@ -186,6 +189,7 @@ class RerankService:
         self.metrics = Metrics()
         self.reranker: Reranker | None = None
         self.served: ServedModel | None = None
+        self.tuning: Mapping[str, Any] | None = None  # set by startup: cpu.Tuned.describe()
 
     # ---- lifecycle
 
@@ -197,7 +201,7 @@ class RerankService:
         self.reranker = reranker
         self.served = ServedModel(model, reranker.head.describe(), engine_info, check, parity, self.config, {
             "server": __version__, "openvino": openvino.get_version(), "tokenizers": tokenizers.__version__,
-            "numpy": np.__version__, "python": sys.version.split()[0]})
+            "numpy": np.__version__, "python": sys.version.split()[0]}, self.tuning)
         self.readiness.reason = "ready"
         self.readiness.started.set()
 

@@ -28,6 +28,7 @@ from .config import (
     parse_demo_model_args,
     unknown_variables,
 )
+from .cpu import apply_tuning, read_cpu
 from .demomodel import DEMO_MODEL_NAME, DEMO_NOTE, write_demo_model
 from .encoding import load_tokenizer
 from .engine import EngineInfo, NpuBusyCounter, VisionIR, open_core, read_model
@@ -221,6 +222,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         logging.basicConfig(level=config.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.setLevel(config.log_level)
+        config, tuned = apply_tuning(config, read_cpu() if config.device == "CPU" else None)
+        log.info("micro-batches of %d padded to a multiple of %d, PERFORMANCE_HINT %s (%s)", config.batch_size,
+                 config.pad_multiple, config.performance_hint,
+                 f"{tuned.isa} row of cpu.py's TUNED for {tuned.cpu}" if tuned.row != "untuned"
+                 else "the untuned defaults" + (f"; no row for {tuned.isa} CPUs" if tuned.isa else ""))
         for name in unknown_variables(os.environ if environ is None else environ):
             log.warning("%s; ignored", describe_unknown_variable(name))
         api_key = load_api_key(config)
@@ -230,6 +236,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                                f"--allow-remote-without-key", EXIT_CONFIG)
         counter = NpuBusyCounter(config.npu_busy_path) if config.may_use_npu else None
         service = RerankService(config, api_key, counter)
+        service.tuning = tuned.describe()
         server = bind_server(service)
         host, port = server.server_address[:2]
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,

@@ -41,9 +41,9 @@ def reranker_for(tiny_model):
     """Rerankers over a fake engine, closed (their gates opened first) after the test."""
     made = []
 
-    def make(engine, batch_size=8, round_pairs=64):
+    def make(engine, batch_size=8, round_pairs=64, pad_multiple=8):
         made.append(Reranker(fake_head(tiny_model.path / "tokenizer.json", 64), engine, batch_size,
-                             round_pairs=round_pairs))
+                             round_pairs=round_pairs, pad_multiple=pad_multiple))
         return made[-1]
 
     yield make
@@ -216,3 +216,18 @@ def test_take_round_sends_the_rest_of_a_large_request_behind_the_others():
 def test_take_round_gives_each_request_its_longest_pairs_first():
     job = waiting_job([3, 9, 5])
     assert take_round(deque([job]), max_pairs=2, max_tokens=1000) == [(job, [1, 2])]
+
+
+@pytest.mark.parametrize("pad_multiple", [1, 8, 32])
+def test_dynamic_batches_are_padded_to_the_pad_multiple(reranker_for, pad_multiple):
+    """--pad-multiple reaches the plan: each dynamic batch's length is its longest pair rounded up to the multiple
+    (never beyond max_length, 64 here)."""
+    engine = RecordingEngine()
+    engine.gate.set()
+    reranker = reranker_for(engine, batch_size=4, pad_multiple=pad_multiple)
+    texts = ["paris " * n for n in (1, 3, 7, 12, 20, 30)]
+    scored = reranker.score_pairs("capital of france", texts)
+    ordered = sorted((int(n) for n in scored.lengths), reverse=True)
+    longest = [ordered[0], ordered[4]]  # two batches of at most 4, longest pairs first
+    assert [shape.length for shape in engine.shapes] == [min(-(-n // pad_multiple) * pad_multiple, 64)
+                                                         for n in longest]

@@ -72,7 +72,7 @@ def test_options_are_grouped_in_order(server_py_help):
 
 def test_choices_defaults_and_variables_are_shown(server_py_help):
     flat = " ".join(server_py_help.split())
-    for shown in ("--shape-mode {auto,static,dynamic}", "--performance-hint {latency,throughput}",
+    for shown in ("--shape-mode {auto,static,dynamic}", "--performance-hint {auto,latency,throughput}",
                   "--inference-precision {default,f32,bf16,f16}", "--on-parity-failure {fallback,refuse}",
                   "--log-level {DEBUG,INFO,WARNING,ERROR}", "--allow-remote-without-key [true|false]",
                   "--strict-env [true|false]"):

@@ -10,6 +10,9 @@ from support.engines import FakeEngine
 from support.http import request, send_raw
 from support.models import SCORE_TOLERANCE
 
+from openvino_reranker.config import load_config
+from openvino_reranker.cpu import apply_tuning, read_cpu
+
 QUERY = "how to boil water at sea level"
 DOCS = [
     "water boils at one hundred degrees celsius at sea level",
@@ -33,6 +36,12 @@ def test_healthz_and_readyz(cpu_server, tiny_model):
     assert body["startup_check"]["npu_busy_delta_us"] is None and "CPU" in body["startup_check"]["npu_note"]
     assert set(body["versions"]) >= {"openvino", "tokenizers", "server"}
     assert body["compile"]["loaded_from_cache"] == [False]
+    # the micro-batch defaults this CPU's row of cpu.TUNED gives (the fixture sets none of them)
+    config, tuned = apply_tuning(load_config(["--device", "CPU"], {}), read_cpu())
+    assert body["tuning"] == tuned.describe() and set(body["tuning"]["chosen"]) == {
+        "batch_size", "pad_multiple", "performance_hint"}
+    assert (body["batch_size"], body["pad_multiple"]) == (config.batch_size, config.pad_multiple)
+    assert body["compile"]["properties"]["PERFORMANCE_HINT"] == config.performance_hint.upper()
 
 
 def test_native_rerank_matches_the_reference(cpu_server, tiny_model):

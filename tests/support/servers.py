@@ -15,6 +15,7 @@ import time
 import pytest
 
 from openvino_reranker.config import load_api_key, load_config
+from openvino_reranker.cpu import apply_tuning, read_cpu
 from openvino_reranker.reranker import Reranker
 from openvino_reranker.service import RerankService
 from openvino_reranker.startup import bind_server, main
@@ -88,7 +89,8 @@ class FakeServer:
     """A real RerankServer on a loopback port with a FakeEngine; not started until `start(engine)`."""
 
     def __init__(self, tiny_model, args=(), env=None):
-        self.config = load_config(["--port", str(free_port()), "--device", "CPU", *args], env or {})
+        config = load_config(["--port", str(free_port()), "--device", "CPU", *args], env or {})
+        self.config = apply_tuning(config, read_cpu())[0]  # as main() does
         self.service = RerankService(self.config, load_api_key(self.config))
         self.srv = bind_server(self.service)
         self.port = self.srv.server_address[1]
@@ -100,7 +102,8 @@ class FakeServer:
     def start(self, engine):
         close_reranker(self.service.reranker)  # started again: the previous one must not keep its threads
         self.engine = engine
-        self.service.reranker = Reranker(fake_head(self.tokenizer_path, 64), engine, self.config.batch_size)
+        self.service.reranker = Reranker(fake_head(self.tokenizer_path, 64), engine, self.config.batch_size,
+                                         pad_multiple=self.config.pad_multiple)
         self.service.readiness.started.set()
         return self
 
