@@ -168,7 +168,7 @@ def pool_row_only(model) -> RowOnlyReport:
         row_index = ops.constant(np.array([row], np.int64))
         axis = ops.constant(np.array(SEQUENCE_AXIS, np.int64))
         edge: dict[tuple[int, int], object] = {}
-        for key, node in region.items():  # feed the region the pooled row of everything entering it
+        for node in region.values():  # feed the region the pooled row of everything entering it
             for n, value in enumerate(node.input_values()):
                 source = value.get_node()
                 if source.get_instance_id() in region or _rank(value) != RANK:
@@ -189,7 +189,8 @@ def pool_row_only(model) -> RowOnlyReport:
     if ([(p.get_any_name(), str(p.get_partial_shape())) for p in model.inputs] != inputs_before
             or [str(o.get_partial_shape()) for o in model.outputs] != outputs_before):
         raise RuntimeError("the pooled-row rewrite changed the model's inputs or outputs")
-    rows = "CLS" if all(row == 0 for _, row in poolings) else "last" if all(row == -1 for _, row in poolings) else "mixed"
+    found = {row for _, row in poolings}
+    rows = "CLS" if found == {0} else "last" if found == {-1} else "CLS and last"
     return RowOnlyReport(True, rows, nodes, gathers)
 
 

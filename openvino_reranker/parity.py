@@ -24,8 +24,8 @@ from .config import Config, ShapeBucket
 from .cpu import UNTUNED, apply_tuning, needs_tuning, read_cpu
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
-from .graphopt import RowOnlyReport, row_only_copy
 from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
+from .graphopt import RowOnlyReport, row_only_copy
 from .referencescores import ReferencePair, ReferenceScores
 from .reranker import Reranker
 from .scoring import Document, ImageDocument
