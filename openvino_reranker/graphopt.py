@@ -93,40 +93,69 @@ def _has_parameter(output, seen: dict[int, bool]) -> bool:
     return seen[key]
 
 
-def _activation_inputs(node, seen: dict[int, bool]) -> list[int] | None:
-    """The inputs of a per-token operation that the walk may go up through; None when `node` is not one."""
-    kind = node.get_type_name()
-    if node.get_output_size() != 1 or _rank(node.output(0)) != RANK:
+def _row_axes_at(node, axis: int) -> dict[int, int | None] | None:
+    """How `node`'s output row `axis` maps onto its inputs: {input: that input's row axis, or None when every output
+    row uses the input whole}; None when row `axis` of the output does not depend on one row of each input."""
+    if node.get_output_size() != 1:
         return None
+    rank = _rank(node.output(0))
+    ranks = [_rank(value) for value in node.input_values()]
+    if rank is None or not 0 <= axis < rank or any(r is None for r in ranks):
+        return None
+    kind = node.get_type_name()
+    attributes = node.get_attributes()
     if kind in ELEMENTWISE:
-        if node.get_attributes().get("auto_broadcast", "numpy").lower() != "numpy":
+        if str(attributes.get("auto_broadcast", "numpy")).lower() != "numpy":
             return None
-        ranks = [_rank(value) for value in node.input_values()]
-        if any(r is None or r > RANK or r == RANK - 1 for r in ranks):  # rank 2 would put its first axis on ours
+        return {n: (axis - (rank - r) if axis - (rank - r) >= 0 else None) for n, r in enumerate(ranks)}
+    if kind == "MatMul":  # output row `axis` is A's row: the rows of A @ B are independent
+        if axis != rank - 2 or min(ranks) < 2:
             return None
-        return [n for n, r in enumerate(ranks) if r == RANK and not _has_parameter_free(node.input_value(n), seen)]
-    if kind == "MatMul":
-        attributes = node.get_attributes()
-        weight = node.input_value(1)
-        if (attributes.get("transpose_a") or _rank(node.input_value(0)) != RANK or _rank(weight) != 2
-                or _has_parameter(weight, seen)):
+        return {0: ranks[0] - 1 if attributes.get("transpose_a") else ranks[0] - 2, 1: None}
+    if kind == "ScaledDotProductAttention":  # a query row's output needs that row of the query (and of the mask)
+        if attributes.get("causal") or axis != rank - 2 or ranks[0] != rank:
             return None
-        return [0]
-    if kind in LAST_AXIS_REDUCTIONS:
-        axes = _const(node.input_value(1))
-        if axes is None or _rank(node.input_value(0)) != RANK or any(int(a) % RANK != RANK - 1 for a in axes.ravel()):
+        mapping: dict[int, int | None] = {n: None for n in range(len(ranks))}
+        mapping[0] = ranks[0] - 2
+        if len(ranks) > 3:
+            mapping[3] = ranks[3] - 2 if ranks[3] >= 2 else None
+        return mapping
+    if kind in LAST_AXIS_REDUCTIONS or kind in ("Softmax", "LogSoftmax"):
+        if kind in ("Softmax", "LogSoftmax"):
+            reduced = [int(attributes["axis"])]
+        else:
+            axes = _const(node.input_value(1)) if len(ranks) > 1 else None
+            if axes is None:
+                return None
+            reduced = [int(a) for a in axes.ravel()]
+        if any(a % ranks[0] <= axis for a in reduced):  # only axes after the rows: the rows keep their place
             return None
-        return [0]
+        return {n: (axis if n == 0 else None) for n in range(len(ranks))}
+    if kind == "Transpose":
+        order = _const(node.input_value(1))
+        if order is None or order.size != rank:
+            return None
+        return {0: int(order.ravel()[axis]), 1: None}
+    if kind == "Reshape":  # only one that copies every axis up to the rows (special_zero 0s): it reshapes within a row
+        pattern = _const(node.input_value(1))
+        if (pattern is None or not attributes.get("special_zero") or pattern.size <= axis
+                or any(int(v) != 0 for v in pattern.ravel()[:axis + 1])):
+            return None
+        return {0: axis, 1: None}
     return None
 
 
-def _has_parameter_free(output, seen: dict[int, bool]) -> bool:
-    """A constant operand (no Parameter feeds it): kept, or gathered at the edge, never walked through."""
-    return not _has_parameter(output, seen)
+def _row_consumer(target, axis: int, region: dict, pooling) -> bool:
+    """Whether `target` (an operation's input) takes only the rows along `axis` of what feeds it: an input of the
+    region with that row axis, or the pooling's data."""
+    consumer = target.get_node().get_instance_id()
+    if consumer == pooling.get_instance_id():
+        return target.get_index() == 0 and axis == SEQUENCE_AXIS
+    return consumer in region and region[consumer][2].get(target.get_index()) == axis
 
 
 def pool_row_only(model) -> RowOnlyReport:
-    """Rewrite `model` in place so that the per-token operations whose results reach only a pooling Gather of one
+    """Rewrite `model` in place so that the row-wise operations whose results reach only a pooling Gather of one
     constant sequence row compute that row only. Returns what it did; leaves the model untouched when it cannot."""
     import openvino.opset13 as ops
 
@@ -140,51 +169,51 @@ def pool_row_only(model) -> RowOnlyReport:
     seen: dict[int, bool] = {}
     nodes = gathers = 0
     for pooling, row in poolings:
-        region: dict[int, object] = {}
-        walk: dict[int, list[int]] = {}
-        stack = [pooling.input_value(0).get_node()]
-        while stack:  # every per-token operation reachable upwards from the pooling
-            node = stack.pop()
+        region: dict[int, tuple[object, int, dict[int, int | None]]] = {}  # id -> (node, row axis, input axes)
+        conflicts: set[int] = set()
+        stack = [(pooling.input_value(0).get_node(), SEQUENCE_AXIS)]
+        while stack:  # every row-wise operation reachable upwards from the pooling, with the axis of its rows
+            node, axis = stack.pop()
             key = node.get_instance_id()
             if key in region:
+                if region[key][1] != axis:
+                    conflicts.add(key)
                 continue
-            activations = _activation_inputs(node, seen)
-            if activations is None:
+            axes = _row_axes_at(node, axis)
+            if axes is None:
                 continue
-            region[key], walk[key] = node, activations
-            stack.extend(node.input_value(n).get_node() for n in activations)
-        allowed = {pooling.get_instance_id()}
+            region[key] = (node, axis, axes)
+            stack.extend((node.input_value(n).get_node(), a) for n, a in axes.items()
+                         if a is not None and _has_parameter(node.input_value(n), seen))
+        for key in conflicts:
+            del region[key]
         changed = True
-        while changed:  # keep only operations whose every consumer is in the region (or the pooling itself)
+        while changed:  # keep only operations whose every consumer takes only their rows
             changed = False
-            for key, node in list(region.items()):
-                consumers = [target.get_node().get_instance_id() for output in node.outputs()
-                             for target in output.get_target_inputs()]
-                if any(c not in region and c not in allowed for c in consumers):
+            for key, (node, axis, _) in list(region.items()):
+                if not all(_row_consumer(target, axis, region, pooling)
+                           for target in node.output(0).get_target_inputs()):
                     del region[key]
                     changed = True
         if not region:
             continue
         row_index = ops.constant(np.array([row], np.int64))
-        axis = ops.constant(np.array(SEQUENCE_AXIS, np.int64))
-        edge: dict[tuple[int, int], object] = {}
-        for node in region.values():  # feed the region the pooled row of everything entering it
+        edge: dict[tuple[int, int, int], object] = {}
+        for node, _, axes in region.values():  # feed the region the pooled row of everything entering it
             for n, value in enumerate(node.input_values()):
-                source = value.get_node()
-                if source.get_instance_id() in region or _rank(value) != RANK:
+                axis = axes.get(n)
+                if axis is None or value.get_node().get_instance_id() in region:
                     continue
-                if _static_dim(value, SEQUENCE_AXIS) == 1:
-                    continue  # broadcasts along the sequence: the same for every row
-                if node.get_type_name() == "MatMul" and n == 1:
-                    continue
-                source_key = (source.get_instance_id(), value.get_index())
+                if _static_dim(value, axis) == 1:
+                    continue  # broadcasts along the rows: the same for every row
+                source_key = (value.get_node().get_instance_id(), value.get_index(), axis)
                 if source_key not in edge:
-                    edge[source_key] = ops.gather(value, row_index, axis).output(0)
+                    edge[source_key] = ops.gather(value, row_index, ops.constant(np.array(axis, np.int64))).output(0)
                     gathers += 1
                 node.input(n).replace_source_output(edge[source_key])
         nodes += len(region)
     if not nodes:
-        return RowOnlyReport(False, reason="nothing under the pooling Gather works token by token alone")
+        return RowOnlyReport(False, reason="nothing under the pooling Gather works row by row alone")
     model.validate_nodes_and_infer_types()
     if ([(p.get_any_name(), str(p.get_partial_shape())) for p in model.inputs] != inputs_before
             or [str(o.get_partial_shape()) for o in model.outputs] != outputs_before):

@@ -112,6 +112,11 @@ def test_the_tiny_bert_is_rewritten_exactly(tiny_model):
     assert report.describe() == {"pooled_row_only": True, "rows": "CLS", "nodes": report.nodes,
                                  "gathers": report.gathers}
     assert max_logit_diff(model, served) <= EXACT
+    # its attention is spelled out (MatMul, Softmax, Transpose, Reshape): the last layer's runs for one query row
+    served = served.clone()
+    served.reshape({i.get_any_name(): [2, 16] for i in served.inputs})
+    softmaxes = [n.output(0).get_partial_shape() for n in served.get_ordered_ops() if n.get_type_name() == "Softmax"]
+    assert [s[2].get_length() for s in softmaxes] == [16] * (len(softmaxes) - 1) + [1]
 
 
 @pytest.mark.parametrize("name", ["tiny-xlmr", "tiny-bert-qint8"])
@@ -126,7 +131,10 @@ def test_the_last_layer_runs_on_one_row_of_a_static_shape(name):
     original.reshape(static)
     rewritten.reshape(static)
     assert row_matmuls(original) == 0
-    assert row_matmuls(rewritten) >= 3  # attention output dense, FFN in, FFN out
+    assert row_matmuls(rewritten) >= 4  # the query, attention output dense, FFN in, FFN out
+    queries = [n.input_value(0).get_partial_shape() for n in rewritten.get_ordered_ops()
+               if n.get_type_name() == "ScaledDotProductAttention"]
+    assert [q[2].get_length() for q in queries] == [24] * (len(queries) - 1) + [1]  # the last layer's one query row
     core = ov.Core()
     a = core.compile_model(original, "CPU", F32_ONE_STREAM)
     b = core.compile_model(rewritten, "CPU", F32_ONE_STREAM)
