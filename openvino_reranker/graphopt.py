@@ -1,14 +1,22 @@
-"""A load-time graph rewrite: compute the layers above a cross-encoder's pooling for the one row it pools.
+"""A load-time graph rewrite: compute what lies under a cross-encoder's pooling for the one row it pools.
 
 A BERT or XLM-R cross-encoder scores from one token row: the pooler reads `Gather(hidden, 0, axis=1)` (the CLS row;
-index -1, the last row, for a decoder pooled at its last token). Everything between the last attention and that
-Gather works token by token (the attention output projection, the residual adds, the layer norms, the feed-forward
-network), so it needs only that row. `pool_row_only` moves the Gather up to where the per-token work begins: it finds
-the region of per-token operations whose results reach nothing but the pooling Gather, and feeds that region the
-pooled row of each tensor that enters it. Same math on fewer rows: the f32 scores are the same (the parity guard
-compares the rewritten serving compile with an f32 compile of the original IR on every start).
+index -1, the last row, for a model pooled at its last token). In the last layer, that row's output needs only that
+row of the attention output projection, the residual adds, the layer norms and the feed-forward network, and only
+that query row of the attention (its keys and values still come from every token). `pool_row_only` finds the
+operations that work row by row along the pooled axis and whose results reach nothing but the pooling, and feeds
+them the pooled row of each tensor entering them, which is a Gather inserted at that edge. Rules (`_row_axes_at`):
+elementwise operations under numpy broadcasting (Add, Multiply, Convert, Gelu, FakeQuantize, ...: every input's
+row, or the input whole where it has no such axis or it is 1), MVN and reductions over later axes, Softmax over
+another axis, Transpose (the row's axis is followed through the permutation), Reshape whose pattern copies every
+axis up to the row's (special_zero 0s), the left side of any MatMul (rows of A @ B need only those rows of A), and
+non-causal ScaledDotProductAttention (the query's row and the mask's). An operation with another consumer (the
+layer input that also feeds the keys and values, a ShapeOf, a model output) is never changed: its consumers on the
+path get its row through a new Gather. Same math on fewer rows: the f32 logits are the same (tests/test_graphopt.py
+measures 0.0 on the fixtures; the parity guard compares the rewritten serving compile with an f32 compile of the
+original IR on every start).
 
-A model it cannot recognise (mean pooling, a pooling index computed from the input, no per-token operation under the
+A model it cannot recognise (mean pooling, a pooling index computed from the input, no row-wise operation under the
 Gather) is left untouched, and the report says why.
 """
 
@@ -24,7 +32,7 @@ ELEMENTWISE = frozenset((
     "Convert", "Gelu", "Tanh", "Erf", "Sqrt", "Swish", "Sigmoid", "Relu", "Exp", "Abs", "Negative", "Clamp",
     "HSwish", "Mish", "SoftPlus", "Elu",
 ))
-LAST_AXIS_REDUCTIONS = frozenset(("MVN", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"))
+REDUCTIONS = frozenset(("MVN", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2"))
 SEQUENCE_AXIS = 1
 RANK = 3  # [batch, sequence, hidden]: the only layout rewritten
 
@@ -120,7 +128,7 @@ def _row_axes_at(node, axis: int) -> dict[int, int | None] | None:
         if len(ranks) > 3:
             mapping[3] = ranks[3] - 2 if ranks[3] >= 2 else None
         return mapping
-    if kind in LAST_AXIS_REDUCTIONS or kind in ("Softmax", "LogSoftmax"):
+    if kind in REDUCTIONS or kind in ("Softmax", "LogSoftmax"):
         if kind in ("Softmax", "LogSoftmax"):
             reduced = [int(attributes["axis"])]
         else:

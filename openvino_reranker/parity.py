@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -295,6 +295,8 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
     # the serving compiles get the pooled-row rewrite; the reference compiles `model` as read, so the parity check
     # compares the rewritten IR with the original on every start
     served_model, graph = row_only_copy(model, config.pooled_row_only == "on")
+    if cache is not None and graph.applied:  # the rewritten IR's blobs are keyed apart from the IR's as read
+        cache = replace(cache, graph="pooled_row_only")
 
     def serve(step: LadderStep) -> tuple[Reranker, Engine, StepResult]:
         nonlocal reference, exact_diff

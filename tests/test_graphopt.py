@@ -234,3 +234,14 @@ def test_readyz_says_when_it_is_off(tiny_model, tmp_path):
         assert status == 200 and ready["graph"]["pooled_row_only"] is False and "off" in ready["graph"]["reason"]
     finally:
         srv.close()
+
+
+def test_the_rewritten_ir_has_its_own_compile_cache_directory(tmp_path):
+    from dataclasses import replace
+
+    from openvino_reranker.compilecache import open_compile_cache
+
+    cache = open_compile_cache(str(tmp_path / "cache"), FIXTURES / "tiny-xlmr" / "openvino_model.xml")
+    as_read = cache.directory_for("CPU", {"PERFORMANCE_HINT": "LATENCY"}, None)
+    rewritten = replace(cache, graph="pooled_row_only").directory_for("CPU", {"PERFORMANCE_HINT": "LATENCY"}, None)
+    assert as_read is not None and rewritten is not None and as_read != rewritten
