@@ -21,12 +21,13 @@ How it measures (benchstats.py has the arithmetic): every system runs the same f
 after another in a rotating order, block after block; each figure is the median over blocks of a ratio of two
 systems in the same block, with its quartiles and range. Systems:
 - `ceiling`: raw OpenVINO + tokenizers in this process, one request at a time, pairs sorted by length into
-  sub-batches, with the micro-batch defaults the service picks on this CPU (cpu.py's TUNED row);
+  sub-batches, with the micro-batch defaults the service picks on this CPU (cpu.py's TUNED row) and the IR through
+  the service's pooled-row rewrite (graphopt.py, `--pooled-row-only on`);
 - `ceiling-old`: the same with the defaults before that table (sub-batches of 8, padded to a multiple of 8, one
-  stream);
+  stream, the IR as read);
 - `service` and `service-old`: server.py with its defaults and with the old ones (`--batch-size 8 --pad-multiple 8
-  --performance-hint latency`), both with `--score-cache-size 0` (later blocks reuse the workload's requests, and the
-  cache must not answer for the engine), keep-alive clients at each concurrency;
+  --performance-hint latency --pooled-row-only off`), both with `--score-cache-size 0` (later blocks reuse the
+  workload's requests, and the cache must not answer for the engine), keep-alive clients at each concurrency;
 - `genai`: OpenVINO GenAI's `TextRerankPipeline` on the same IR (its tokenizer converted with openvino_tokenizers;
   `top_n` = every document, its default is 3), plugin defaults;
 - `st-openvino`: sentence-transformers' `CrossEncoder(backend="openvino")` on the same IR, plugin defaults.
@@ -195,18 +196,22 @@ class Engine:
 
     compiled_models: dict = {}
 
-    def __init__(self, model_dir: Path, batch: int, pad: int, properties: dict):
+    def __init__(self, model_dir: Path, batch: int, pad: int, properties: dict, row_only: bool = False):
         import openvino as ov
         from tokenizers import Tokenizer
+
+        from openvino_reranker.graphopt import row_only_copy
 
         self.batch, self.pad, self.properties = batch, pad, dict(properties)
         self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tok.no_padding()
         self.tok.enable_truncation(512, strategy="longest_first")
-        key = (str(model_dir), tuple(sorted(self.properties.items())))
+        key = (str(model_dir), tuple(sorted(self.properties.items())), row_only)
         if key not in Engine.compiled_models:
             core = ov.Core()
-            model = core.read_model(str(model_dir / "openvino_model.xml"))
+            model, graph = row_only_copy(core.read_model(str(model_dir / "openvino_model.xml")), row_only)
+            if row_only:
+                print(f"{model_dir.name}: {graph.log_line()}")
             Engine.compiled_models[key] = core.compile_model(model, "CPU", {**self.properties, "CACHE_DIR": ""})
         self.compiled = Engine.compiled_models[key]
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
@@ -543,11 +548,11 @@ def main() -> int:
     print(f"this CPU's defaults (cpu.py TUNED row): batch {tuned.batch_size}, padding x{tuned.pad_multiple}, "
           f"{tuned.performance_hint}; old: batch 8, x8, latency")
     systems: dict = {"ceiling": Engine(model_dir, tuned.batch_size, tuned.pad_multiple,
-                                       properties(tuned.performance_hint)),
+                                       properties(tuned.performance_hint), row_only=True),
                      "ceiling-old": Engine(model_dir, 8, 8, properties("latency"))}
     if args.int8_dir:
         systems["ceiling-int8-ir"] = Engine(args.int8_dir, tuned.batch_size, tuned.pad_multiple,
-                                            properties(tuned.performance_hint))
+                                            properties(tuned.performance_hint), row_only=True)
     work = model_dir.parent / f"{model_dir.name}-peers"
     if not args.no_peers:
         for name, make in (("genai", lambda: GenAI(model_dir, work)),
@@ -558,7 +563,7 @@ def main() -> int:
     reference = Engine(model_dir, 8, 1, F32_ONE_STREAM)
     base_args = ["--device", "CPU", "--model-dir", str(model_dir), "--log-level", "WARNING", "--cache-dir", "",
                  "--score-cache-size", "0", *args.server_args.split()]
-    old_args = ["--batch-size", "8", "--pad-multiple", "8", "--performance-hint", "latency"]
+    old_args = ["--batch-size", "8", "--pad-multiple", "8", "--performance-hint", "latency", "--pooled-row-only", "off"]
     try:
         with start_server(base_args) as service, start_server([*base_args, *old_args]) as service_old:
             systems["service"], systems["service-old"] = Service(service.port), Service(service_old.port)

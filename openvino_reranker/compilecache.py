@@ -63,11 +63,15 @@ def shapes_label(buckets: Sequence[ShapeBucket] | None) -> str:
 
 
 def compile_key(device: str, properties: Mapping[str, str], openvino_version: str, ir: IrBytes,
-                buckets: Sequence[ShapeBucket] | None) -> dict:
-    """Everything that makes a compiled blob, as JSON values: what the digest covers."""
-    return {"format": KEY_FORMAT, "device": device, "properties": {str(k): str(v) for k, v in properties.items()},
-            "openvino": openvino_version, "xml_sha256": ir.xml_sha256, "bin_sha256": ir.bin_sha256,
-            "shapes": shapes_label(buckets)}
+                buckets: Sequence[ShapeBucket] | None, graph: str = "") -> dict:
+    """Everything that makes a compiled blob, as JSON values: what the digest covers. `graph` names a rewrite of the
+    IR before compiling (graphopt.py), '' none."""
+    key = {"format": KEY_FORMAT, "device": device, "properties": {str(k): str(v) for k, v in properties.items()},
+           "openvino": openvino_version, "xml_sha256": ir.xml_sha256, "bin_sha256": ir.bin_sha256,
+           "shapes": shapes_label(buckets)}
+    if graph:
+        key["graph"] = graph
+    return key
 
 
 def key_digest(key: Mapping) -> str:
@@ -116,12 +120,13 @@ class CompileCache:
     ir: IrBytes
     openvino_version: str
     ir_path: str = ""  # recorded in configuration.json for people; the key holds the IR's bytes, not its path
+    graph: str = ""  # the rewrite the compiled IR went through (graphopt.py), '' none: in the key
 
     def directory_for(self, device: str, properties: Mapping[str, str],
                       buckets: Sequence[ShapeBucket] | None) -> Path | None:
         """The keyed directory to hand OpenVINO as CACHE_DIR for this compile, or None (no cache) when it cannot be
         made or holds something else; either is logged."""
-        key = compile_key(device, properties, self.openvino_version, self.ir, buckets)
+        key = compile_key(device, properties, self.openvino_version, self.ir, buckets, self.graph)
         digest = key_digest(key)
         directory = self.root / digest[:DIGEST_CHARS]
         description = {"digest": digest, **key, "ir_path": self.ir_path,

@@ -217,6 +217,8 @@ class Config:
         "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS")
     inference_precision: str = option(Choice(("default", "f32", "bf16", "f16")), "default",
         "INFERENCE_PRECISION_HINT; default = the device's choice")
+    pooled_row_only: str = option(Choice(("on", "off")), "on",
+        "exact rewrite: layers above a one-row pooling run on that row")
     parity_tolerance: float = option(_parse_fraction, "0.02",
         "largest score difference from the f32 single-stream CPU reference accepted at startup", metavar="X")
     on_parity_failure: str = option(Choice(("fallback", "refuse")), "fallback",
@@ -296,6 +298,7 @@ HELP_GROUPS = (
     ("model", ("model", "model_dir", "model_file", "prompt_template", "instruction", "max_length")),
     ("device and speed", ("device", "shape_mode", "buckets", "batch_size", "pad_multiple", "performance_hint",
                           "num_streams", "inference_threads", "infer_requests", "inference_precision",
+                          "pooled_row_only",
                           "parity_tolerance", "on_parity_failure", "cache_dir", "score_cache_size", "npu_busy_path")),
     ("HTTP and access", ("host", "port", "api_key", "api_key_file", "allow_remote_without_key", "max_connections",
                          "max_header_bytes", "first_byte_timeout_s", "read_timeout_s", "idle_timeout_s",

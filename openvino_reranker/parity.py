@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from .cpu import UNTUNED, apply_tuning, needs_tuning, read_cpu
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
 from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
+from .graphopt import RowOnlyReport, row_only_copy
 from .referencescores import ReferencePair, ReferenceScores
 from .reranker import Reranker
 from .scoring import Document, ImageDocument
@@ -165,6 +166,7 @@ class ParityCheck:
     failed_properties: Mapping[str, str] | None = None
     steps: tuple[StepResult, ...] = ()  # every step tried, in order; the last one serves
     reference_scores: ReferenceScoresCheck | None = None  # None: the model has no reference scores
+    graph: RowOnlyReport | None = None  # what the pooled-row rewrite did to the served IR (never to the reference)
 
     @property
     def step(self) -> str:
@@ -290,9 +292,15 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
     tolerance = config.parity_tolerance
     pairs_tolerance = tolerance + (reference_scores.tolerance if reference_scores is not None else 0.0)
 
+    # the serving compiles get the pooled-row rewrite; the reference compiles `model` as read, so the parity check
+    # compares the rewritten IR with the original on every start
+    served_model, graph = row_only_copy(model, config.pooled_row_only == "on")
+    if cache is not None and graph.applied:  # the rewritten IR's blobs are keyed apart from the IR's as read
+        cache = replace(cache, graph="pooled_row_only")
+
     def serve(step: LadderStep) -> tuple[Reranker, Engine, StepResult]:
         nonlocal reference, exact_diff
-        engine = make_engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
+        engine = make_engine(core, served_model, config.device, buckets, step.properties, head.contract, before_compile,
                              step.infer_requests, cache, vision)
         reranker = Reranker(head, engine, config.batch_size, counter, pad_multiple=config.pad_multiple)
         try:
@@ -325,7 +333,7 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
                 None if exact_diff is None else True)
             return reranker, engine, ParityCheck(
                 result.max_abs_diff, tolerance, n > 0, None if n == 0 else first.max_abs_diff,
-                None if n == 0 else dict(first.step.properties), tuple(tried), checked)
+                None if n == 0 else dict(first.step.properties), tuple(tried), checked, graph)
         reranker.close()
         message = f"scores on {config.device} with {dict(step.properties)} differ"
         if result.max_abs_diff > tolerance:

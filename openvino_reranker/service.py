@@ -89,6 +89,7 @@ def render_readyz(ready: bool, reason: str, served: ServedModel | None) -> dict:
                               "passed": r.passed} for r in parity.steps],
                    "reference": "CPU, " + ", ".join(f"{k}={v}" for k, v in REFERENCE_PROPERTIES.items())},
         "reference_scores": render_reference_scores(parity.reference_scores),
+        "graph": parity.graph.describe() if parity.graph is not None else None,
         "startup_check": {"ms": served.check.elapsed_ms, "npu_busy_delta_us": served.check.npu_busy_delta_us,
                           "npu_note": served.check.npu_note},
         "versions": dict(served.versions),

@@ -116,6 +116,8 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
 
     reranker, engine, parity = compile_checked(core, model, config, head, buckets, counter, before_compile,
                                                before_reference, compile_cache, model_files.reference_scores, vision)
+    if parity.graph is not None:
+        log.info("%s", parity.graph.log_line())
     reranker.cache = ScoreCache(config.score_cache_size) if config.score_cache_size else None
     log.info("serving with %s (compile cache %s); parity with the f32 reference: max score difference %.3g%s",
              engine.properties, engine.cache_dir or "off", parity.max_abs_diff,
