@@ -24,7 +24,7 @@ from .config import Config, ShapeBucket
 from .cpu import UNTUNED, apply_tuning, needs_tuning, read_cpu
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
-from .errors import EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
+from .errors import EXIT_DEVICE, EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
 from .graphopt import RowOnlyReport, row_only_copy
 from .referencescores import ReferencePair, ReferenceScores
 from .reranker import Reranker
@@ -295,13 +295,31 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
     # the serving compiles get the pooled-row rewrite; the reference compiles `model` as read, so the parity check
     # compares the rewritten IR with the original on every start
     served_model, graph = row_only_copy(model, config.pooled_row_only == "on")
+
+    original_cache = cache
     if cache is not None and graph.applied:  # the rewritten IR's blobs are keyed apart from the IR's as read
         cache = replace(cache, graph="pooled_row_only")
 
+    def compile_served(step: LadderStep) -> Engine:
+        """The serving compile of `step`; a rewritten IR that the device cannot compile (an NPU compiler may refuse
+        a graph that the CPU takes) is served as read instead, saying why, rather than stopping startup."""
+        nonlocal served_model, graph, cache
+        try:
+            return make_engine(core, served_model, config.device, buckets, step.properties, head.contract,
+                               before_compile, step.infer_requests, cache, vision)
+        except StartupError as exc:
+            if served_model is model or exc.exit_code != EXIT_DEVICE:
+                raise
+            log.warning("the pooled-row rewrite does not compile on %s (%s): serving the IR as read", config.device,
+                        exc)
+            served_model, cache = model, original_cache
+            graph = RowOnlyReport(False, reason=f"the rewritten IR did not compile on {config.device}: {exc}")
+            return make_engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
+                               step.infer_requests, cache, vision)
+
     def serve(step: LadderStep) -> tuple[Reranker, Engine, StepResult]:
         nonlocal reference, exact_diff
-        engine = make_engine(core, served_model, config.device, buckets, step.properties, head.contract, before_compile,
-                             step.infer_requests, cache, vision)
+        engine = compile_served(step)
         reranker = Reranker(head, engine, config.batch_size, counter, pad_multiple=config.pad_multiple)
         try:
             if reference is None:

@@ -251,3 +251,42 @@ def test_the_rewritten_ir_has_its_own_compile_cache_directory(tmp_path):
     as_read = cache.directory_for("CPU", {"PERFORMANCE_HINT": "LATENCY"}, None)
     rewritten = replace(cache, graph="pooled_row_only").directory_for("CPU", {"PERFORMANCE_HINT": "LATENCY"}, None)
     assert as_read is not None and rewritten is not None and as_read != rewritten
+
+
+class RefusesRewrittenIRs:
+    """An OpenVINO Core whose compiles of any graph but the IR as read fail, as an NPU compiler may refuse the
+    rewritten graph that the CPU takes."""
+
+    def __init__(self, as_read_ops: int):
+        self.core, self.as_read_ops, self.refused = ov.Core(), as_read_ops, 0
+
+    def __getattr__(self, name):
+        return getattr(self.core, name)
+
+    def compile_model(self, model, device, properties=None):
+        if isinstance(model, ov.Model) and len(model.get_ordered_ops()) != self.as_read_ops:
+            self.refused += 1
+            raise RuntimeError("[ NPU ] the compiler does not support this graph")
+        return self.core.compile_model(model, device, properties or {})
+
+
+def test_a_rewrite_the_device_cannot_compile_is_served_as_read(tiny_model, caplog):
+    """The serving compile of the rewritten IR fails: startup serves the IR as read, /readyz's graph says why, and the
+    scores are the original IR's."""
+    from openvino_reranker.config import load_config
+    from openvino_reranker.startup import build_reranker
+
+    as_read = ov.Core().read_model(tiny_model.path / "openvino_model.xml")
+    core = RefusesRewrittenIRs(len(as_read.get_ordered_ops()))
+    config = load_config(["--device", "CPU", *F32, "--model-dir", str(tiny_model.path), "--cache-dir", ""])
+    with caplog.at_level("WARNING"):
+        reranker, _, _, parity = build_reranker(config, None, core=core)
+    try:
+        assert core.refused == 1 and parity.graph.applied is False
+        assert "did not compile on CPU" in parity.graph.reason and "compiler does not support" in parity.graph.reason
+        assert any("pooled-row rewrite does not compile" in r.getMessage() for r in caplog.records)
+        assert parity.max_abs_diff <= EXACT
+        scored = reranker.score_pairs("what is the capital of france", ["paris is the capital", "a river"])
+        assert np.isfinite(scored.scores).all()
+    finally:
+        reranker.close()
