@@ -519,6 +519,8 @@ def _progress_lines(job: _Job, path: str, size: int | None, transfer: object) ->
     last_line = [time.monotonic()]
 
     class ProgressLines(tqdm):
+        monitor_interval = 0  # tqdm starts a monitor thread per bar class, never ended: one per file was left behind
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "disable": True})
             self.done, self.size = self.n, self.total or size

@@ -375,6 +375,15 @@ def test_progress_lines(hub, big_repo, tmp_path):
     assert any(line.startswith("downloading tokenizer.json (") for line in lines)
 
 
+def test_a_fetch_leaves_no_thread_behind(hub, big_repo, tmp_path):
+    """tqdm starts a monitor thread for each bar class, and each download's progress class is its own: without
+    monitor_interval 0 every file fetched left a sleeping thread for the life of the process."""
+    before = set(threading.enumerate())
+    fetch(hub, tmp_path, progress=lambda line: None)
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert [type(t).__name__ for t in left if type(t).__name__ == "TMonitor"] == []
+
+
 def test_an_exception_from_on_progress_stops_the_download_and_the_next_fetch_completes_it(hub, big_repo, tmp_path):
     class Stop(Exception):
         pass
