@@ -92,13 +92,24 @@ def pooling_row(node) -> int | None:
 
 
 def _has_parameter(output, seen: dict[int, bool]) -> bool:
-    """Whether a Parameter feeds `output` (a weight and its decompression subgraph has none)."""
-    node = output.get_node()
-    key = node.get_instance_id()
-    if key not in seen:
-        seen[key] = node.get_type_name() == "Parameter" or any(
-            _has_parameter(value, seen) for value in node.input_values())
-    return seen[key]
+    """Whether a Parameter feeds `output` (a weight and its decompression subgraph has none). Iterative: the path
+    from a deep model's last layer down to its inputs is longer than Python's recursion limit."""
+    root = output.get_node()
+    stack = [(root, False)]
+    while stack:
+        node, inputs_done = stack.pop()
+        key = node.get_instance_id()
+        if key in seen:
+            continue
+        sources = [value.get_node() for value in node.input_values()]
+        if node.get_type_name() == "Parameter":
+            seen[key] = True
+        elif inputs_done:
+            seen[key] = any(seen[source.get_instance_id()] for source in sources)
+        else:
+            stack.append((node, True))
+            stack.extend((source, False) for source in sources if source.get_instance_id() not in seen)
+    return seen[root.get_instance_id()]
 
 
 def _row_axes_at(node, axis: int) -> dict[int, int | None] | None:

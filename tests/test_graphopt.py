@@ -290,3 +290,21 @@ def test_a_rewrite_the_device_cannot_compile_is_served_as_read(tiny_model, caplo
         assert np.isfinite(scored.scores).all()
     finally:
         reranker.close()
+
+
+def test_a_model_deeper_than_the_recursion_limit():
+    """The walk down to the model's inputs is iterative: 1,500 row-wise operations above a parameter (a deep model's
+    path from its last layer to its inputs is longer than Python's recursion limit) are rewritten, and stay exact."""
+    x = ops.parameter([-1, -1, 8], ov.Type.f32, name="x")
+    h = x
+    for _ in range(1500):
+        h = ops.add(h, ops.constant(np.full((8,), 0.001, np.float32)))
+    h = ops.matmul(h, ops.constant(np.eye(8, dtype=np.float32) * 0.5), False, False)
+    pooled = ops.gather(h, ops.constant(np.array(0, np.int64)), ops.constant(np.array(1, np.int64)))
+    model = ov.Model([pooled], [x])
+    feed = np.random.default_rng(5).normal(size=(3, 7, 8)).astype(np.float32)
+    before = ov.Core().compile_model(model, "CPU", F32_ONE_STREAM)(feed)[0]
+    report = pool_row_only(model)
+    assert report.applied and report.nodes == 1501 and report.gathers == 1
+    after = ov.Core().compile_model(model, "CPU", F32_ONE_STREAM)(feed)[0]
+    assert np.abs(after - before).max() <= EXACT
