@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # The modules in reading order, which is also the import order: each imports only modules listed before it
 # (tests/test_structure.py checks this), so the package reads top to bottom along a request's path.
 MODULES = (
-    "errors", "config", "cpu", "scoring", "batching", "textcut", "images", "vision", "encoding", "cache",
+    "errors", "config", "cpu", "scoring", "batching", "textcut", "images", "vision", "encoding", "visionhead", "cache",
     "compilecache", "graphopt", "engine", "batcher", "reranker", "hub", "referencescores", "modeldir", "demomodel",
     "checks", "parity", "api", "remoteimages", "metrics", "service", "framing", "connection", "httpserver", "ranking",
     "evaluate", "quantize", "systemd", "startup",

@@ -14,7 +14,7 @@ import numpy as np
 
 from .compilecache import CompileCache
 from .config import ENV_PREFIX, ShapeBucket
-from .encoding import IMAGE_EMBEDS, IMAGE_ROWS, ModelContract
+from .encoding import ModelContract
 from .errors import (
     EXIT_DEVICE,
     EXIT_MODEL,
@@ -24,6 +24,7 @@ from .errors import (
     error_reason,
 )
 from .vision import pixel_values
+from .visionhead import IMAGE_EMBEDS, IMAGE_ROWS
 
 
 def check_device_available(device: str, available: Sequence[str]) -> None:

@@ -12,21 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_MAX_LENGTH, DEFAULT_MODEL, MAX_SUPPORTED_LENGTH, OPTIONS, Config, ShapeBucket
-from .encoding import (
-    BUILTIN_TEMPLATES,
-    IMAGE_EMBEDS,
-    CrossEncoderHead,
-    DecoderRerankerHead,
-    ModelHead,
-    PromptTemplate,
-    VisionLanguageHead,
-)
+from .encoding import BUILTIN_TEMPLATES, CrossEncoderHead, DecoderRerankerHead, ModelHead, PromptTemplate
 from .errors import EXIT_CONFIG, EXIT_MODEL, StartupError
 from .hub import HubSettings, check_repo_file, fetch_model, parse_repo_id
 from .images import DEFAULT_MAX_IMAGE_PIXELS, require_pillow
 from .referencescores import FILE_NAME as REFERENCE_SCORES_FILE
 from .referencescores import ReferenceScores, parse_reference_scores
 from .vision import TilingSettings
+from .visionhead import IMAGE_EMBEDS, VisionLanguageHead
 
 # The IR served when --model-file is not given: the first of these the model has. INT8 first, as the service is
 # meant to serve INT8: sentence-transformers publishes a fully quantized static INT8 IR (NNCF post-training

@@ -20,13 +20,14 @@ from support.servers import RunningServer
 
 from openvino_reranker.batcher import WorkLimits
 from openvino_reranker.config import load_config
-from openvino_reranker.encoding import DocumentError, VisionLanguageHead, load_tokenizer
+from openvino_reranker.encoding import DocumentError, load_tokenizer
 from openvino_reranker.errors import BadRequestError, DocumentNames, PayloadTooLargeError, StartupError
 from openvino_reranker.modeldir import load_model_files, make_head
 from openvino_reranker.referencescores import parse_reference_scores, reference_scores_json
 from openvino_reranker.scoring import ImageDocument
 from openvino_reranker.startup import build_reranker
 from openvino_reranker.vision import TilingSettings, closest_aspect_ratio, synthetic_page, target_ratios
+from openvino_reranker.visionhead import VisionLanguageHead
 
 FIXTURE = ROOT / "tests" / "fixtures" / "models" / "tiny-nemotron-vl"
 REFERENCE = json.loads((FIXTURE / "reference.json").read_text())
