@@ -45,6 +45,7 @@ import argparse
 import http.client
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -52,6 +53,7 @@ import struct
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,7 @@ import tinymodel  # noqa: E402
 from serverproc import ServerError, start_server  # noqa: E402
 
 from openvino_reranker import cpu as cpuinfo  # noqa: E402
+from openvino_reranker.batching import chunk_bounds  # noqa: E402
 
 MINILM_SHAPE = tinymodel.BertShape(vocab_size=30522, hidden=384, layers=6, heads=12, intermediate=1536,
                                    max_positions=512, num_labels=1)
@@ -192,28 +195,38 @@ class Run:
 class Engine:
     """Raw OpenVINO + tokenizers in this process: each request's pairs sorted by length, cut into sub-batches of
     `batch` padded to a multiple of `pad`; THROUGHPUT keeps the plugin's optimal number of batches in flight with an
-    AsyncInferQueue. Compiles are shared between engines of the same IR and properties."""
+    AsyncInferQueue; `replicas` above 1 compiles the model that many times with one stream and a share of the cores
+    each (as the service's ReplicaSet) and shares each request's pairs out evenly over them (`chunk_bounds`).
+    Compiles are shared between engines of the same IR and properties."""
 
     compiled_models: dict = {}
 
-    def __init__(self, model_dir: Path, batch: int, pad: int, properties: dict, row_only: bool = False):
+    def __init__(self, model_dir: Path, batch: int, pad: int, properties: dict, row_only: bool = False,
+                 replicas: int = 1):
         import openvino as ov
         from tokenizers import Tokenizer
 
         from openvino_reranker.graphopt import row_only_copy
 
         self.batch, self.pad, self.properties = batch, pad, dict(properties)
+        if replicas > 1:
+            cores = cpuinfo.read_cpu().cores if cpuinfo.read_cpu() is not None else replicas
+            self.properties.update({"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "ENABLE_CPU_PINNING": "NO",
+                                    "INFERENCE_NUM_THREADS": str(max(1, cores // replicas))})
+        self.replicas = replicas
         self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tok.no_padding()
         self.tok.enable_truncation(512, strategy="longest_first")
-        key = (str(model_dir), tuple(sorted(self.properties.items())), row_only)
+        key = (str(model_dir), tuple(sorted(self.properties.items())), row_only, replicas)
         if key not in Engine.compiled_models:
             core = ov.Core()
             model, graph = row_only_copy(core.read_model(str(model_dir / "openvino_model.xml")), row_only)
             if row_only:
                 print(f"{model_dir.name}: {graph.log_line()}")
-            Engine.compiled_models[key] = core.compile_model(model, "CPU", {**self.properties, "CACHE_DIR": ""})
-        self.compiled = Engine.compiled_models[key]
+            Engine.compiled_models[key] = [core.compile_model(model, "CPU", {**self.properties, "CACHE_DIR": ""})
+                                           for _ in range(replicas)]
+        compiled = Engine.compiled_models[key]
+        self.compiled = compiled[0]
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)  # bf16, f32, f16
         if "FakeQuantize" in (model_dir / "openvino_model.xml").read_text(errors="replace"):
@@ -227,15 +240,27 @@ class Engine:
                 scores[chunk] = sigmoid(request.get_output_tensor(0).data[:, 0])
 
             self.queue.set_callback(done)
+        self.free: queue.Queue = queue.Queue()  # with replicas: one infer request per replica, on a thread each
+        for c in compiled:
+            self.free.put(c.create_infer_request())
+        self.pool = ThreadPoolExecutor(replicas) if replicas > 1 else None
+
+    def _on_free_replica(self, feed) -> np.ndarray:
+        request = self.free.get()
+        try:
+            return sigmoid(request.infer(feed)[0][:, 0])
+        finally:
+            self.free.put(request)
 
     def score(self, query: str, docs: list[str]) -> tuple[np.ndarray, int, int]:
         enc = self.tok.encode_batch([(query, d) for d in docs])
         order = sorted(range(len(enc)), key=lambda i: -len(enc[i].ids))
-        size = self.batch or len(order)
         scores = np.empty(len(enc))
         useful = padding = 0
-        for s in range(0, len(order), size):
-            chunk = order[s:s + size]
+        bounds = chunk_bounds(len(order), self.batch or len(order), self.replicas)
+        running = []
+        for s, e in zip(bounds, bounds[1:]):
+            chunk = order[s:e]
             length = -(-len(enc[chunk[0]].ids) // self.pad) * self.pad
             ids = np.zeros((len(chunk), length), np.int64)
             mask, types = np.zeros_like(ids), np.zeros_like(ids)
@@ -247,10 +272,14 @@ class Engine:
             feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
             if self.queue is not None:
                 self.queue.start_async(feed, (scores, chunk))
+            elif self.pool is not None:
+                running.append((chunk, self.pool.submit(self._on_free_replica, feed)))
             else:
                 scores[chunk] = sigmoid(self.request.infer(feed)[0][:, 0])
         if self.queue is not None:
             self.queue.wait_all()
+        for chunk, future in running:
+            scores[chunk] = future.result()
         return scores, useful, padding
 
     def run(self, requests, clients: int = 1) -> Run:
@@ -455,11 +484,14 @@ def properties(hint: str) -> dict:
 
 def sweep(args, model_dir: Path, cpu, workloads) -> dict:
     tuned = tuned_row(cpu)
-    configs: dict[str, tuple[Path, int, int, str]] = {"old (8, x8, latency)": (model_dir, 8, 8, "latency")}
+    configs: dict[str, tuple] = {"old (8, x8, latency)": (model_dir, 8, 8, "latency")}
     if args.sweep_configs:  # only these, against the old defaults
         for spec in args.sweep_configs.split(";"):
-            batch, pad, hint = spec.split(",")
-            configs[f"batch {batch}, x{pad}, {hint}"] = (model_dir, int(batch), int(pad), hint)
+            batch, pad, hint, *rest = spec.split(",")
+            replicas, row = int(rest[0]) if rest else 1, rest[1:] == ["row"]
+            name = f"batch {batch}, x{pad}, {hint}" + (f", {replicas} replicas" if replicas > 1 else "") + (
+                ", rewrite" if row else "")
+            configs[name] = (model_dir, int(batch), int(pad), hint, replicas, row)
         return sweep_run(args, configs, cpu, workloads)
     for batch in (4, 16, 32, 64):
         configs[f"batch {batch}, x8, latency"] = (model_dir, batch, 8, "latency")
@@ -476,7 +508,10 @@ def sweep(args, model_dir: Path, cpu, workloads) -> dict:
 
 
 def sweep_run(args, configs: dict, cpu, workloads) -> dict:
-    systems = {name: Engine(d, b, p, properties(h)) for name, (d, b, p, h) in configs.items()}
+    systems = {}
+    for name, (d, b, p, h, *rest) in configs.items():  # rest: (replicas, rewrite) from --sweep-configs
+        replicas, row_only = rest if rest else (1, False)
+        systems[name] = Engine(d, b, p, properties(h), row_only=row_only, replicas=replicas)
     references = {d: Engine(d, 8, 1, F32_ONE_STREAM) for d in {c[0] for c in configs.values()}}
     plan = [(name, docs, 1) for docs in args.documents for name in systems]
     for engine in systems.values():  # warm-up: every shape of the first requests compiled
@@ -517,8 +552,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-peers", action="store_true", help="skip GenAI and sentence-transformers")
     parser.add_argument("--sweep", action="store_true", help="in-process configuration sweep only")
-    parser.add_argument("--sweep-configs", help="with --sweep: only these, 'BATCH,PAD,HINT;...' (hint latency or "
-                        "throughput), each against the old defaults")
+    parser.add_argument("--sweep-configs", help="with --sweep: only these, 'BATCH,PAD,HINT[,REPLICAS[,row]];...' "
+                        "(hint latency or throughput; row: the pooled-row rewrite), each against the old defaults")
     parser.add_argument("--server-args", default="", help="extra server.py flags for both services")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--build-only", action="store_true", help="build the stand-in model in --model-dir and stop "
@@ -546,13 +581,15 @@ def main() -> int:
 
     tuned = tuned_row(cpu)
     print(f"this CPU's defaults (cpu.py TUNED row): batch {tuned.batch_size}, padding x{tuned.pad_multiple}, "
-          f"{tuned.performance_hint}; old: batch 8, x8, latency")
+          f"{tuned.performance_hint}, {tuned.replicas} replicas, the pooled-row rewrite; old: batch 8, x8, latency, "
+          f"one compile, the IR as read")
     systems: dict = {"ceiling": Engine(model_dir, tuned.batch_size, tuned.pad_multiple,
-                                       properties(tuned.performance_hint), row_only=True),
+                                       properties(tuned.performance_hint), row_only=True, replicas=tuned.replicas),
                      "ceiling-old": Engine(model_dir, 8, 8, properties("latency"))}
     if args.int8_dir:
         systems["ceiling-int8-ir"] = Engine(args.int8_dir, tuned.batch_size, tuned.pad_multiple,
-                                            properties(tuned.performance_hint), row_only=True)
+                                            properties(tuned.performance_hint), row_only=True,
+                                            replicas=tuned.replicas)
     work = model_dir.parent / f"{model_dir.name}-peers"
     if not args.no_peers:
         for name, make in (("genai", lambda: GenAI(model_dir, work)),
@@ -563,7 +600,8 @@ def main() -> int:
     reference = Engine(model_dir, 8, 1, F32_ONE_STREAM)
     base_args = ["--device", "CPU", "--model-dir", str(model_dir), "--log-level", "WARNING", "--cache-dir", "",
                  "--score-cache-size", "0", *args.server_args.split()]
-    old_args = ["--batch-size", "8", "--pad-multiple", "8", "--performance-hint", "latency", "--pooled-row-only", "off"]
+    old_args = ["--batch-size", "8", "--pad-multiple", "8", "--performance-hint", "latency", "--replicas", "1",
+                "--pooled-row-only", "off"]
     try:
         with start_server(base_args) as service, start_server([*base_args, *old_args]) as service_old:
             systems["service"], systems["service-old"] = Service(service.port), Service(service_old.port)

@@ -101,10 +101,11 @@ def take_round(waiting: deque[Job], max_pairs: int, max_tokens: int) -> list[tup
 
 
 def micro_batches(taken: list[tuple[Job, list[int]]], head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
-                  batch_size: int, pad_multiple: int = 8
+                  batch_size: int, pad_multiple: int = 8, parallel: int = 1
                   ) -> list[tuple[dict[str, np.ndarray], ShapeBucket, list[tuple[Job, int]]]]:
     """A round's pairs (`taken`: each job with the indices of its slice) merged across requests and planned into
-    micro-batches (`plan_batches`), each as (the head's feed, its shape, the (job, index) of each of its rows)."""
+    micro-batches (`plan_batches`, shared out evenly over `parallel` infer requests), each as (the head's feed, its
+    shape, the (job, index) of each of its rows)."""
     owners = [(job, i) for job, part in taken for i in part]
     merged = EncodedPairs(ids=[job.encoded.ids[i] for job, i in owners],
                           type_ids=[job.encoded.type_ids[i] for job, i in owners],
@@ -113,7 +114,7 @@ def micro_batches(taken: list[tuple[Job, list[int]]], head: ModelHead, buckets: 
                           images=[job.encoded.images[i] if job.encoded.images is not None else None
                                   for job, i in owners])
     return [(head.feed(merged, batch.indices, batch.shape), batch.shape, [owners[k] for k in batch.indices])
-            for batch in plan_batches(merged.lengths, buckets, batch_size, head.max_length, pad_multiple)]
+            for batch in plan_batches(merged.lengths, buckets, batch_size, head.max_length, pad_multiple, parallel)]
 
 
 class Batcher:
@@ -249,7 +250,8 @@ class Batcher:
         if not taken:
             return []
         try:
-            return micro_batches(taken, self.head, self.engine.buckets, self.batch_size, self.pad_multiple)
+            return micro_batches(taken, self.head, self.engine.buckets, self.batch_size, self.pad_multiple,
+                                 self.workers)
         except Exception as exc:  # fail the requests whose pairs were taken; the others stay queued
             log.exception("planning micro-batches failed")
             self._fail([job for job, _ in taken], exc)

@@ -51,20 +51,34 @@ def pick_length(length: int, bucket_lengths: Sequence[int]) -> int:
     raise ValueError(f"{length} tokens fit no bucket (largest {max(bucket_lengths)})")
 
 
+def chunk_bounds(count: int, batch_size: int, parallel: int = 1) -> list[int]:
+    """Where `count` length-sorted pairs are cut into dynamic micro-batches: chunks of `batch_size` (the last one
+    smaller); with `parallel` > 1 (batches that run side by side, one per replica) the number of chunks is rounded
+    up to a multiple of `parallel` and the pairs are shared out evenly, so that no replica is left with a short
+    tail while another runs a second full batch (20 pairs on two replicas: 5, 5, 5, 5 rather than 8, 8, 4)."""
+    chunks = -(-count // batch_size)
+    if parallel <= 1 or chunks == 0:
+        return [*range(0, count, batch_size), count]
+    chunks = min(count, _round_up(chunks, parallel))
+    return [count * k // chunks for k in range(chunks + 1)]
+
+
 def plan_batches(lengths: Sequence[int], buckets: Sequence[ShapeBucket] | None, batch_size: int,
-                 max_length: int, pad_multiple: int = 8) -> list[MicroBatch]:
+                 max_length: int, pad_multiple: int = 8, parallel: int = 1) -> list[MicroBatch]:
     """Group pairs sorted by length into micro-batches so that little padding is computed.
 
-    Dynamic shapes: chunks of `batch_size`, each padded to its longest pair rounded up to `pad_multiple`
-    (fewer distinct shapes for the CPU plugin), never beyond `max_length`.
+    Dynamic shapes: chunks of `batch_size` (`chunk_bounds`: evenly shared when `parallel` batches run at once),
+    each padded to its longest pair rounded up to `pad_multiple` (fewer distinct shapes for the CPU plugin), never
+    beyond `max_length`.
     Static buckets: each pair goes to the smallest bucket length that holds it; within a length, full batches use
     the bucket with the most rows and the remainder the smallest bucket whose rows hold it.
     """
     order = length_order(lengths)
     plan = []
     if buckets is None:
-        for start in range(0, len(order), batch_size):
-            chunk = tuple(order[start:start + batch_size])
+        bounds = chunk_bounds(len(order), batch_size, parallel)
+        for start, end in zip(bounds, bounds[1:]):
+            chunk = tuple(order[start:end])
             longest = int(lengths[chunk[0]])
             plan.append(MicroBatch(chunk, ShapeBucket(len(chunk), min(_round_up(longest, pad_multiple), max_length)),
                                    static=False))

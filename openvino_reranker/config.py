@@ -203,15 +203,16 @@ class Config:
     buckets: tuple[ShapeBucket, ...] = option(_parse_buckets, "8x64,8x128,8x256,8x512",
         "static shapes ROWSxLENGTH, comma-separated (lengths above max_length are dropped)", metavar="LIST")
     batch_size: int = option(_int(0, 256), "0",
-        "pairs per micro-batch with dynamic shapes; 0 = the CPU class's measured default (cpu.py's TUNED), else 8")
+        "pairs per micro-batch with dynamic shapes; 0 = the CPU class's measured default, else 8")
     pad_multiple: int = option(_int(0, 512), "0",
         "a dynamic micro-batch's length is rounded up to a multiple of this; 0 = the CPU class's measured "
         "default, else 8")
     performance_hint: str = option(Choice(("auto", "latency", "throughput")), "auto",
-        "OpenVINO PERFORMANCE_HINT; auto = the CPU class's measured default, else latency. Multi-stream compiles "
-        "have scored wrongly (see docs/performance.md): every compile is checked against an f32 single-stream "
-        "reference")
+        "OpenVINO PERFORMANCE_HINT; auto = the CPU class's measured default, else latency (every compile "
+        "is checked: docs/performance.md)")
     num_streams: int = option(_int(0, 64), "0", "NUM_STREAMS; 0 = what the hint decides")
+    replicas: int = option(_int(0, 16), "0",
+        "CPU compiles run side by side, one stream and a share of the cores each; 0 = the CPU class's default")
     inference_threads: int = option(_int(0, 1024), "0", "INFERENCE_NUM_THREADS; 0 = the plugin's default")
     infer_requests: int = option(_int(0, 64), "0",
         "infer requests per compiled model; 0 = the device's OPTIMAL_NUMBER_OF_INFER_REQUESTS")
@@ -220,9 +221,9 @@ class Config:
     pooled_row_only: str = option(Choice(("on", "off")), "on",
         "exact rewrite: layers above a one-row pooling run on that row")
     parity_tolerance: float = option(_parse_fraction, "0.02",
-        "largest score difference from the f32 single-stream CPU reference accepted at startup", metavar="X")
+        "largest score difference from the f32 CPU reference at startup", metavar="X")
     on_parity_failure: str = option(Choice(("fallback", "refuse")), "fallback",
-        "when the serving compile disagrees with the reference: recompile safely, or refuse to start")
+        "when the serving compile disagrees with the reference: recompile safely or refuse")
     cache_dir: str = option(_parse_path, "~/.cache/openvino-reranker", "OpenVINO compile cache ('' disables)",
         metavar="DIR")
     npu_busy_path: str = option(_parse_path, DEFAULT_NPU_BUSY_PATH, "sysfs NPU busy-time counter (microseconds)",
@@ -297,7 +298,7 @@ OPTIONS = tuple(replace(f.metadata["option"], name=f.name) for f in fields(Confi
 HELP_GROUPS = (
     ("model", ("model", "model_dir", "model_file", "prompt_template", "instruction", "max_length")),
     ("device and speed", ("device", "shape_mode", "buckets", "batch_size", "pad_multiple", "performance_hint",
-                          "num_streams", "inference_threads", "infer_requests", "inference_precision",
+                          "num_streams", "replicas", "inference_threads", "infer_requests", "inference_precision",
                           "pooled_row_only",
                           "parity_tolerance", "on_parity_failure", "cache_dir", "score_cache_size", "npu_busy_path")),
     ("HTTP and access", ("host", "port", "api_key", "api_key_file", "allow_remote_without_key", "max_connections",
@@ -434,6 +435,11 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         raise StartupError("bad value for host: empty", EXIT_CONFIG)
     if values["api_key"] and values["api_key_file"]:
         raise StartupError("set either api_key or api_key_file, not both", EXIT_CONFIG)
+    if values["replicas"] > 1 and values["device"] != "CPU":
+        raise StartupError(f"replicas above 1 are for the CPU device only (device {values['device']})", EXIT_CONFIG)
+    if values["replicas"] > 1 and (values["performance_hint"] == "throughput" or values["num_streams"] > 1):
+        raise StartupError("replicas above 1 run one stream each: set replicas, or performance_hint throughput / "
+                           "num_streams, not both", EXIT_CONFIG)
     values["model"] = _model_source(values, explicit)
     unknown = unknown_variables(environ)
     if values["strict_env"] and unknown:

@@ -6,7 +6,7 @@ Why a table: micro-batch size, padding multiple and stream count were first tune
 scores fastest with other values (docs/performance.md, "Micro-batch size, padding and streams", has the sweep each
 row comes from). A row changes only the defaults: an option given on the command line or in the environment wins,
 and every compile still goes through the parity guard (parity.py), which falls back to one stream when two score
-wrongly (INT8 weight-only IRs on AMX do).
+wrongly (INT8 weight-only IRs on AMX do) and checks every replica.
 """
 
 from __future__ import annotations
@@ -130,24 +130,27 @@ def peak_flops(cpu: CpuInfo, precision: str) -> float:
 
 @dataclass(frozen=True)
 class Tuning:
-    """Micro-batch defaults for a CPU class: pairs per micro-batch, the padding multiple of its length, and the
-    PERFORMANCE_HINT (latency = one stream, throughput = the plugin's streams, two on two cores)."""
+    """Micro-batch defaults for a CPU class: pairs per micro-batch, the padding multiple of its length, the
+    PERFORMANCE_HINT (latency = one stream, throughput = the plugin's streams, two on two cores) and the number of
+    replicas (independent one-stream compiles side by side, each with its share of the cores; parity.py serves more
+    than one only for CLS-pooled encoders)."""
 
     batch_size: int
     pad_multiple: int
     performance_hint: str
+    replicas: int = 1
 
 
 # The values before this table (measured on an AVX2 EPYC, 2026-11): every device and CPU class not in TUNED.
-UNTUNED = Tuning(batch_size=8, pad_multiple=8, performance_hint="latency")
+UNTUNED = Tuning(batch_size=8, pad_multiple=8, performance_hint="latency", replicas=1)
 # AMX: lengths padded to a multiple of 16 (AMX tiles have 16 rows) were 1.07x (middle half 1.03-1.15) the old
-# defaults at 100 documents and 1.14x (1.04-1.27) at 20, in process, fp32 IR at bf16, interleaved over 10 blocks
-# (docs/performance.md). Two streams with x16 measured a little more (1.12x, 1.15x) but stay off: INT8 weight-only
-# IRs score garbage on two streams there (the guard falls back, at a second compile per start) and a multi-stream
-# compile of the Qwen3 fixture kills the process (SIGFPE), which no guard can catch. Batches of 4, 16, 32 and 64,
-# and multiples of 1, 32 and 64, were no faster.
+# defaults at 100 documents and 1.14x (1.04-1.27) at 20, in process, fp32 IR at bf16, interleaved over 10 blocks;
+# two replicas of one thread each, with the pooled-row rewrite, about 1.3x at 100 documents and 1.2x at 20
+# (docs/performance.md). Replicas rather than two streams of one compile: on AMX a two-stream compile of an INT8
+# weight-only IR scores garbage, while two one-thread compiles of it score right, and each replica is checked by
+# the parity guard. Batches of 4, 16, 32 and 64, and multiples of 1, 32 and 64, were no faster.
 TUNED: Mapping[str, Tuning] = {
-    "amx": Tuning(batch_size=8, pad_multiple=16, performance_hint="latency"),
+    "amx": Tuning(batch_size=8, pad_multiple=16, performance_hint="latency", replicas=2),
 }
 
 
@@ -186,7 +189,8 @@ def tune(auto: Mapping[str, bool], device: str, cpu: CpuInfo | None) -> tuple[di
 # ------------------------------------------------------------------------------------------------ the options
 
 # The options a TUNED row sets, and the value that leaves each to the row ("auto").
-AUTO_VALUES: Mapping[str, int | str] = {"batch_size": 0, "pad_multiple": 0, "performance_hint": "auto"}
+AUTO_VALUES: Mapping[str, int | str] = {"batch_size": 0, "pad_multiple": 0, "performance_hint": "auto",
+                                        "replicas": 0}
 
 
 def needs_tuning(config: Config) -> bool:
@@ -198,4 +202,8 @@ def apply_tuning(config: Config, cpu: CpuInfo | None) -> tuple[Config, Tuned]:
     `read_cpu`; None: no row applies), and the record of what was chosen."""
     auto = {name: getattr(config, name) == value for name, value in AUTO_VALUES.items()}
     chosen, tuned = tune(auto, config.device, cpu)
-    return replace(config, **chosen), tuned
+    config = replace(config, **chosen)
+    if auto["replicas"] and (config.performance_hint == "throughput" or config.num_streams > 1):
+        config = replace(config, replicas=1)  # streams asked for: one compile runs them, not one per replica
+        tuned = replace(tuned, chosen={**tuned.chosen, "replicas": 1})
+    return config, tuned

@@ -7,7 +7,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -73,6 +73,7 @@ class EngineInfo:
     num_labels: int
     properties: Mapping[str, str]
     infer_requests: int
+    replicas: int = 1  # independent compiles side by side (ReplicaSet); each has its share of infer_requests
 
 
 @runtime_checkable
@@ -160,6 +161,50 @@ class Engine:
             raise InferenceError(f"inference failed: {error_reason(exc)}") from None
         finally:
             pool.put(request)
+
+
+class ReplicaSet:
+    """Independent compiles of one model (`Engine`s of one stream each, with a share of the cores), run side by
+    side: `infer` runs a batch on whichever replica is free. On a CPU where one compile's threads spend much of a
+    small model's call waiting for each other, two one-thread compiles score more pairs per second than one
+    two-thread compile, and unlike two streams of one compile they share no weights (a two-stream compile of an
+    INT8 weight-only IR scores garbage on AMX; docs/performance.md). Each replica holds its own compiled weights.
+    The parity guard checks every replica (`replicas`). An `InferenceEngine`."""
+
+    def __init__(self, engines: Sequence[Engine]):
+        if not engines:
+            raise ValueError("a ReplicaSet needs at least one engine")
+        self.replicas = tuple(engines)
+        first = self.replicas[0]
+        self.buckets, self.contract, self.device = first.buckets, first.contract, first.device
+        self.properties, self.cache_dir = first.properties, first.cache_dir
+        self.num_requests = sum(engine.num_requests for engine in self.replicas)
+        self._free: queue.Queue = queue.Queue()
+        for engine in self.replicas:
+            for _ in range(engine.num_requests):
+                self._free.put(engine)
+
+    @property
+    def compile_ms(self) -> float:
+        return sum(engine.compile_ms for engine in self.replicas)
+
+    def info(self) -> EngineInfo:
+        infos = [engine.info() for engine in self.replicas]
+        return replace(infos[0], loaded_from_cache=tuple(c for info in infos for c in info.loaded_from_cache),
+                       compile_ms=round(self.compile_ms, 1), infer_requests=self.num_requests,
+                       replicas=len(self.replicas))
+
+    def infer(self, feed: Mapping[str, np.ndarray], shape: ShapeBucket | None,
+              deadline: float | None = None) -> np.ndarray:
+        """Run one batch on a free replica (`Engine.infer`)."""
+        try:
+            engine = self._free.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise DeadlineExceededError("the request's deadline passed while it waited for the device") from None
+        try:
+            return engine.infer(feed, shape, deadline)
+        finally:
+            self._free.put(engine)
 
 
 def _fixed_tail(model, name: str) -> list[int]:
@@ -335,9 +380,16 @@ class VisionLanguageEngine:
 
 def make_engine(core, model, device: str, buckets: Sequence[ShapeBucket] | None, properties: Mapping,
                 contract: ModelContract, before_compile: Callable[[ShapeBucket | None], None] = lambda shape: None,
-                infer_requests: int = 0, cache: CompileCache | None = None, vision: VisionIR | None = None):
-    """An `Engine`, or for a vision-language model (`vision`) a `VisionLanguageEngine` whose vision encoder is
-    compiled with the same device and properties (static `vision.tiles` per call when `buckets` are static)."""
+                infer_requests: int = 0, cache: CompileCache | None = None, vision: VisionIR | None = None,
+                replicas: int = 1):
+    """An `Engine`; with `replicas` above 1 a `ReplicaSet` of that many (text models only); or for a
+    vision-language model (`vision`) a `VisionLanguageEngine` whose vision encoder is compiled with the same device
+    and properties (static `vision.tiles` per call when `buckets` are static)."""
+    if replicas > 1:
+        if vision is not None:
+            raise ValueError("replicas are for text models")
+        return ReplicaSet([Engine(core, model, device, buckets, properties, contract, before_compile, infer_requests,
+                                  cache) for _ in range(replicas)])
     lm = Engine(core, model, device, buckets, properties, contract, before_compile, infer_requests, cache)
     if vision is None:
         return lm

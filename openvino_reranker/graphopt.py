@@ -91,6 +91,16 @@ def pooling_row(node) -> int | None:
     return row if row in (0, -1) else None
 
 
+def pools_first_row(model) -> bool:
+    """Whether `model` scores from its first token row (a CLS-pooled encoder: BERT, XLM-R): a Gather of the
+    constant row 0 of a [batch, sequence, hidden] tensor. Decoder rerankers pool the last token instead."""
+    import openvino as ov
+
+    if not isinstance(model, ov.Model):  # a test's stand-in
+        return False
+    return any(pooling_row(node) == 0 for node in model.get_ordered_ops())
+
+
 def _has_parameter(output, seen: dict[int, bool]) -> bool:
     """Whether a Parameter feeds `output` (a weight and its decompression subgraph has none). Iterative: the path
     from a deep model's last layer down to its inputs is longer than Python's recursion limit."""

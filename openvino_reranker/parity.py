@@ -21,11 +21,11 @@ import numpy as np
 
 from .compilecache import CompileCache
 from .config import Config, ShapeBucket
-from .cpu import UNTUNED, apply_tuning, needs_tuning, read_cpu
+from .cpu import UNTUNED, CpuInfo, apply_tuning, needs_tuning, read_cpu
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
 from .errors import EXIT_DEVICE, EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
-from .graphopt import RowOnlyReport, row_only_copy
+from .graphopt import RowOnlyReport, pools_first_row, row_only_copy
 from .referencescores import ReferencePair, ReferenceScores
 from .reranker import Reranker
 from .scoring import Document, ImageDocument
@@ -90,6 +90,31 @@ def serving_properties(config: Config) -> dict[str, str]:
     return props
 
 
+def replica_properties(config: Config, replicas: int, cpu: CpuInfo | None) -> dict[str, str]:
+    """Compile properties of each of `replicas` side-by-side CPU compiles: one stream, its share of the cores as
+    threads (`inference_threads` when given) and no pinning, which would put every replica's threads on the same
+    cores (two replicas then ran at 0.65x one compile)."""
+    props = serving_properties(config)
+    if replicas <= 1:
+        return props
+    cores = cpu.cores if cpu is not None else replicas
+    props.update({"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "ENABLE_CPU_PINNING": "NO",
+                  "INFERENCE_NUM_THREADS": str(config.inference_threads or max(1, cores // replicas))})
+    return props
+
+
+def replicas_for(config: Config, model) -> tuple[int, str]:
+    """How many replicas serve `model` (ReplicaSet), and why fewer than configured when so: more than one only for
+    a CLS-pooled encoder, because one-thread compiles of the decoder test models (Qwen3, Llama, Nemotron) kill the
+    process in OpenVINO 2026.4.1 (SIGFPE), which no guard can catch."""
+    if config.replicas <= 1:
+        return 1, ""
+    if not pools_first_row(model):
+        return 1, (f"{config.replicas} replicas configured, 1 serves: the model is not a CLS-pooled encoder, and "
+                   f"one-thread compiles of decoder rerankers have crashed OpenVINO's CPU plugin (SIGFPE)")
+    return config.replicas, ""
+
+
 def safe_properties(device: str) -> dict[str, str]:
     """The ladder's last step: one stream, one request; on the CPU also f32 (the reference configuration itself)."""
     return dict(REFERENCE_PROPERTIES) if device == "CPU" else {"PERFORMANCE_HINT": "LATENCY"}
@@ -116,14 +141,15 @@ class LadderStep:
     name: str
     properties: Mapping[str, str]
     infer_requests: int  # 0: OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS
+    replicas: int = 1  # compiles side by side, each with `properties` (ReplicaSet)
 
 
-def fallback_ladder(config: Config) -> tuple[LadderStep, ...]:
-    """The configurations tried in order until one scores right: as configured; the same on one stream (unless it
-    already is one stream); the safe configuration (unless a step before is exactly it). Each step after the first
-    runs one infer request."""
-    steps = [LadderStep("configured", serving_properties(config), config.infer_requests)]
-    if not is_one_stream(steps[0].properties):
+def fallback_ladder(config: Config, replicas: int = 1, cpu: CpuInfo | None = None) -> tuple[LadderStep, ...]:
+    """The configurations tried in order until one scores right: as configured (`replicas` compiles side by side
+    when above 1); one compile on one stream (unless the first step already is exactly that); the safe
+    configuration (unless a step before is exactly it). Each step after the first runs one infer request."""
+    steps = [LadderStep("configured", replica_properties(config, replicas, cpu), config.infer_requests, replicas)]
+    if not is_one_stream(steps[0].properties) or replicas > 1:
         steps.append(LadderStep("one_stream", one_stream_properties(config), 1))
     safe = safe_properties(config.device)
     if all(dict(step.properties) != safe for step in steps):
@@ -167,6 +193,7 @@ class ParityCheck:
     steps: tuple[StepResult, ...] = ()  # every step tried, in order; the last one serves
     reference_scores: ReferenceScoresCheck | None = None  # None: the model has no reference scores
     graph: RowOnlyReport | None = None  # what the pooled-row rewrite did to the served IR (never to the reference)
+    replicas_note: str = ""  # why fewer replicas were compiled than configured (`replicas_for`), '' when not
 
     @property
     def step(self) -> str:
@@ -285,8 +312,12 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
     apply `on_parity_failure`: go down `fallback_ladder` until a step passes both (each compiled and checked), or
     refuse. Reference scores that the f32 reference compile itself misses stop startup (exit 9) whatever the policy.
     Returns what serves; on any failure (including a cancelled startup) nothing is left running."""
+    cpu = read_cpu() if config.device == "CPU" else None
     if needs_tuning(config):  # main() has applied the CPU's row; a caller that has not gets it here
-        config = apply_tuning(config, read_cpu() if config.device == "CPU" else None)[0]
+        config = apply_tuning(config, cpu)[0]
+    replicas, replicas_note = replicas_for(config, model)
+    if replicas_note:
+        log.info("%s", replicas_note)
     reference: Reference | None = None
     exact_diff = None
     tolerance = config.parity_tolerance
@@ -306,7 +337,7 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
         nonlocal served_model, graph, cache
         try:
             return make_engine(core, served_model, config.device, buckets, step.properties, head.contract,
-                               before_compile, step.infer_requests, cache, vision)
+                               before_compile, step.infer_requests, cache, vision, step.replicas)
         except StartupError as exc:
             if served_model is model or exc.exit_code != EXIT_DEVICE:
                 raise
@@ -315,7 +346,7 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
             served_model, cache = model, original_cache
             graph = RowOnlyReport(False, reason=f"the rewritten IR did not compile on {config.device}: {exc}")
             return make_engine(core, model, config.device, buckets, step.properties, head.contract, before_compile,
-                               step.infer_requests, cache, vision)
+                               step.infer_requests, cache, vision, step.replicas)
 
     def serve(step: LadderStep) -> tuple[Reranker, Engine, StepResult]:
         nonlocal reference, exact_diff
@@ -328,6 +359,12 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
                 if reference_scores is not None:
                     exact_diff = check_exact(reference, reference_scores, head)
             diff = parity_diff(reranker, reference.parity_scores)
+            for replica in getattr(engine, "replicas", ()):  # each replica is its own compile: check each alone
+                alone = Reranker(head, replica, config.batch_size, pad_multiple=config.pad_multiple)
+                try:
+                    diff = max(diff, parity_diff(alone, reference.parity_scores))
+                finally:
+                    alone.close()
             pairs_diff = None
             if reference_scores is not None:
                 scores, _ = score_reference_pairs(reranker, reference_scores)
@@ -338,7 +375,7 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
             reranker.close()  # startup stops: nothing may keep the batcher's threads or the compiled model
             raise
 
-    ladder = fallback_ladder(config)
+    ladder = fallback_ladder(config, replicas, cpu)
     tried: list[StepResult] = []
     for n, step in enumerate(ladder):
         reranker, engine, result = serve(step)
@@ -351,7 +388,7 @@ def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple
                 None if exact_diff is None else True)
             return reranker, engine, ParityCheck(
                 result.max_abs_diff, tolerance, n > 0, None if n == 0 else first.max_abs_diff,
-                None if n == 0 else dict(first.step.properties), tuple(tried), checked, graph)
+                None if n == 0 else dict(first.step.properties), tuple(tried), checked, graph, replicas_note)
         reranker.close()
         message = f"scores on {config.device} with {dict(step.properties)} differ"
         if result.max_abs_diff > tolerance:

@@ -225,8 +225,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         log.setLevel(config.log_level)
         config, tuned = apply_tuning(config, read_cpu() if config.device == "CPU" else None)
-        log.info("micro-batches of %d padded to a multiple of %d, PERFORMANCE_HINT %s (%s)", config.batch_size,
-                 config.pad_multiple, config.performance_hint,
+        log.info("micro-batches of %d padded to a multiple of %d, PERFORMANCE_HINT %s, %d replicas (%s)",
+                 config.batch_size, config.pad_multiple, config.performance_hint, config.replicas,
                  f"{tuned.isa} row of cpu.py's TUNED for {tuned.cpu}" if tuned.row != "untuned"
                  else "the untuned defaults" + (f"; no row for {tuned.isa} CPUs" if tuned.isa else ""))
         for name in unknown_variables(os.environ if environ is None else environ):

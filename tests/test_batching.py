@@ -1,6 +1,6 @@
 import pytest
 
-from openvino_reranker.batching import length_order, pick_length, plan_batches, slice_round
+from openvino_reranker.batching import chunk_bounds, length_order, pick_length, plan_batches, slice_round
 from openvino_reranker.config import ShapeBucket
 
 
@@ -27,6 +27,29 @@ def test_dynamic_plan_pads_to_a_multiple_of_8_within_max_length():
         ((2,), ShapeBucket(1, 8)),
     ]
     assert not any(b.static for b in plan)
+
+
+@pytest.mark.parametrize("count, batch, parallel, sizes", [
+    (20, 8, 1, [8, 8, 4]),  # one infer request: full batches, the remainder last
+    (20, 8, 2, [5, 5, 5, 5]),  # two replicas: 3 batches -> 4, evenly, so each runs 10 pairs
+    (100, 8, 2, [7, 7, 7, 7, 7, 7, 8, 7, 7, 7, 7, 7, 7, 8]),  # 13 -> 14 batches of 7 or 8
+    (16, 8, 2, [8, 8]),  # already a multiple: unchanged
+    (1, 8, 2, [1]),  # never more batches than pairs
+    (3, 8, 4, [1, 1, 1]),
+    (0, 8, 2, []),
+])
+def test_chunk_bounds_share_pairs_evenly_over_parallel_requests(count, batch, parallel, sizes):
+    bounds = chunk_bounds(count, batch, parallel)
+    assert bounds[0] == 0 and bounds[-1] == count
+    assert [b - a for a, b in zip(bounds, bounds[1:])] == sizes
+
+
+def test_a_parallel_plan_balances_the_replicas_work():
+    lengths = [40 + i for i in range(20)]
+    plan = plan_batches(lengths, None, 8, 512, 16, parallel=2)
+    assert [len(b.indices) for b in plan] == [5, 5, 5, 5]
+    assert sorted(i for b in plan for i in b.indices) == list(range(20))
+    assert [b.shape.length for b in plan] == [64, 64, 64, 48]  # longest first (59, 54, 49, 44), padded to x16
 
 
 def test_static_plan_uses_smallest_fitting_length_and_fills_rows():

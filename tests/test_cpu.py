@@ -1,10 +1,13 @@
 """cpu.py: reading /proc/cpuinfo, the ISA class, peak FLOP/s and the per-ISA defaults applied to options left at
 auto. No speed is measured or asserted here."""
 
+import re
+
 import pytest
 
 from openvino_reranker import cpu
 from openvino_reranker.config import load_config
+from openvino_reranker.errors import EXIT_CONFIG, StartupError
 from openvino_reranker.parity import serving_properties
 
 AMX_FLAGS = ("fpu sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx_vnni amx_bf16 "
@@ -87,9 +90,10 @@ def test_every_tuned_row_is_a_valid_configuration():
     for isa, row in cpu.TUNED.items():
         assert isa in ("amx", "avx512", "avx2", "baseline")
         config = load_config(["--device", "CPU", "--batch-size", str(row.batch_size), "--pad-multiple",
-                              str(row.pad_multiple), "--performance-hint", row.performance_hint], {})
-        assert (config.batch_size, config.pad_multiple, config.performance_hint) == (
-            row.batch_size, row.pad_multiple, row.performance_hint)
+                              str(row.pad_multiple), "--performance-hint", row.performance_hint, "--replicas",
+                              str(row.replicas)], {})
+        assert (config.batch_size, config.pad_multiple, config.performance_hint, config.replicas) == (
+            row.batch_size, row.pad_multiple, row.performance_hint, row.replicas)
 
 
 AMX_CPU = cpu.CpuInfo("Test AMX", frozenset(AMX_FLAGS.split()), 2, 2100.0)
@@ -101,7 +105,8 @@ def test_auto_options_take_the_cpu_row(monkeypatch):
     config, tuned = cpu.apply_tuning(load_config(["--device", "CPU"], {}), AMX_CPU)
     assert (config.batch_size, config.pad_multiple, config.performance_hint) == (24, 32, "throughput")
     assert tuned.describe() == {"cpu": "Test AMX", "isa": "amx", "row": "amx",
-                                "chosen": {"batch_size": 24, "pad_multiple": 32, "performance_hint": "throughput"},
+                                "chosen": {"batch_size": 24, "pad_multiple": 32, "performance_hint": "throughput",
+                                           "replicas": 1},
                                 "given": []}
     assert not cpu.needs_tuning(config)
     assert serving_properties(config)["PERFORMANCE_HINT"] == "THROUGHPUT"
@@ -112,7 +117,31 @@ def test_options_given_win_over_the_row(monkeypatch):
     given = load_config(["--device", "CPU", "--batch-size", "4"], {"OPENVINO_RERANKER_PERFORMANCE_HINT": "latency"})
     config, tuned = cpu.apply_tuning(given, AMX_CPU)
     assert (config.batch_size, config.pad_multiple, config.performance_hint) == (4, 32, "latency")
-    assert tuned.given == ("batch_size", "performance_hint") and dict(tuned.chosen) == {"pad_multiple": 32}
+    assert tuned.given == ("batch_size", "performance_hint") and dict(tuned.chosen) == {"pad_multiple": 32,
+                                                                                          "replicas": 1}
+
+
+def test_the_amx_row_runs_two_replicas_unless_streams_are_asked_for():
+    config, tuned = cpu.apply_tuning(load_config(["--device", "CPU"], {}), AMX_CPU)
+    assert (config.replicas, config.performance_hint) == (2, "latency") and tuned.chosen["replicas"] == 2
+    for streams in (["--performance-hint", "throughput"], ["--num-streams", "2"]):
+        config, tuned = cpu.apply_tuning(load_config(["--device", "CPU", *streams], {}), AMX_CPU)
+        assert config.replicas == 1 and tuned.chosen["replicas"] == 1
+    config, tuned = cpu.apply_tuning(load_config(["--device", "CPU", "--replicas", "3"], {}), AMX_CPU)
+    assert config.replicas == 3 and "replicas" in tuned.given
+    config, _ = cpu.apply_tuning(load_config(["--device", "CPU"], {}), AVX2_CPU)
+    assert config.replicas == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "NPU", "--replicas", "2"], "replicas above 1 are for the CPU device only (device NPU)"),
+    (["--device", "CPU", "--replicas", "2", "--performance-hint", "throughput"], "run one stream each"),
+    (["--device", "CPU", "--replicas", "2", "--num-streams", "2"], "run one stream each"),
+])
+def test_replicas_refuse_other_devices_and_streams(argv, message):
+    with pytest.raises(StartupError, match=re.escape(message)) as caught:
+        load_config(argv, {})
+    assert caught.value.exit_code == EXIT_CONFIG
 
 
 @pytest.mark.parametrize("device, info", [("CPU", AVX2_CPU), ("CPU", None), ("NPU", AMX_CPU), ("GPU", AMX_CPU)])

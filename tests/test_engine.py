@@ -1,17 +1,22 @@
 """The real compiled model: served scores against the independent numpy reference, the model directory, the
 NPU busy counter."""
 
+import threading
+import time
+
+import numpy as np
 import openvino as ov
 import pytest
 from support.engines import FakeEngine, real_reranker
-from support.models import SCORE_TOLERANCE
+from support.models import F32_LATENCY, SCORE_TOLERANCE
 
 from openvino_reranker.compilecache import CONFIGURATION_FILE, open_compile_cache
 from openvino_reranker.config import ShapeBucket
 from openvino_reranker.encoding import CrossEncoderHead
-from openvino_reranker.engine import InferenceEngine, NpuBusyCounter
-from openvino_reranker.errors import EXIT_MODEL, StartupError
+from openvino_reranker.engine import InferenceEngine, NpuBusyCounter, ReplicaSet, make_engine
+from openvino_reranker.errors import EXIT_MODEL, DeadlineExceededError, StartupError
 from openvino_reranker.modeldir import load_model_files
+from openvino_reranker.reranker import Reranker
 
 QUERY = "how does solar power work"
 DOCS = [
@@ -40,6 +45,56 @@ def test_the_engine_and_the_tests_stand_in_have_what_the_batcher_uses(make_reran
     engine = make_reranker(tiny_model).engine
     assert isinstance(engine, InferenceEngine) and engine.num_requests >= 1
     assert isinstance(FakeEngine(), InferenceEngine)
+
+
+class _HeldReplica:
+    """An Engine stand-in with one infer request whose `infer` waits until the test releases it."""
+
+    def __init__(self, name: str):
+        self.name, self.num_requests, self.buckets = name, 1, None
+        self.contract = self.device = self.properties = self.cache_dir = None
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def infer(self, feed, shape, deadline=None):
+        self.entered.set()
+        assert self.release.wait(10)
+        return np.full((1, 1), ord(self.name), np.float32)
+
+
+def test_a_replica_set_runs_batches_on_every_replica_at_once():
+    a, b = _HeldReplica("a"), _HeldReplica("b")
+    replicas = ReplicaSet([a, b])
+    assert isinstance(replicas, InferenceEngine) and replicas.num_requests == 2
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(replicas.infer({}, None))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    assert a.entered.wait(10) and b.entered.wait(10)  # both busy at once: neither waits for the other
+    with pytest.raises(DeadlineExceededError):  # a third batch waits for a free replica, up to its deadline
+        replicas.infer({}, None, deadline=time.monotonic() + 0.05)
+    a.release.set()
+    b.release.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(float(r[0, 0]) for r in results) == [ord("a"), ord("b")]
+
+
+def test_replicas_of_the_tiny_model_score_like_one_compile(tiny_model):
+    files = load_model_files(str(tiny_model.path), 0)
+    core = ov.Core()
+    ir = core.read_model(str(files.xml))
+    head = CrossEncoderHead.from_file(files.tokenizer, files.max_length, CrossEncoderHead.check_contract(ir))
+    properties = {**F32_LATENCY, "INFERENCE_NUM_THREADS": "1", "ENABLE_CPU_PINNING": "NO"}
+    engine = make_engine(core, ir, "CPU", None, properties, head.contract, replicas=2)
+    assert isinstance(engine, ReplicaSet) and len(engine.replicas) == 2
+    info = engine.info()
+    assert (info.replicas, info.infer_requests, len(info.loaded_from_cache)) == (2, 2, 2)
+    reranker = Reranker(head, engine, 2)
+    try:
+        scores = reranker.score_pairs(QUERY, DOCS * 4).scores
+    finally:
+        reranker.close()
+    assert np.abs(scores - tiny_model.reference_scores(QUERY, DOCS * 4)).max() < SCORE_TOLERANCE
 
 
 @pytest.mark.parametrize("buckets", [None, (ShapeBucket(1, 32), ShapeBucket(4, 32), ShapeBucket(2, 128))])

@@ -35,11 +35,13 @@ def test_healthz_and_readyz(cpu_server, tiny_model):
     assert body["max_length"] == 128 and body["shape_mode"] == "dynamic" and body["buckets"] is None
     assert body["startup_check"]["npu_busy_delta_us"] is None and "CPU" in body["startup_check"]["npu_note"]
     assert set(body["versions"]) >= {"openvino", "tokenizers", "server"}
-    assert body["compile"]["loaded_from_cache"] == [False]
     # the micro-batch defaults this CPU's row of cpu.TUNED gives (the fixture sets none of them)
     config, tuned = apply_tuning(load_config(["--device", "CPU"], {}), read_cpu())
     assert body["tuning"] == tuned.describe() and set(body["tuning"]["chosen"]) == {
-        "batch_size", "pad_multiple", "performance_hint"}
+        "batch_size", "pad_multiple", "performance_hint", "replicas"}
+    # a first compile into the empty cache; each further replica loads the blob it wrote (the same key)
+    assert body["compile"]["replicas"] == config.replicas
+    assert body["compile"]["loaded_from_cache"] == [False] + [True] * (config.replicas - 1)
     assert (body["batch_size"], body["pad_multiple"]) == (config.batch_size, config.pad_multiple)
     assert body["compile"]["properties"]["PERFORMANCE_HINT"] == config.performance_hint.upper()
 

@@ -3,6 +3,8 @@ replaced by the next step of the fallback ladder that scores right (the requeste
 f32 on one stream), or refused (SPEC.md, "Startup parity guard"). Most wrong scores are injected by a Core stand-in;
 the real OpenVINO bug (INT8 weights, bf16, several streams) is served where the CPU computes in bf16."""
 
+from pathlib import Path
+
 import numpy as np
 import openvino as ov
 import pytest
@@ -12,6 +14,7 @@ from support.models import F32, F32_LATENCY
 from support.servers import RunningServer
 
 from openvino_reranker.config import load_config
+from openvino_reranker.cpu import CpuInfo, read_cpu
 from openvino_reranker.errors import EXIT_STARTUP_CHECK
 from openvino_reranker.parity import (
     EXACT_F32_CPU,
@@ -39,12 +42,12 @@ def served_scores(port: int, docs=DOCS) -> np.ndarray:
 
 
 def test_the_configured_compile_serves_when_it_agrees(tiny_model):
-    srv = RunningServer([*args(tiny_model), "--infer-requests", "2"]).wait_ready()
+    srv = RunningServer([*args(tiny_model), "--infer-requests", "2", "--replicas", "1"]).wait_ready()
     try:
         body = request(srv.port, "GET", "/readyz")[1]
         assert body["parity"]["fallback"] is False and body["parity"]["max_abs_diff"] < 1e-4
         assert body["compile"]["properties"] == F32_LATENCY
-        assert body["compile"]["infer_requests"] == 2
+        assert body["compile"]["infer_requests"] == 2 and body["compile"]["replicas"] == 1
     finally:
         srv.close()
 
@@ -227,6 +230,69 @@ def multi_stream_compile_is_wrong(model, tolerance: float) -> bool:
         return 1 / (1 + np.exp(-np.array(out)))
 
     return bool(np.abs(scores({"PERFORMANCE_HINT": "THROUGHPUT"}) - scores(REFERENCE_PROPERTIES)).max() > tolerance)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+REPLICA = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "ENABLE_CPU_PINNING": "NO"}
+
+
+def replica_threads(replicas: int) -> str:
+    info = read_cpu()
+    return str(max(1, (info.cores if info is not None else replicas) // replicas))
+
+
+def test_two_replicas_serve_side_by_side_and_score_right(tiny_model):
+    """Two one-stream compiles with a share of the cores each (and no pinning, which would put both on the same
+    cores), both checked against the reference: the scores are the reference's."""
+    with RunningServer([*args(tiny_model), "--replicas", "2"]).wait_ready() as srv:
+        body = request(srv.port, "GET", "/readyz")[1]
+        scores = [served_scores(srv.port, DOCS * 8) for _ in range(3)]
+    compile_ = body["compile"]
+    assert compile_["replicas"] == 2 and compile_["infer_requests"] == 2 and compile_["replicas_note"] is None
+    assert compile_["properties"] == {**EXACT_F32_CPU, **REPLICA, "INFERENCE_NUM_THREADS": replica_threads(2)}
+    assert len(compile_["loaded_from_cache"]) == 2
+    assert body["parity"]["step"] == "configured" and body["parity"]["steps"][0]["replicas"] == 2
+    expected = tiny_model.reference_scores("solar power", DOCS * 8)
+    assert all(np.abs(s - expected).max() < 1e-4 for s in scores)
+
+
+def test_a_wrong_replica_is_caught_though_the_other_is_right(tiny_model):
+    """Each replica is its own compile: the guard checks each alone, so a second replica that scores wrongly
+    (FakeCore corrupts a compile whose properties came before) is caught and one compile serves."""
+    core = FakeCore(corrupt="second_replica")
+    with RunningServer([*args(tiny_model), "--replicas", "2"], core=core).wait_ready() as srv:
+        body = request(srv.port, "GET", "/readyz")[1]
+        scores = served_scores(srv.port)
+    parity = body["parity"]
+    assert [(s["step"], s["replicas"], s["passed"]) for s in parity["steps"]] == [
+        ("configured", 2, False), ("one_stream", 1, True)]
+    assert parity["steps"][0]["max_abs_diff"] > 0.02 and body["compile"]["replicas"] == 1
+    assert np.abs(scores - tiny_model.reference_scores("solar power", DOCS)).max() < 1e-4
+
+
+def test_a_decoder_reranker_is_served_by_one_compile_whatever_replicas_say():
+    """One-thread compiles of the decoder fixtures kill OpenVINO 2026.4.1's CPU plugin (SIGFPE), so replicas are
+    for CLS-pooled encoders only; a decoder says why it got one compile."""
+    model_dir = FIXTURES / "tiny-qwen3"
+    with RunningServer(["--device", "CPU", *F32, "--model-dir", str(model_dir), "--cache-dir", "",
+                        "--replicas", "2"]).wait_ready() as srv:
+        body = request(srv.port, "GET", "/readyz")[1]
+    assert body["compile"]["replicas"] == 1 and "not a CLS-pooled encoder" in body["compile"]["replicas_note"]
+    assert "INFERENCE_NUM_THREADS" not in body["compile"]["properties"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--replicas", "2"], [("configured", 2, {**REPLICA, "INFERENCE_NUM_THREADS": "1"}),
+                           ("one_stream", 1, ONE_STREAM), ("safe", 1, REFERENCE_PROPERTIES)]),
+    (["--replicas", "2", "--inference-threads", "3", *F32],
+     [("configured", 2, {**REPLICA, "INFERENCE_NUM_THREADS": "3", **EXACT_F32_CPU}),
+      ("one_stream", 1, {**ONE_STREAM, "INFERENCE_NUM_THREADS": "3", **EXACT_F32_CPU}),
+      ("safe", 1, REFERENCE_PROPERTIES)]),
+])
+def test_the_fallback_ladder_with_replicas(argv, expected):
+    two_cores = CpuInfo("test", frozenset(), 2, 2000.0)
+    ladder = fallback_ladder(load_config(["--device", "CPU", *argv], {}), 2, two_cores)
+    assert [(step.name, step.replicas, dict(step.properties)) for step in ladder] == expected
 
 
 def test_serving_properties_from_config():

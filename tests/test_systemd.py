@@ -56,7 +56,8 @@ def test_server_notifies_ready_only_when_ready_and_stopping_on_sigterm(tiny_mode
     sock, address = notify_socket(tmp_path)
     port = free_port()
     proc = start(["--port", str(port), "--device", "CPU", "--shape-mode", "static", "--buckets", "4x64,4x128",
-                  "--model-dir", str(tiny_model.path), "--cache-dir", ""], {"NOTIFY_SOCKET": address})
+                  "--model-dir", str(tiny_model.path), "--cache-dir", "", "--replicas", "1"],
+                 {"NOTIFY_SOCKET": address})
     try:
         messages = []
         while not any(m.startswith("READY=1") for m in messages):

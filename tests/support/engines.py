@@ -129,7 +129,8 @@ class FakeCore:
       shape of the bug seen on AMX CPUs), so the fallback ladder's one-stream step is right; "not_f32" - those and
       every compile whose INFERENCE_PRECISION_HINT is not f32, so that only its f32 step is right; "always" - every
       compile except the first with the reference properties (the parity reference itself), so that every step of
-      the ladder is wrong.
+      the ladder is wrong; "second_replica" - a compile whose properties an earlier compile already had (the second
+      replica of a ReplicaSet), so that one replica of two scores wrongly.
     - `corrupt_rows_with`: a corrupting compile corrupts only the rows whose input ids hold this token id (None:
       every row), as a kernel bug that shows on some inputs only: the parity pairs can pass while others fail.
     - `f32_compute`: every compile computes at exact f32 (INFERENCE_PRECISION_HINT=f32,
@@ -145,7 +146,7 @@ class FakeCore:
     def __init__(self, claim=(), counter: Path | None = None, bump: bool = True, execution_devices=("NPU.4000",),
                  corrupt: str | None = None, crash: threading.Event | None = None, f32_compute: bool = False,
                  corrupt_rows_with: int | None = None):
-        assert corrupt in (None, "multi", "not_f32", "always")
+        assert corrupt in (None, "multi", "not_f32", "always", "second_replica")
         self.crash, self.f32_compute, self.corrupt_rows_with = crash, f32_compute, corrupt_rows_with
         self.core = ov.Core()
         self.claim, self.counter, self.bump = tuple(claim), counter, bump
@@ -174,8 +175,11 @@ class FakeCore:
         multi = props.get("PERFORMANCE_HINT") == "THROUGHPUT" or props.get("NUM_STREAMS", "1") != "1"
         first_reference = props == REFERENCE_PROPERTIES and REFERENCE_PROPERTIES not in self.compiles
         not_f32 = props.get("INFERENCE_PRECISION_HINT") != "f32"
-        corrupt = (self.corrupt is not None and multi) or (self.corrupt == "not_f32" and not_f32) or \
-            (self.corrupt == "always" and not first_reference)
+        if self.corrupt == "second_replica":
+            corrupt = props != REFERENCE_PROPERTIES and props in self.compiles
+        else:
+            corrupt = (self.corrupt is not None and multi) or (self.corrupt == "not_f32" and not_f32) or \
+                (self.corrupt == "always" and not first_reference)
         self.compiles.append(props)
         self.cache_dirs.append(cache_dir)
         claimed = device in self.claim
