@@ -259,7 +259,7 @@ class Engine:
         useful = padding = 0
         bounds = chunk_bounds(len(order), self.batch or len(order), self.replicas)
         running = []
-        for s, e in zip(bounds, bounds[1:]):
+        for s, e in zip(bounds, bounds[1:], strict=False):
             chunk = order[s:e]
             length = -(-len(enc[chunk[0]].ids) // self.pad) * self.pad
             ids = np.zeros((len(chunk), length), np.int64)

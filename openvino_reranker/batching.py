@@ -77,7 +77,7 @@ def plan_batches(lengths: Sequence[int], buckets: Sequence[ShapeBucket] | None, 
     plan = []
     if buckets is None:
         bounds = chunk_bounds(len(order), batch_size, parallel)
-        for start, end in zip(bounds, bounds[1:]):
+        for start, end in zip(bounds, bounds[1:], strict=False):
             chunk = tuple(order[start:end])
             longest = int(lengths[chunk[0]])
             plan.append(MicroBatch(chunk, ShapeBucket(len(chunk), min(_round_up(longest, pad_multiple), max_length)),

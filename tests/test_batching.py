@@ -41,7 +41,7 @@ def test_dynamic_plan_pads_to_a_multiple_of_8_within_max_length():
 def test_chunk_bounds_share_pairs_evenly_over_parallel_requests(count, batch, parallel, sizes):
     bounds = chunk_bounds(count, batch, parallel)
     assert bounds[0] == 0 and bounds[-1] == count
-    assert [b - a for a, b in zip(bounds, bounds[1:])] == sizes
+    assert [b - a for a, b in zip(bounds, bounds[1:], strict=False)] == sizes
 
 
 def test_a_parallel_plan_balances_the_replicas_work():
