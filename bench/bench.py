@@ -21,19 +21,21 @@ How it measures (benchstats.py has the arithmetic): every system runs the same f
 after another in a rotating order, block after block; each figure is the median over blocks of a ratio of two
 systems in the same block, with its quartiles and range. Systems:
 - `ceiling`: raw OpenVINO + tokenizers in this process, one request at a time, pairs sorted by length into
-  sub-batches, with the micro-batch defaults the service picks on this CPU (cpu.py's TUNED row) and the IR through
-  the service's pooled-row rewrite (graphopt.py, `--pooled-row-only on`);
+  sub-batches, with the micro-batch defaults the service picks on this CPU (cpu.py's TUNED row: with replicas, that
+  many one-thread compiles, each request's pairs shared out evenly over them as the service's batcher does) and the
+  IR through the service's pooled-row rewrite (graphopt.py, `--pooled-row-only on`);
 - `ceiling-old`: the same with the defaults before that table (sub-batches of 8, padded to a multiple of 8, one
-  stream, the IR as read);
+  stream, one compile, the IR as read);
 - `service` and `service-old`: server.py with its defaults and with the old ones (`--batch-size 8 --pad-multiple 8
-  --performance-hint latency --pooled-row-only off`), both with `--score-cache-size 0` (later blocks reuse the
+  --performance-hint latency --replicas 1 --pooled-row-only off`), both with `--score-cache-size 0` (later blocks reuse the
   workload's requests, and the cache must not answer for the engine), keep-alive clients at each concurrency;
 - `genai`: OpenVINO GenAI's `TextRerankPipeline` on the same IR (its tokenizer converted with openvino_tokenizers;
   `top_n` = every document, its default is 3), plugin defaults;
 - `st-openvino`: sentence-transformers' `CrossEncoder(backend="openvino")` on the same IR, plugin defaults.
 Achieved FLOP/s: from the model's dimensions and the tokens each batch ran (padding counted apart), against the
 CPU's peak for the precision that ran (cores x clock x the ISA's multiply-adds per cycle, cpu.py). `--sweep` measures
-sub-batch sizes 4-64, padding multiples, one stream against two (THROUGHPUT, two infer requests in flight) and, with
+sub-batch sizes 4-64, padding multiples, one stream against two (THROUGHPUT, two infer requests in flight); with
+`--sweep-configs` chosen configurations, replicas and the rewrite among them ('8,16,latency,2,row'); and, with
 `--int8-dir`, a calibrated INT8 IR (`openvino-reranker quantize`), each against the old defaults in the same blocks,
 with each configuration's largest score difference from an f32 single-stream compile (the parity guard's check).
 A benchmark, not a test: nothing is asserted.

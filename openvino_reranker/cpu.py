@@ -148,7 +148,8 @@ UNTUNED = Tuning(batch_size=8, pad_multiple=8, performance_hint="latency", repli
 # two replicas of one thread each, with the pooled-row rewrite, about 1.3x at 100 documents and 1.2x at 20
 # (docs/performance.md). Replicas rather than two streams of one compile: on AMX a two-stream compile of an INT8
 # weight-only IR scores garbage, while two one-thread compiles of it score right, and each replica is checked by
-# the parity guard. Batches of 4, 16, 32 and 64, and multiples of 1, 32 and 64, were no faster.
+# the parity guard. An INT8 weight-only IR was slower on two replicas: parity.replicas_for leaves it to one compile.
+# Batches of 4, 16, 32 and 64, and multiples of 1, 32 and 64, were no faster.
 TUNED: Mapping[str, Tuning] = {
     "amx": Tuning(batch_size=8, pad_multiple=16, performance_hint="latency", replicas=2),
 }

@@ -25,7 +25,7 @@ from .cpu import UNTUNED, CpuInfo, apply_tuning, needs_tuning, read_cpu
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
 from .errors import EXIT_DEVICE, EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
-from .graphopt import RowOnlyReport, pools_first_row, row_only_copy
+from .graphopt import RowOnlyReport, pools_first_row, row_only_copy, weights_only_compressed
 from .referencescores import ReferencePair, ReferenceScores
 from .reranker import Reranker
 from .scoring import Document, ImageDocument
@@ -103,15 +103,20 @@ def replica_properties(config: Config, replicas: int, cpu: CpuInfo | None) -> di
     return props
 
 
-def replicas_for(config: Config, model) -> tuple[int, str]:
-    """How many replicas serve `model` (ReplicaSet), and why fewer than configured when so: more than one only for
+def replicas_for(config: Config, model, auto: bool = True) -> tuple[int, str]:
+    """How many replicas serve `model` (ReplicaSet), and why fewer than configured when so. More than one only for
     a CLS-pooled encoder, because one-thread compiles of the decoder test models (Qwen3, Llama, Nemotron) kill the
-    process in OpenVINO 2026.4.1 (SIGFPE), which no guard can catch."""
+    process in OpenVINO 2026.4.1 (SIGFPE), which no guard can catch. And when the CPU's row chose them (`auto`),
+    not for an INT8 weight-only IR, which two replicas scored slower than one compile (docs/performance.md)."""
     if config.replicas <= 1:
         return 1, ""
     if not pools_first_row(model):
         return 1, (f"{config.replicas} replicas configured, 1 serves: the model is not a CLS-pooled encoder, and "
                    f"one-thread compiles of decoder rerankers have crashed OpenVINO's CPU plugin (SIGFPE)")
+    if auto and weights_only_compressed(model):
+        return 1, (f"the CPU's default of {config.replicas} replicas is not applied: the IR has weight-only "
+                   f"compressed (INT8/INT4) weights, which two replicas scored slower than one compile; "
+                   f"--replicas {config.replicas} asks for them anyway")
     return config.replicas, ""
 
 
@@ -305,17 +310,21 @@ def describe_step(result: StepResult) -> str:
 def compile_checked(core, model, config: Config, head: ModelHead, buckets: tuple[ShapeBucket, ...] | None,
                     counter: NpuBusyCounter | None, before_compile: Callable[[ShapeBucket | None], None],
                     before_reference: Callable[[], None] = lambda: None, cache: CompileCache | None = None,
-                    reference_scores: ReferenceScores | None = None, vision: VisionIR | None = None
-                    ) -> tuple[Reranker, Engine, ParityCheck]:
+                    reference_scores: ReferenceScores | None = None, vision: VisionIR | None = None,
+                    replicas_auto: bool | None = None) -> tuple[Reranker, Engine, ParityCheck]:
     """Compile for serving (through `cache`, each configuration in its own keyed directory), compare with the f32
     single-stream CPU reference on the parity pairs and, with `reference_scores`, with the model's own scores, and
     apply `on_parity_failure`: go down `fallback_ladder` until a step passes both (each compiled and checked), or
     refuse. Reference scores that the f32 reference compile itself misses stop startup (exit 9) whatever the policy.
-    Returns what serves; on any failure (including a cancelled startup) nothing is left running."""
+    Returns what serves; on any failure (including a cancelled startup) nothing is left running. `replicas_auto`:
+    whether `config.replicas` came from the CPU's row rather than the command line (None: it is still 0, auto,
+    in `config`; `replicas_for`)."""
     cpu = read_cpu() if config.device == "CPU" else None
+    if replicas_auto is None:
+        replicas_auto = config.replicas == 0
     if needs_tuning(config):  # main() has applied the CPU's row; a caller that has not gets it here
         config = apply_tuning(config, cpu)[0]
-    replicas, replicas_note = replicas_for(config, model)
+    replicas, replicas_note = replicas_for(config, model, replicas_auto)
     if replicas_note:
         log.info("%s", replicas_note)
     reference: Reference | None = None

@@ -65,12 +65,13 @@ def bind_server(service: RerankService) -> RerankServer:
 
 
 def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, stop: threading.Event | None = None,
-                   environ: Mapping[str, str] | None = None, on_status: Callable[[str], None] | None = None
-                   ) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
+                   environ: Mapping[str, str] | None = None, on_status: Callable[[str], None] | None = None,
+                   replicas_auto: bool | None = None) -> tuple[Reranker, ModelFiles, EngineInfo, ParityCheck]:
     """Model (fetched from the Hub when it is a Hub id) -> its files -> tokenizer -> Core (device) -> the IR, its
     head and the compile cache keyed to its bytes -> a compile that passed the parity guard. Each step raises
     StartupError with its own exit code; a set `stop` cancels the download or before the next compile. `on_status`
-    hears what it is doing (/readyz)."""
+    hears what it is doing (/readyz). `replicas_auto`: whether the CPU's row chose `config.replicas`
+    (`parity.compile_checked`)."""
 
     def on_progress(line: str) -> None:
         if stop is not None and stop.is_set():
@@ -115,7 +116,8 @@ def build_reranker(config: Config, counter: NpuBusyCounter | None, core=None, st
         sd_notify(f"EXTEND_TIMEOUT_USEC={COMPILE_BUDGET_US}\nSTATUS=checking scores against the f32 CPU reference")
 
     reranker, engine, parity = compile_checked(core, model, config, head, buckets, counter, before_compile,
-                                               before_reference, compile_cache, model_files.reference_scores, vision)
+                                               before_reference, compile_cache, model_files.reference_scores, vision,
+                                               replicas_auto)
     if parity.graph is not None:
         log.info("%s", parity.graph.log_line())
     reranker.cache = ScoreCache(config.score_cache_size) if config.score_cache_size else None
@@ -252,7 +254,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         def on_status(reason: str) -> None:
             service.readiness.reason = reason
 
-        reranker, model_files, engine_info, parity = build_reranker(config, counter, core, stop, environ, on_status)
+        reranker, model_files, engine_info, parity = build_reranker(config, counter, core, stop, environ, on_status,
+                                                                    replicas_auto="replicas" not in tuned.given)
         service.readiness.reason = "running the startup check"
         try:
             if stop.is_set():

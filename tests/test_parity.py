@@ -20,6 +20,7 @@ from openvino_reranker.parity import (
     EXACT_F32_CPU,
     REFERENCE_PROPERTIES,
     fallback_ladder,
+    replicas_for,
     safe_properties,
     serving_properties,
 )
@@ -279,6 +280,22 @@ def test_a_decoder_reranker_is_served_by_one_compile_whatever_replicas_say():
         body = request(srv.port, "GET", "/readyz")[1]
     assert body["compile"]["replicas"] == 1 and "not a CLS-pooled encoder" in body["compile"]["replicas_note"]
     assert "INFERENCE_NUM_THREADS" not in body["compile"]["properties"]
+
+
+@pytest.mark.parametrize("model, auto, replicas, note", [
+    ("tiny-xlmr", True, 2, None),  # a CLS-pooled encoder with f32 weights
+    ("tiny-bert-qint8", True, 2, None),  # calibrated full INT8 (FakeQuantize): replicas were faster
+    ("tiny-int8", True, 1, "weight-only compressed"),  # INT8 weight-only: slower on replicas, so not by default
+    ("tiny-int8", False, 2, None),  # ... unless asked for
+    ("tiny-qwen3", False, 1, "not a CLS-pooled encoder"),  # decoders never: one-thread compiles crash
+    ("tiny-llama", True, 1, "not a CLS-pooled encoder"),
+])
+def test_which_models_get_replicas(tiny_model, model, auto, replicas, note):
+    path = tiny_model.path if model == "tiny-int8" else FIXTURES / model
+    ir = ov.Core().read_model(str(next(path.glob("**/openvino_model*.xml"))))
+    got, why = replicas_for(load_config(["--device", "CPU", "--replicas", "2"], {}), ir, auto)
+    assert got == replicas and (why == "" if note is None else note in why)
+    assert replicas_for(load_config(["--device", "CPU", "--replicas", "1"], {}), ir, auto) == (1, "")
 
 
 @pytest.mark.parametrize("argv, expected", [
