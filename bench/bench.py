@@ -27,8 +27,9 @@ systems in the same block, with its quartiles and range. Systems:
 - `ceiling-old`: the same with the defaults before that table (sub-batches of 8, padded to a multiple of 8, one
   stream, one compile, the IR as read);
 - `service` and `service-old`: server.py with its defaults and with the old ones (`--batch-size 8 --pad-multiple 8
-  --performance-hint latency --replicas 1 --pooled-row-only off`), both with `--score-cache-size 0` (later blocks reuse the
-  workload's requests, and the cache must not answer for the engine), keep-alive clients at each concurrency;
+  --performance-hint latency --replicas 1 --pooled-row-only off`), both with `--score-cache-size 0` (later blocks
+  reuse the workload's requests, and the cache must not answer for the engine), keep-alive clients at each
+  concurrency;
 - `genai`: OpenVINO GenAI's `TextRerankPipeline` on the same IR (its tokenizer converted with openvino_tokenizers;
   `top_n` = every document, its default is 3), plugin defaults;
 - `st-openvino`: sentence-transformers' `CrossEncoder(backend="openvino")` on the same IR, plugin defaults.

@@ -112,7 +112,7 @@ def replicas_for(config: Config, model, auto: bool = True) -> tuple[int, str]:
         return 1, ""
     if not pools_first_row(model):
         return 1, (f"{config.replicas} replicas configured, 1 serves: the model is not a CLS-pooled encoder, and "
-                   f"one-thread compiles of decoder rerankers have crashed OpenVINO's CPU plugin (SIGFPE)")
+                   f"one-thread bf16 compiles of decoder rerankers have crashed OpenVINO's CPU plugin (SIGFPE)")
     if auto and weights_only_compressed(model):
         return 1, (f"the CPU's default of {config.replicas} replicas is not applied: the IR has weight-only "
                    f"compressed (INT8/INT4) weights, which two replicas scored slower than one compile; "
