@@ -210,6 +210,21 @@ def test_the_real_int8_multi_stream_bug_falls_back_to_one_stream(tiny_model):
     assert np.abs(scores - tiny_model.reference_scores("solar power", DOCS)).max() <= tolerance
 
 
+def test_int8_weights_score_right_on_two_replicas_at_the_default_precision(tiny_model):
+    """What two streams of one compile get wrong on AMX (the test above), two one-thread compiles of the same INT8
+    weight-only IR get right, run at once: the guard serves them as configured, within bf16 rounding (0.05, as
+    above) of the numpy reference, on a CPU that computes in bf16 as on one that does not."""
+    tolerance = 0.05
+    with RunningServer([*default_precision_args(tiny_model), "--replicas", "2",
+                        "--parity-tolerance", str(tolerance)]).wait_ready() as srv:
+        body = request(srv.port, "GET", "/readyz")[1]
+        scores = [served_scores(srv.port, DOCS * 4) for _ in range(3)]
+    assert body["compile"]["replicas"] == 2 and body["parity"]["step"] == "configured", body["parity"]
+    assert body["parity"]["max_abs_diff"] <= tolerance
+    expected = tiny_model.reference_scores("solar power", DOCS * 4)
+    assert max(np.abs(s - expected).max() for s in scores) <= tolerance
+
+
 def multi_stream_compile_is_wrong(model, tolerance: float) -> bool:
     """OpenVINO alone: does a THROUGHPUT compile at the default precision score the pairs differently from an f32
     one-stream compile by more than `tolerance`?"""
