@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 MODULES = (
     "errors", "config", "cpu", "scoring", "batching", "textcut", "images", "vision", "encoding", "visionhead", "cache",
     "compilecache", "graphopt", "engine", "batcher", "reranker", "hub", "referencescores", "modeldir", "demomodel",
-    "checks", "parity", "api", "remoteimages", "metrics", "service", "framing", "connection", "httpserver", "ranking",
-    "evaluate", "quantize", "systemd", "startup",
+    "checks", "parity", "api", "dialects", "remoteimages", "metrics", "service", "framing", "connection",
+    "httpserver", "ranking", "evaluate", "quantize", "systemd", "startup",
 )

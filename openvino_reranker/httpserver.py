@@ -14,18 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import __version__
-from .api import (
-    DIALECTS,
-    NATIVE,
-    Dialect,
-    ResponseContext,
-    decode_json,
-    dialect_for,
-    encode_json,
-    render_healthz,
-)
+from .api import decode_json, encode_json
 from .config import TIMEOUT_MS
 from .connection import ConnectionLimits, HttpConnection, HttpServer, answer_overloaded
+from .dialects import DIALECTS, NATIVE, Dialect, ResponseContext, dialect_for, render_healthz
 from .errors import (
     BadRequestError,
     ClientGoneError,

@@ -7,18 +7,9 @@ import pytest
 from support.engines import FakeEngine
 from support.http import request
 
-from openvino_reranker.api import (
-    COHERE,
-    DIALECTS,
-    NATIVE,
-    Dialect,
-    RequestLimits,
-    decode_json,
-    dialect_for,
-    encode_json,
-    parse_native,
-)
+from openvino_reranker.api import RequestLimits, decode_json, encode_json, parse_native
 from openvino_reranker.config import TIMEOUT_MS, IntRange, load_config
+from openvino_reranker.dialects import COHERE, DIALECTS, NATIVE, Dialect, dialect_for
 from openvino_reranker.errors import BadRequestError, OverloadedError
 from openvino_reranker.httpserver import ROUTES, build_routes, route_label
 

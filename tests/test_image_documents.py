@@ -11,18 +11,15 @@ from support.imagefiles import GIF, JPEG, PNG, data_url, part
 
 from openvino_reranker.api import (
     RequestLimits,
-    ResponseContext,
     parse_cohere,
     parse_infinity,
     parse_native,
     parse_pairs,
     parse_tei,
-    render_cohere,
-    render_infinity,
-    render_native,
 )
 from openvino_reranker.cache import ScoreCache
 from openvino_reranker.config import load_config
+from openvino_reranker.dialects import ResponseContext, render_cohere, render_infinity, render_native
 from openvino_reranker.errors import BadRequestError, PayloadTooLargeError, StartupError
 from openvino_reranker.images import DEFAULT_MAX_IMAGE_PIXELS
 from openvino_reranker.scoring import ImageDocument, ScoredPairs, Truncation

@@ -39,10 +39,11 @@ def test_imports_point_one_way(module):
 
 
 def test_the_wire_depends_only_on_errors_config_and_scoring():
-    """api.py parses and renders requests: it must not reach into the model, the engine or the startup checks (what
-    /readyz reports is rendered by service.py). From images it takes only the magic bytes of PNG and JPEG
-    (`image_format`): an image document is sniffed on the wire, never decoded."""
+    """api.py parses requests and dialects.py renders their answers: neither may reach into the model, the engine or
+    the startup checks (what /readyz reports is rendered by service.py). From images api.py takes only the magic
+    bytes of PNG and JPEG (`image_format`): an image document is sniffed on the wire, never decoded."""
     assert package_imports(PACKAGE / "api.py") <= {"errors", "config", "scoring", "images"}
+    assert package_imports(PACKAGE / "dialects.py") <= {"errors", "scoring", "api"}
     tree = ast.parse((PACKAGE / "api.py").read_text())
     from_images = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "images"
                    for a in n.names}
