@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 # (tests/test_structure.py checks this), so the package reads top to bottom along a request's path.
 MODULES = (
     "errors", "config", "cpu", "scoring", "batching", "textcut", "images", "vision", "encoding", "visionhead", "cache",
-    "compilecache", "graphopt", "engine", "batcher", "reranker", "hub", "referencescores", "modeldir", "demomodel",
-    "checks", "parity", "api", "dialects", "remoteimages", "metrics", "service", "framing", "connection",
-    "httpserver", "ranking", "evaluate", "quantize", "systemd", "startup",
+    "compilecache", "graphfacts", "graphopt", "engine", "batcher", "reranker", "hub", "referencescores", "modeldir",
+    "demomodel", "checks", "parity", "api", "dialects", "remoteimages", "metrics", "service", "framing",
+    "connection", "httpserver", "ranking", "evaluate", "quantize", "systemd", "startup",
 )

@@ -101,24 +101,6 @@ def pools_first_row(model) -> bool:
     return any(pooling_row(node) == 0 for node in model.get_ordered_ops())
 
 
-# integer weight types that weight-only compression writes (NNCF, optimum-cli --weight-format int8/int4)
-COMPRESSED_WEIGHT_TYPES = frozenset({"i8", "u8", "i4", "u4", "nf4"})
-
-
-def weights_only_compressed(model) -> bool:
-    """Whether `model` stores integer weights (decompressed at run time) without FakeQuantize on its activations:
-    an INT8 or INT4 weight-only IR (`--weight-format int8`), not a calibrated full-INT8 one (`quantize`)."""
-    import openvino as ov
-
-    if not isinstance(model, ov.Model):
-        return False
-    ops = model.get_ordered_ops()
-    if any(op.get_type_name() == "FakeQuantize" for op in ops):
-        return False
-    return any(op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name()
-               in COMPRESSED_WEIGHT_TYPES for op in ops)
-
-
 def _has_parameter(output, seen: dict[int, bool]) -> bool:
     """Whether a Parameter feeds `output` (a weight and its decompression subgraph has none). Iterative: the path
     from a deep model's last layer down to its inputs is longer than Python's recursion limit."""

@@ -25,7 +25,8 @@ from .cpu import UNTUNED, CpuInfo, apply_tuning, needs_tuning, read_cpu
 from .encoding import ModelHead
 from .engine import Engine, NpuBusyCounter, VisionIR, make_engine
 from .errors import EXIT_DEVICE, EXIT_REFERENCE_SCORES, EXIT_STARTUP_CHECK, ServiceError, StartupError, error_reason
-from .graphopt import RowOnlyReport, pools_first_row, row_only_copy, weights_only_compressed
+from .graphfacts import weights_only_compressed
+from .graphopt import RowOnlyReport, pools_first_row, row_only_copy
 from .referencescores import ReferencePair, ReferenceScores
 from .reranker import Reranker
 from .scoring import Document, ImageDocument
