@@ -73,6 +73,8 @@ from serverproc import ServerError, start_server  # noqa: E402
 
 from openvino_reranker import cpu as cpuinfo  # noqa: E402
 from openvino_reranker.batching import chunk_bounds  # noqa: E402
+from openvino_reranker.config import load_config  # noqa: E402
+from openvino_reranker.parity import replica_properties  # noqa: E402
 
 MINILM_SHAPE = tinymodel.BertShape(vocab_size=30522, hidden=384, layers=6, heads=12, intermediate=1536,
                                    max_positions=512, num_labels=1)
@@ -212,10 +214,9 @@ class Engine:
         from openvino_reranker.graphopt import row_only_copy
 
         self.batch, self.pad, self.properties = batch, pad, dict(properties)
-        if replicas > 1:
-            cores = cpuinfo.read_cpu().cores if cpuinfo.read_cpu() is not None else replicas
-            self.properties.update({"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "ENABLE_CPU_PINNING": "NO",
-                                    "INFERENCE_NUM_THREADS": str(max(1, cores // replicas))})
+        if replicas > 1:  # each replica's properties as the service sets them
+            self.properties.update(replica_properties(load_config(["--device", "CPU"], {}), replicas,
+                                                      cpuinfo.read_cpu()))
         self.replicas = replicas
         self.tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tok.no_padding()
@@ -244,9 +245,11 @@ class Engine:
 
             self.queue.set_callback(done)
         self.free: queue.Queue = queue.Queue()  # with replicas: one infer request per replica, on a thread each
-        for c in compiled:
-            self.free.put(c.create_infer_request())
-        self.pool = ThreadPoolExecutor(replicas) if replicas > 1 else None
+        self.pool = None
+        if replicas > 1:
+            for c in compiled:
+                self.free.put(c.create_infer_request())
+            self.pool = ThreadPoolExecutor(replicas)
 
     def _on_free_replica(self, feed) -> np.ndarray:
         request = self.free.get()
