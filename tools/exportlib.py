@@ -129,6 +129,26 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
+FP32_TOLERANCE = 1e-3  # IR (f32 CPU) vs torch on the check inputs; a real 1B model is far inside this
+
+
+def save_checked(irs, weight_format: str, compare) -> float:
+    """Save each (OpenVINO model, .xml path) of `irs` (fp16 weights for `weight_format` fp16), compare them with
+    torch (`compare()`, the largest difference), and at fp32 remove them all again and raise an ExportError when
+    they differ by more than FP32_TOLERANCE: a converted IR that is wrong is not left behind."""
+    ov = require("openvino")
+    for ir, xml in irs:
+        ov.save_model(ir, str(xml), compress_to_fp16=weight_format == "fp16")
+    diff = compare()
+    if weight_format == "fp32" and diff > FP32_TOLERANCE:
+        for _, xml in irs:
+            xml.unlink()
+            xml.with_suffix(".bin").unlink()
+        what = "IRs differ" if len(irs) > 1 else "IR differs"
+        raise ExportError(f"the converted {what} from torch by {diff:.2e} (over {FP32_TOLERANCE}): removed")
+    return diff
+
+
 def copy_tokenizer(checkpoint: Path, output: Path) -> None:
     for name in TOKENIZER_FILES:
         if (checkpoint / name).is_file():
